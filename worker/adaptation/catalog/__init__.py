@@ -1,0 +1,82 @@
+"""Torch-free method catalogue: every method's name, kind, description and typed params.
+
+Both sides import this module: the API validates job params and serves `GET /v1/methods` from it
+without torch; the engine's implementations (`adaptation.methods`) register against these names.
+Defaults are the authors' (DESIGN §6). Adding a method: a params class + `@describe` in the module
+of its kind (`baselines`, `tta`, `sfda`), and one implementation file in `methods/`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MethodParams(BaseModel):
+    """Base of every method's params: unknown keys are refused, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProtocolParams(MethodParams):
+    """Protocol options shared by the test-time methods (explicit, never implied)."""
+
+    reset_each: int = Field(
+        0, ge=0,
+        description="0 = continual (never reset). N > 0 = restore the source weights every N batches.",
+    )
+
+
+class CollapseGuardParams(ProtocolParams):
+    """Collapse guard shared by every method that updates weights."""
+
+    collapse_guard: bool = Field(
+        True, description="Roll back to the best state seen when the predicted-class histogram collapses "
+        "or the loss diverges; recorded in the metrics.",
+    )
+    collapse_entropy_ratio: float = Field(
+        0.25, gt=0, lt=1,
+        description="Collapse when the entropy of the predicted-class histogram over a sliding window "
+        "falls below this fraction of ln(num_classes).",
+    )
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    kind: Literal["baseline", "tta", "sfda"]
+    description: str
+    params_model: type[MethodParams]
+    needs_labels: bool = False
+    needs_source_statistics: bool = False
+    updates_weights: bool = True
+
+    def params_schema(self) -> dict:
+        return self.params_model.model_json_schema()
+
+
+CATALOG: dict[str, MethodInfo] = {}
+
+
+def describe(name: str, kind: str, description: str, **flags):
+    """Class decorator on a params model: adds the method to the catalogue; duplicates fail loudly."""
+
+    def wrap(params_model: type[MethodParams]) -> type[MethodParams]:
+        if name in CATALOG:
+            raise ValueError(f"method {name!r} is described twice")
+        CATALOG[name] = MethodInfo(name, kind, description, params_model, **flags)
+        return params_model
+
+    return wrap
+
+
+def get_method_info(name: str) -> MethodInfo:
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(CATALOG))}") from None
+
+
+# Importing the per-kind modules runs their @describe decorators.
+from . import baselines, sfda, tta  # noqa: E402,F401

@@ -1,0 +1,22 @@
+"""Baselines: no gradient updates."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from . import CollapseGuardParams, MethodParams, ProtocolParams, describe  # noqa: F401
+
+
+@describe("source", "baseline", "Evaluate the uploaded model as is (no adaptation): the baseline.",
+          updates_weights=False)
+class SourceParams(MethodParams):
+    pass
+
+
+@describe("bn_adapt", "tta", "BN-1 / AdaBN: normalise with target-batch statistics; the exported model "
+          "carries BatchNorm statistics re-estimated on the target data.", updates_weights=False)
+class BNAdaptParams(MethodParams):
+    pass
+
+

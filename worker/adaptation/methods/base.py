@@ -1,0 +1,133 @@
+"""The method base class: named hooks (configure, trainable_params, begin_epoch, step, snapshot,
+restore, reset) and explicit typed params from the catalogue. The runner drives it; a method never
+sees HTTP, the database or Celery."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..catalog import MethodParams
+from ..errors import AdaptationError
+from .norm import has_batch_norm
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run."""
+
+    num_classes: int
+    device: torch.device
+    batch_size: int
+    epochs: int
+    dataset_size: int
+    seed: int = 0
+    precision: str = "fp32"  # resolved: "fp32" or "bf16"
+    # Iterates the whole target set once, in stored order: (preprocessed x on device, dataset indices).
+    # SFDA methods use it at the start of each epoch (centroids, memory banks).
+    iterate_target: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+@dataclass
+class StepOutput:
+    """What one adaptation step returns: the prediction for this batch (made by the model as it was
+    when it saw the batch: the online protocol) and tensors to log (kept on the device; the runner
+    syncs them in chunks, not once per step)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov and momentum > 0)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample entropy of softmax(logits), computed in fp32 for stability under autocast."""
+    logits = logits.float()
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+class Method:
+    """Base of every method. Subclasses set `name` and implement `step` (and the hooks they need)."""
+
+    name: ClassVar[str]
+    # Methods that normalise with batch statistics cannot run on BatchNorm models at batch size 1.
+    uses_batch_statistics: ClassVar[bool] = True
+    # Whether the method needs norm layers with affine parameters (tent, eata, sar, roid...).
+    needs_norm_layers: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, params: MethodParams, ctx: MethodContext):
+        self.model = model
+        self.params = params
+        self.ctx = ctx
+        self.check_compatible()
+        self.configure()
+        trainable = self.trainable_params()
+        self.optimizer = self.build_optimizer(trainable) if trainable else None
+        self.source_state = self.snapshot()
+
+    # --- hooks -----------------------------------------------------------------------------------
+    def check_compatible(self) -> None:
+        if self.uses_batch_statistics and self.ctx.batch_size < 2 and has_batch_norm(self.model):
+            raise AdaptationError(
+                "batch_size_too_small",
+                f"{self.name} normalises with batch statistics and the model has BatchNorm layers: "
+                "batch_size must be at least 2 (16 or more recommended)",
+                {"batch_size": self.ctx.batch_size},
+            )
+
+    def configure(self) -> None:
+        """Set train/eval modes and requires_grad."""
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        return []
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        p = self.params
+        return make_optimizer(params, getattr(p, "optimizer", "adam"), getattr(p, "lr", 1e-3),
+                              getattr(p, "momentum", 0.9), getattr(p, "weight_decay", 0.0))
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before each pass over the target data (SFDA methods recompute pseudo-labels here)."""
+
+    def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def export_model(self) -> nn.Module:
+        """The model whose weights the job returns (EMA-teacher methods return the teacher)."""
+        return self.model
+
+    # --- state: used by reset_each and the collapse guard -----------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+
+    def reset(self) -> None:
+        self.restore(self.source_state)

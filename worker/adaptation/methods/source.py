@@ -1,0 +1,17 @@
+"""`source`: the uploaded model, unchanged, in eval mode."""
+from __future__ import annotations
+
+import torch
+
+from .base import Method, StepOutput
+from .registry import register_method
+
+
+@register_method("source")
+class Source(Method):
+    uses_batch_statistics = False
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        with self.ctx.autocast():
+            return StepOutput(self.model(x).float())

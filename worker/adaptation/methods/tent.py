@@ -1,0 +1,40 @@
+"""TENT (Wang et al., ICLR 2021): minimise the mean prediction entropy over the norm layers' affine
+parameters, with batch statistics in BatchNorm."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import AdaptationError
+from .base import Method, StepOutput, softmax_entropy
+from .norm import freeze_all_but, norm_affine_params, use_batch_statistics
+from .registry import register_method
+
+
+def collect_norm_params(method: Method, skip: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
+    params = [p for _, p in norm_affine_params(method.model, skip)]
+    if not params:
+        raise AdaptationError("no_norm_layers", f"{method.name} updates norm-layer affine parameters, "
+                              "and the model has none (BatchNorm, LayerNorm or GroupNorm with affine=True)")
+    return params
+
+
+@register_method("tent")
+class Tent(Method):
+    needs_norm_layers = True
+
+    def configure(self) -> None:
+        use_batch_statistics(self.model)
+        freeze_all_but(self.model, collect_norm_params(self))
+
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        return collect_norm_params(self)
+
+    def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        for _ in range(self.params.steps):
+            with self.ctx.autocast():
+                logits = self.model(x)
+            loss = softmax_entropy(logits).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return StepOutput(logits.detach().float(), loss.detach())
