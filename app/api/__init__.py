@@ -1,0 +1,1 @@
+"""HTTP routes: thin; logic lives in app.services."""

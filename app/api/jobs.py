@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..db import repo
+from ..db.session import session_scope
+from ..errors import ApiError
+from ..schemas.jobs import JobList, JobOut, JobSpec
+from ..services import jobs as service
+from ..storage import iter_blob
+from .deps import SettingsDep
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ARTIFACT_TYPES = {"model.safetensors": "application/octet-stream", "metrics.json": "application/json",
+                  "history.json": "application/json"}
+
+
+@router.post("", status_code=202, response_model=JobOut)
+async def create_job(spec: JobSpec, settings: SettingsDep, response: Response,
+                     idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:
+    job, created = await run_in_threadpool(service.create_job, settings, spec, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+@router.get("", response_model=JobList)
+async def list_jobs(settings: SettingsDep,
+                    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+                    limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None, max_length=500)
+                    ) -> JobList:
+    return await run_in_threadpool(service.list_jobs, settings, status, limit, cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+async def get_job(job_id: str, settings: SettingsDep) -> JobOut:
+    return await run_in_threadpool(service.get_job, settings, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+async def cancel_job(job_id: str, settings: SettingsDep) -> JobOut:
+    return await run_in_threadpool(service.cancel_job, settings, job_id)
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+@router.get("/{job_id}/artifacts/{name}", responses={206: {"description": "partial content"}})
+async def download_artifact(job_id: str, name: str, request: Request, settings: SettingsDep):
+    url = settings.resolved_database_url
+
+    def lookup():
+        with session_scope(url) as s:
+            if repo.get_job(s, job_id) is None:
+                raise ApiError("job_not_found", f"no job {job_id!r}")
+            artifact = repo.get_artifact(s, job_id, name)
+            if artifact is None:
+                names = [a.name for a in repo.artifacts_of(s, job_id)]
+                raise ApiError("artifact_not_found", f"job {job_id} has no artifact {name!r}",
+                               {"available": names})
+            return artifact
+
+    artifact = await run_in_threadpool(lookup)
+    etag = f'"{artifact.sha256}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes",
+               "Content-Disposition": f'attachment; filename="{name}"'}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    start, end = 0, artifact.size
+    status = 200
+    range_header = request.headers.get("range")
+    if range_header and request.headers.get("if-range", etag) == etag:
+        start, end = _parse_range(range_header, artifact.size)
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{artifact.size}"
+    headers["Content-Length"] = str(end - start)
+    return StreamingResponse(iter_blob(url, artifact.blob_id, start, end), status_code=status, headers=headers,
+                             media_type=ARTIFACT_TYPES.get(name, "application/octet-stream"))
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int]:
+    """One `bytes=a-b`, `bytes=a-` or `bytes=-n` range -> [start, end)."""
+    m = _RANGE.match(header.strip())
+    unsatisfiable = ApiError("range_not_satisfiable", f"cannot serve range {header!r} of {size} bytes",
+                             {"size": size}, headers={"Content-Range": f"bytes */{size}"})
+    if not m or (not m.group(1) and not m.group(2)):
+        raise unsatisfiable
+    if not m.group(1):  # suffix: the last n bytes
+        n = int(m.group(2))
+        if n == 0:
+            raise unsatisfiable
+        return max(size - n, 0), size
+    start = int(m.group(1))
+    end = min(int(m.group(2)) + 1, size) if m.group(2) else size
+    if start >= size or end <= start:
+        raise unsatisfiable
+    return start, end

@@ -1,0 +1,62 @@
+"""One typed settings object, read from ADAPTD_* environment variables and validated at start-up."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADAPTD_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".adaptd",
+                       description="Embedded database and local broker folders live here.")
+    database_url: str | None = None   # default: sqlite file in `home`
+    broker_url: str | None = None     # default: kombu filesystem transport in `home`
+    queue: str = "adaptd"             # Celery queue name (tests isolate themselves with their own)
+
+    max_upload_bytes: int = 20 * GiB
+    chunk_bytes: int = 1024 * 1024    # blob chunk size in the database, and the streaming unit
+    job_time_limit_s: int = 24 * 3600
+    heartbeat_interval_s: float = 2.0
+    artifact_dir: Path | None = None  # worker scratch space; default: system temp
+    reaper_interval_s: float = 30.0
+    reaper_queued_after_s: float = 600.0  # re-enqueue a job still queued after this long (lost enqueue)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.chunk_bytes < 64 * 1024 or self.chunk_bytes > 64 * 1024 * 1024:
+            raise ValueError("ADAPTD_CHUNK_BYTES must lie between 64 KiB and 64 MiB")
+        if self.max_upload_bytes <= 0:
+            raise ValueError("ADAPTD_MAX_UPLOAD_BYTES must be positive")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.broker_url is None
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'adaptd.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        # Longer than the longest job, or Redis redelivers a running job to a second worker.
+        return self.job_time_limit_s + 3600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Database layer: models, engine/session, repositories. SQL lives here and nowhere else."""

@@ -1,0 +1,123 @@
+"""Repositories: every SQL statement of the service. Callers own the session and the commit."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from .models import Artifact, Job, Upload, utcnow
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+# --- uploads ---------------------------------------------------------------------------------------
+
+def get_upload(s: Session, upload_id: str) -> Upload | None:
+    return s.get(Upload, upload_id)
+
+
+def add_upload(s: Session, upload: Upload) -> Upload:
+    s.add(upload)
+    return upload
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+def get_job(s: Session, job_id: str) -> Job | None:
+    return s.get(Job, job_id)
+
+
+def get_job_by_idempotency_key(s: Session, key: str) -> Job | None:
+    return s.scalar(select(Job).where(Job.idempotency_key == key))
+
+
+def list_jobs(s: Session, status: str | None, limit: int, before: tuple[datetime, str] | None) -> list[Job]:
+    q = select(Job)
+    if status:
+        q = q.where(Job.status == status)
+    if before:
+        created, job_id = before
+        q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    return list(s.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+
+
+def artifacts_of(s: Session, job_id: str) -> list[Artifact]:
+    return list(s.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+
+def get_artifact(s: Session, job_id: str, name: str) -> Artifact | None:
+    return s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+
+
+def request_cancel(s: Session, job_id: str) -> None:
+    """Queued jobs are cancelled at once; running ones are flagged for the worker."""
+    now = utcnow()
+    s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+              .values(status="cancelled", cancel_requested=True, finished_at=now))
+    s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
+
+
+def claim_job(s: Session, job_id: str, worker: str, stale_after_s: float) -> bool:
+    """Atomically move a job to running for this worker: from queued, or from running when its
+    heartbeat is stale (the previous worker died). Exactly one claimant wins."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after_s)
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.cancel_requested.is_(False),
+               or_(Job.status == "queued", and_(Job.status == "running", Job.heartbeat_at < stale)))
+        .values(status="running", attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, now),
+                heartbeat_at=now, worker=worker, phase="starting")
+    )
+    return res.rowcount == 1
+
+
+def heartbeat(s: Session, job_id: str, worker: str, done: int, total: int, phase: str | None) -> bool:
+    """Record liveness and progress; returns whether cancellation was requested."""
+    s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+              .values(heartbeat_at=utcnow(), progress_done=done, progress_total=total, phase=phase))
+    return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def finish_job(s: Session, job_id: str, worker: str, status: str, *, metrics: dict | None = None,
+               error: tuple[str, str, dict] | None = None, artifacts: list[Artifact] = ()) -> bool:
+    """Final transition, only by the worker that holds the job. Artifacts replace any earlier ones,
+    so a redelivered job never stores them twice."""
+    values = dict(status=status, finished_at=utcnow(), heartbeat_at=utcnow())
+    if metrics is not None:
+        values.update(metrics=metrics, images_per_second=metrics.get("images_per_second"))
+    if error is not None:
+        values.update(error_code=error[0], error_message=error[1], error_detail=error[2])
+    if status == "succeeded":
+        values.update(phase="done")
+    res = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+                    .values(**values))
+    if res.rowcount != 1:
+        return False
+    s.execute(delete(Artifact).where(Artifact.job_id == job_id))
+    for a in artifacts:
+        s.add(a)
+    return True
+
+
+def fail_job(s: Session, job_id: str, code: str, message: str, detail: dict | None = None) -> bool:
+    """Fail a job that no worker holds (e.g. too many attempts)."""
+    res = s.execute(update(Job).where(Job.id == job_id, Job.status.not_in(TERMINAL))
+                    .values(status="failed", finished_at=utcnow(), error_code=code, error_message=message,
+                            error_detail=detail or {}))
+    return res.rowcount == 1
+
+
+def stuck_queued_jobs(s: Session, older_than_s: float) -> list[str]:
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return list(s.scalars(select(Job.id).where(Job.status == "queued", Job.created_at < cutoff)))
+
+
+def stale_running_jobs(s: Session, older_than_s: float) -> list[str]:
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return list(s.scalars(select(Job.id).where(Job.status == "running", Job.heartbeat_at < cutoff)))
+
+
+def ping(s: Session) -> None:
+    s.execute(select(1))

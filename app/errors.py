@@ -1,0 +1,73 @@
+"""The error body and every HTTP status code, chosen in one place. DESIGN §3:
+{"error": {"code": "snake_case_code", "message": "...", "detail": {...}}}."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("adaptd.api")
+
+STATUS = {
+    "not_found": 404,
+    "upload_not_found": 404,
+    "job_not_found": 404,
+    "artifact_not_found": 404,
+    "validation_error": 422,
+    "invalid_upload_kind": 422,
+    "unknown_upload": 422,
+    "unknown_method": 422,
+    "invalid_params": 422,
+    "payload_too_large": 413,
+    "empty_upload": 422,
+    "unsupported_media_type": 415,
+    "idempotency_conflict": 409,
+    "job_not_cancellable": 409,
+    "range_not_satisfiable": 416,
+    "method_not_allowed": 405,
+    "not_ready": 503,
+    "queue_unavailable": 503,
+    "internal": 500,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str, detail: dict | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.code, self.message, self.detail, self.headers = code, message, detail or {}, headers
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+
+def error_body(code: str, message: str, detail: dict | None = None) -> dict:
+    return {"error": {"code": code, "message": message, "detail": detail or {}}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError):
+        return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError):
+        errors = [{"loc": list(e.get("loc", ())), "field": ".".join(str(p) for p in e.get("loc", ())[1:]),
+                   "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        first = errors[0] if errors else {"field": "", "msg": "invalid request"}
+        return JSONResponse(error_body("validation_error", f"{first['field'] or 'request'}: {first['msg']}",
+                                       {"errors": errors}), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal", "internal error; see the server log"), status_code=500)

@@ -1,0 +1,16 @@
+"""create_app(): the FastAPI application. No torch is imported on this side."""
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from .api import health, jobs, methods, uploads
+from .errors import install_error_handlers
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="adaptd", version="0.1.0",
+                  description="Test-time adaptation and source-free domain adaptation as a service.")
+    install_error_handlers(app)
+    for module in (uploads, jobs, methods, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,1 @@
+"""Pydantic models of the REST contract: the API <-> worker contract (DESIGN §3–§4)."""

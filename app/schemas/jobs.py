@@ -1,0 +1,111 @@
+"""The job spec (DESIGN §4) and the job as the API returns it."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from worker.adaptation.catalog.architectures import BUILTIN_ARCHITECTURES, is_resolvable_name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Strict):
+    upload_id: str
+    format: Literal["safetensors", "pt"] | None = None
+    architecture: str = Field(..., min_length=1, max_length=200,
+                              description=f"built in: {', '.join(BUILTIN_ARCHITECTURES)}; or timm:<name>; "
+                              "or an operator-allow-listed module.path:factory")
+    num_classes: int = Field(..., ge=1, le=100_000)
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, v: str) -> str:
+        if not is_resolvable_name(v):
+            raise ValueError(f"unknown architecture {v!r}; built in: {', '.join(BUILTIN_ARCHITECTURES)}")
+        return v
+
+
+class DataRef(_Strict):
+    upload_id: str
+    format: Literal["npz", "zip", "tar"] | None = None
+
+
+class PreprocessSpec(_Strict):
+    size: int | None = Field(None, ge=4, le=1024, description="square resize; omitted keeps the input size")
+    channels: Literal[1, 3] = 3
+    mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "PreprocessSpec":
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, self.channels):
+                raise ValueError(f"{name} must have 1 or {self.channels} values (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class Options(_Strict):
+    batch_size: int = Field(128, ge=1, le=8192)
+    epochs: int = Field(1, ge=1, le=1000, description="passes over the target data (SFDA methods)")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class JobSpec(_Strict):
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    model: ModelRef
+    data: DataRef
+    eval_data: DataRef | None = None
+    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
+    options: Options = Field(default_factory=Options)
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+    fraction: float
+    phase: str | None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    detail: dict = Field(default_factory=dict)
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class JobOut(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    method: str
+    params: dict
+    spec: dict
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    attempts: int
+    cancel_requested: bool
+    progress: Progress
+    metrics: dict | None
+    error: JobError | None
+    artifacts: list[ArtifactOut]
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None

@@ -1,0 +1,1 @@
+"""Service logic between the thin routes and the repositories."""

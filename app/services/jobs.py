@@ -1,0 +1,146 @@
+"""Jobs: validate everything before queueing, commit, then enqueue; idempotency; cancel; views."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import uuid
+from datetime import datetime
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+
+from worker.adaptation.catalog import CATALOG
+
+from ..config import Settings
+from ..db import repo
+from ..db.models import Job
+from ..db.session import session_scope
+from ..errors import ApiError
+from ..queue import enqueue_job, get_celery
+from ..schemas.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
+
+log = logging.getLogger("adaptd.jobs")
+
+
+def validate_spec(settings: Settings, spec: JobSpec) -> dict:
+    """Method, params against the method's schema, upload ids and kinds. Returns the validated params
+    (authors' defaults filled in)."""
+    info = CATALOG.get(spec.method)
+    if info is None:
+        raise ApiError("unknown_method", f"method: unknown method {spec.method!r}",
+                       {"field": "method", "known": sorted(CATALOG)})
+    try:
+        params = info.params_model.model_validate(spec.params).model_dump(mode="json")
+    except ValidationError as exc:
+        errors = [{"loc": ["body", "params", *e["loc"]], "field": ".".join(map(str, ["params", *e["loc"]])),
+                   "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
+                       {"errors": errors, "schema": info.params_schema()}) from None
+    refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
+    if spec.eval_data is not None:
+        refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
+    with session_scope(settings.resolved_database_url) as s:
+        for field, upload_id, kind in refs:
+            upload = repo.get_upload(s, upload_id)
+            if upload is None:
+                raise ApiError("unknown_upload", f"{field}.upload_id: no upload {upload_id!r}",
+                               {"field": f"{field}.upload_id"})
+            if upload.kind != kind:
+                raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
+                               f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
+    return params
+
+
+def create_job(settings: Settings, spec: JobSpec, idempotency_key: str | None) -> tuple[JobOut, bool]:
+    """Returns (job, created). The job is committed before it is enqueued, so a worker never sees a
+    job id that isn't in the database; a lost enqueue is repaired by the reaper."""
+    params = validate_spec(settings, spec)
+    body = spec.model_dump(mode="json")
+    request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    url = settings.resolved_database_url
+    if idempotency_key:
+        existing = _by_key(url, idempotency_key, request_hash)
+        if existing is not None:
+            return existing, False
+    job_id = str(uuid.uuid4())
+    stored = {**body, "params": params}
+    try:
+        with session_scope(url) as s:
+            s.add(Job(id=job_id, status="queued", method=spec.method, params=params, spec=stored,
+                      idempotency_key=idempotency_key, request_hash=request_hash))
+    except IntegrityError:  # the same key, concurrently
+        existing = _by_key(url, idempotency_key, request_hash) if idempotency_key else None
+        if existing is None:
+            raise
+        return existing, False
+    try:
+        enqueue_job(get_celery(), job_id, settings.queue)
+    except Exception:  # noqa: BLE001 - broker down: the job stays queued and the reaper re-enqueues it
+        log.exception("enqueue of job %s failed; left queued for the reaper", job_id)
+    return get_job(settings, job_id), True
+
+
+def _by_key(url: str, key: str, request_hash: str) -> JobOut | None:
+    with session_scope(url) as s:
+        job = repo.get_job_by_idempotency_key(s, key)
+        if job is None:
+            return None
+        if job.request_hash != request_hash:
+            raise ApiError("idempotency_conflict", "this Idempotency-Key was used with a different body",
+                           {"job_id": job.id})
+        return to_out(job, repo.artifacts_of(s, job.id))
+
+
+def get_job(settings: Settings, job_id: str) -> JobOut:
+    with session_scope(settings.resolved_database_url) as s:
+        job = repo.get_job(s, job_id)
+        if job is None:
+            raise ApiError("job_not_found", f"no job {job_id!r}")
+        return to_out(job, repo.artifacts_of(s, job_id))
+
+
+def list_jobs(settings: Settings, status: str | None, limit: int, cursor: str | None) -> JobList:
+    before = _decode_cursor(cursor) if cursor else None
+    with session_scope(settings.resolved_database_url) as s:
+        jobs = repo.list_jobs(s, status, limit + 1, before)
+        items = [to_out(j, repo.artifacts_of(s, j.id)) for j in jobs[:limit]]
+    next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    return JobList(items=items, next_cursor=next_cursor)
+
+
+def cancel_job(settings: Settings, job_id: str) -> JobOut:
+    with session_scope(settings.resolved_database_url) as s:
+        if repo.get_job(s, job_id) is None:
+            raise ApiError("job_not_found", f"no job {job_id!r}")
+        repo.request_cancel(s, job_id)
+    return get_job(settings, job_id)
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(created), job_id
+    except Exception:  # noqa: BLE001
+        raise ApiError("validation_error", "cursor: invalid cursor", {"field": "cursor"}) from None
+
+
+def to_out(job: Job, artifacts) -> JobOut:
+    total = job.progress_total or 0
+    done = job.progress_done or 0
+    error = JobError(code=job.error_code, message=job.error_message or "", detail=job.error_detail or {}) \
+        if job.error_code else None
+    return JobOut(
+        id=job.id, status=job.status, method=job.method, params=job.params, spec=job.spec,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        heartbeat_at=job.heartbeat_at, attempts=job.attempts, cancel_requested=job.cancel_requested,
+        progress=Progress(done=done, total=total, fraction=(done / total) if total else
+                          (1.0 if job.status == "succeeded" else 0.0), phase=job.phase),
+        metrics=job.metrics, error=error,
+        artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256) for a in artifacts],
+    )

@@ -1,0 +1,92 @@
+"""Shared fixtures: real PostgreSQL + Redis + Celery worker processes, the embedded service, and
+small real assets (a digit CNN trained on sklearn's digits, a shifted target set)."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.services import REDIS_URL, REPO, Service, base_env, create_pg_database, drop_pg_database
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared digit data (../shared/data next to the repository), or ADAPTD_DATA_DIR."""
+    path = Path(os.environ.get("ADAPTD_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not (path / "mnist_train5k.npz").exists():
+        pytest.fail(f"digit data not found in {path}: set ADAPTD_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    """A digit CNN trained on sklearn's digits and the demo's shifted target set, as files a user
+    would upload."""
+    import torch
+
+    from app.demo import ARCH_KWARGS, PREPROCESS
+    from app.demo_data import make_demo_split
+    from worker.adaptation.data import Preprocess
+    from worker.adaptation.models import build_model
+    from worker.adaptation.models.export import save_safetensors
+    from worker.adaptation.training import train_classifier
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("assets")
+    split = make_demo_split(seed=0)
+    model = build_model("digit_cnn", 10, **ARCH_KWARGS)
+    train_classifier(model, split["x_source"], split["y_source"], Preprocess(**PREPROCESS), epochs=6,
+                     augment_shift=1)
+    save_safetensors(model, out / "model.safetensors")
+    np.savez(out / "target.npz", x=split["x_target"])
+    np.savez(out / "eval.npz", x=split["x_target"], y=split["y_target"])
+    return {"dir": out, "model": out / "model.safetensors", "target": out / "target.npz",
+            "eval": out / "eval.npz", "x": split["x_target"], "y": split["y_target"],
+            "preprocess": PREPROCESS, "arch_kwargs": ARCH_KWARGS}
+
+
+@pytest.fixture(scope="session")
+def pg_service(tmp_path_factory):
+    """API + one worker on a fresh PostgreSQL database and Redis, migrated with `adaptd migrate`."""
+    import subprocess
+    import sys
+
+    name, url = create_pg_database()
+    log_dir = tmp_path_factory.mktemp("pg-service-logs")
+    env = base_env(ADAPTD_DATABASE_URL=url, ADAPTD_BROKER_URL=REDIS_URL,
+                   ADAPTD_QUEUE=f"adaptd-test-{uuid.uuid4().hex[:8]}", ADAPTD_HOME=str(log_dir / "home"),
+                   ADAPTD_MAX_UPLOAD_BYTES=str(1024**3))
+    subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True)
+    service = Service(env=env, log_dir=log_dir)
+    service.start_api()
+    service.start_worker()
+    yield service
+    service.stop()
+    drop_pg_database(name)
+
+
+@pytest.fixture(scope="session")
+def embedded_service(tmp_path_factory):
+    """`adaptd up` with nothing configured: SQLite, filesystem broker, one worker."""
+    home = tmp_path_factory.mktemp("embedded-home")
+    service = Service(env=base_env(ADAPTD_HOME=str(home), ADAPTD_MAX_UPLOAD_BYTES=str(64 * 1024**2)),
+                      log_dir=home)
+    service.start_embedded()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(params=["postgres", "embedded"])
+def service(request) -> Service:
+    return request.getfixturevalue("pg_service" if request.param == "postgres" else "embedded_service")
+
+
+@pytest.fixture
+def client(service):
+    from app.client import Client
+
+    with Client(service.url) as c:
+        yield c

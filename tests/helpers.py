@@ -1,0 +1,47 @@
+"""Small helpers shared by the HTTP tests."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def tent_spec(uploads: dict, assets: dict, method: str = "tent", params: dict | None = None,
+              options: dict | None = None) -> dict:
+    spec = {
+        "method": method, "params": params or {},
+        "model": {"upload_id": uploads["model"]["id"], "architecture": "digit_cnn", "num_classes": 10,
+                  "arch_kwargs": assets["arch_kwargs"]},
+        "data": {"upload_id": uploads["target"]["id"]},
+        "preprocess": assets["preprocess"],
+        "options": {"batch_size": 64, "seed": 0, **(options or {})},
+    }
+    if "eval" in uploads:
+        spec["eval_data"] = {"upload_id": uploads["eval"]["id"]}
+    return spec
+
+
+def upload_assets(client, assets: dict, with_eval: bool = True) -> dict:
+    out = {"model": client.upload(assets["model"], "model"), "target": client.upload(assets["target"], "dataset")}
+    if with_eval:
+        out["eval"] = client.upload(assets["eval"], "dataset")
+    return out
+
+
+def eval_accuracy(weights_path, assets: dict) -> float:
+    """Load downloaded weights into the architecture and score them in eval() mode."""
+    import torch
+    from safetensors.torch import load_file
+
+    from worker.adaptation.data import Preprocess
+    from worker.adaptation.models import build_model
+
+    model = build_model("digit_cnn", 10, **assets["arch_kwargs"])
+    model.load_state_dict(load_file(str(weights_path)))
+    model.eval()
+    with torch.no_grad():
+        x = Preprocess(**assets["preprocess"])(torch.from_numpy(assets["x"][..., None]), torch.device("cpu"))
+        return float((model(x).argmax(1).numpy() == assets["y"]).mean())
+
+
+def random_npz(path, n: int, size: int = 16, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    np.savez(path, x=rng.integers(0, 256, size=(n, size, size), dtype=np.uint8))

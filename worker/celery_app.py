@@ -1,0 +1,25 @@
+"""The worker's Celery app: the shared configuration (app.queue) plus the task implementations.
+
+Start with `adaptd worker` (or `celery -A worker.celery_app worker`). One worker process per GPU:
+the prefork parent never touches CUDA, each child imports torch and initialises the device itself.
+"""
+from __future__ import annotations
+
+from app.config import get_settings
+from app.queue import make_celery
+
+celery_app = make_celery(get_settings())
+celery_app.conf.update(include=["worker.tasks"])
+app = celery_app  # `celery -A worker.celery_app` looks for `app`
+
+
+def _start_reaper(**_kwargs) -> None:
+    from .reaper import Reaper
+
+    Reaper(get_settings(), celery_app).start()
+
+
+# The reaper runs in the worker's main process (database and broker calls only, never CUDA).
+from celery.signals import worker_ready  # noqa: E402
+
+worker_ready.connect(_start_reaper, weak=False)
