@@ -22,6 +22,7 @@ def make_celery(settings: Settings) -> Celery:
         folder.mkdir(parents=True, exist_ok=True)
         transport_options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
                              "processed_folder": str(settings.broker_folder / "processed"),
+                             "control_folder": str(settings.broker_folder / "control"),
                              "store_processed": False}
     elif broker.startswith(("redis", "rediss")):
         # Longer than the longest job: Redis redelivers unacked messages after this long.

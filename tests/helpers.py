@@ -1,19 +1,21 @@
 """Small helpers shared by the HTTP tests."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 
 def tent_spec(uploads: dict, assets: dict, method: str = "tent", params: dict | None = None,
               options: dict | None = None) -> dict:
-    spec = {
+    spec = copy.deepcopy({
         "method": method, "params": params or {},
         "model": {"upload_id": uploads["model"]["id"], "architecture": "digit_cnn", "num_classes": 10,
                   "arch_kwargs": assets["arch_kwargs"]},
         "data": {"upload_id": uploads["target"]["id"]},
         "preprocess": assets["preprocess"],
         "options": {"batch_size": 64, "seed": 0, **(options or {})},
-    }
+    })
     if "eval" in uploads:
         spec["eval_data"] = {"upload_id": uploads["eval"]["id"]}
     return spec

@@ -1,0 +1,120 @@
+"""Every bad request gets a precise 4xx with the DESIGN §3 error body and the field path."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.helpers import tent_spec, upload_assets
+
+
+@pytest.fixture(scope="module")
+def uploaded(pg_service, assets):
+    from app.client import Client
+
+    with Client(pg_service.url) as c:
+        return upload_assets(c, assets)
+
+
+def post_job(service, spec, **headers):
+    return httpx.post(f"{service.url}/v1/jobs", json=spec, headers=headers)
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"], err
+    return err
+
+
+def test_unknown_method(pg_service, uploaded, assets):
+    err = assert_error(post_job(pg_service, tent_spec(uploaded, assets, method="magic")), 422, "unknown_method")
+    assert err["detail"]["field"] == "method" and "tent" in err["detail"]["known"]
+
+
+def test_params_checked_against_method_schema(pg_service, uploaded, assets):
+    err = assert_error(post_job(pg_service, tent_spec(uploaded, assets, params={"lr": -1})), 422, "invalid_params")
+    assert err["detail"]["errors"][0]["field"] == "params.lr"
+    err = assert_error(post_job(pg_service, tent_spec(uploaded, assets, params={"learning_rate": 1})), 422,
+                       "invalid_params")
+    assert err["detail"]["errors"][0]["field"] == "params.learning_rate"
+
+
+def test_unknown_upload_and_wrong_kind(pg_service, uploaded, assets):
+    spec = tent_spec(uploaded, assets)
+    spec["data"]["upload_id"] = "00000000-0000-0000-0000-000000000000"
+    err = assert_error(post_job(pg_service, spec), 422, "unknown_upload")
+    assert err["detail"]["field"] == "data.upload_id"
+    spec = tent_spec(uploaded, assets)
+    spec["model"]["upload_id"] = uploaded["target"]["id"]  # a dataset given as the model
+    err = assert_error(post_job(pg_service, spec), 422, "invalid_upload_kind")
+    assert err["detail"]["field"] == "model.upload_id"
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda s: s.pop("model"), "model"),
+    (lambda s: s["model"].update(num_classes=0), "model.num_classes"),
+    (lambda s: s["model"].update(architecture="alexnet"), "model.architecture"),
+    (lambda s: s["options"].update(batch_size="big"), "options.batch_size"),
+    (lambda s: s["options"].update(device="tpu"), "options.device"),
+    (lambda s: s["preprocess"].update(mean=[0.1, 0.2]), "preprocess"),
+    (lambda s: s.update(surprise=1), "surprise"),
+])
+def test_spec_shape_errors_name_the_field(pg_service, uploaded, assets, mutate, field):
+    spec = tent_spec(uploaded, assets)
+    mutate(spec)
+    err = assert_error(post_job(pg_service, spec), 422, "validation_error")
+    assert err["detail"]["errors"][0]["field"] == field
+
+
+def test_not_json_and_unknown_ids(pg_service):
+    r = httpx.post(f"{pg_service.url}/v1/jobs", content=b"{nope", headers={"Content-Type": "application/json"})
+    assert_error(r, 422, "validation_error")
+    assert_error(httpx.get(f"{pg_service.url}/v1/jobs/nope"), 404, "job_not_found")
+    assert_error(httpx.post(f"{pg_service.url}/v1/jobs/nope/cancel"), 404, "job_not_found")
+    assert_error(httpx.get(f"{pg_service.url}/v1/uploads/nope"), 404, "upload_not_found")
+    assert_error(httpx.get(f"{pg_service.url}/v1/jobs", params={"cursor": "!!"}), 422, "validation_error")
+    assert_error(httpx.post(f"{pg_service.url}/v1/uploads", params={"kind": "weights"}, content=b"x"), 422,
+                 "validation_error")
+
+
+def test_idempotency_key(pg_service, uploaded, assets):
+    spec = tent_spec(uploaded, assets, method="source")
+    first = post_job(pg_service, spec, **{"Idempotency-Key": "k-123"})
+    again = post_job(pg_service, spec, **{"Idempotency-Key": "k-123"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = post_job(pg_service, spec, **{"Idempotency-Key": "k-456"})
+    assert other.json()["id"] != first.json()["id"]
+    spec["options"]["seed"] = 7
+    assert_error(post_job(pg_service, spec, **{"Idempotency-Key": "k-123"}), 409, "idempotency_conflict")
+
+
+def test_methods_and_health(pg_service):
+    methods = httpx.get(f"{pg_service.url}/v1/methods").json()["methods"]
+    by_name = {m["name"]: m for m in methods}
+    assert {"source", "bn_adapt", "tent"} <= set(by_name)
+    tent = by_name["tent"]
+    assert tent["kind"] == "tta" and tent["params_schema"]["properties"]["lr"]["default"] == 1e-3
+    assert httpx.get(f"{pg_service.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{pg_service.url}/readyz").json()
+    assert ready["checks"] == {"database": "ok", "broker": "ok"}
+
+
+def test_job_list_pagination_and_filter(pg_service, uploaded, assets):
+    from app.client import Client
+
+    with Client(pg_service.url) as c:
+        ids = [c.submit(tent_spec(uploaded, assets, method="source", options={"seed": 100 + i}))["id"]
+               for i in range(3)]
+        seen, cursor = [], None
+        while True:
+            page = c.jobs(limit=2, cursor=cursor)
+            seen += [j["id"] for j in page["items"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        assert len(seen) == len(set(seen))
+        assert seen.index(ids[2]) < seen.index(ids[1]) < seen.index(ids[0])  # newest first
+        for job_id in ids:
+            c.wait(job_id, timeout=300)
+        assert all(j["status"] == "succeeded" for j in c.jobs(status="succeeded", limit=500)["items"])

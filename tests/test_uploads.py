@@ -1,0 +1,95 @@
+"""Uploads: streamed raw body and multipart, sha256, dedupe, size limit, bounded API memory."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+
+import httpx
+import psutil
+
+
+def test_raw_and_multipart_upload_dedupe(service):
+    payload = os.urandom(3 * 1024 * 1024 + 17)  # spans several 1 MiB chunks
+    digest = hashlib.sha256(payload).hexdigest()
+    raw = httpx.post(f"{service.url}/v1/uploads", params={"kind": "dataset", "filename": "a.npz"}, content=payload)
+    assert raw.status_code == 201, raw.text
+    body = raw.json()
+    assert body["sha256"] == digest and body["size"] == len(payload) and body["kind"] == "dataset"
+    multi = httpx.post(f"{service.url}/v1/uploads", params={"kind": "dataset"},
+                       files={"file": ("b.npz", payload, "application/octet-stream")})
+    assert multi.status_code == 201, multi.text
+    assert multi.json()["sha256"] == digest and multi.json()["filename"] == "b.npz"
+    got = httpx.get(f"{service.url}/v1/uploads/{body['id']}").json()
+    assert got == body
+    # identical bytes are stored once: one blob, two upload records
+    assert _blob_count(service, digest) == 1
+
+
+def _blob_count(service, digest: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    url = service.env.get("ADAPTD_DATABASE_URL") or f"sqlite:///{service.env['ADAPTD_HOME']}/adaptd.db"
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        n = conn.execute(text("select count(*) from blobs where sha256 = :d"), {"d": digest}).scalar()
+    engine.dispose()
+    return n
+
+
+def test_size_limit_413(embedded_service):
+    limit = int(embedded_service.env["ADAPTD_MAX_UPLOAD_BYTES"])
+    url = f"{embedded_service.url}/v1/uploads"
+    # declared too large: refused before reading
+    r = httpx.post(url, params={"kind": "dataset"}, content=b"x" * (limit + 1))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert r.json()["error"]["detail"]["limit_bytes"] == limit
+
+    # streamed without a length: refused when the limit is crossed
+    def chunks():
+        block = b"y" * (1024 * 1024)
+        for _ in range(limit // len(block) + 2):
+            yield block
+
+    r = httpx.post(url, params={"kind": "dataset"}, content=chunks())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    empty = httpx.post(url, params={"kind": "dataset"}, content=b"")
+    assert empty.status_code == 422 and empty.json()["error"]["code"] == "empty_upload"
+
+
+def test_large_upload_streams_with_bounded_api_memory(pg_service):
+    """A 384 MiB upload: the API's resident memory must stay far below the upload's size."""
+    size = 384 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+    api = psutil.Process(pg_service.api.pid)
+    baseline = api.memory_info().rss
+    peak = [baseline]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], api.memory_info().rss)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    digest = hashlib.sha256()
+
+    def body():
+        for i in range(size // len(block)):
+            chunk = block[:-4] + i.to_bytes(4, "little")  # distinct content per chunk
+            digest.update(chunk)
+            yield chunk
+
+    t0 = time.perf_counter()
+    r = httpx.post(f"{pg_service.url}/v1/uploads", params={"kind": "dataset"}, content=body(), timeout=600)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    assert r.status_code == 201, r.text
+    assert r.json()["size"] == size and r.json()["sha256"] == digest.hexdigest()
+    growth = peak[0] - baseline
+    print(f"\nupload {size / 2**20:.0f} MiB in {seconds:.1f} s = {size / 2**20 / seconds:.1f} MiB/s; "
+          f"API RSS growth {growth / 2**20:.1f} MiB")
+    assert growth < 96 * 1024 * 1024, f"API memory grew by {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB upload"
