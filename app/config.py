@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1024**3
@@ -24,8 +24,22 @@ class Settings(BaseSettings):
     job_time_limit_s: int = 24 * 3600
     heartbeat_interval_s: float = 2.0
     artifact_dir: Path | None = None  # worker scratch space; default: system temp
+    max_attempts: int = Field(3, ge=1, le=100, description="a job whose worker is lost this many times fails "
+                              "with worker_lost instead of looping forever")
+    stale_after_s: float | None = None  # heartbeat age that marks a running job's worker as lost
     reaper_interval_s: float = 30.0
     reaper_queued_after_s: float = 600.0  # re-enqueue a job still queued after this long (lost enqueue)
+
+    # --- live progress (SSE) and notifications -------------------------------------------------
+    events_poll_s: float = Field(0.5, gt=0, le=10, description="how often an SSE stream polls the database")
+    events_max_s: float = Field(600.0, gt=0, description="an SSE connection ends after this long; clients "
+                                "reconnect with Last-Event-ID")
+    events_keepalive_s: float = 15.0
+    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of the notify_url webhook "
+                                             "signature (X-Adaptd-Signature); unset: unsigned")
+    webhook_attempts: int = Field(4, ge=1, le=10)
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60)
+    webhook_backoff_s: float = Field(1.0, ge=0, le=60, description="first retry delay; doubles each time")
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
@@ -50,6 +64,10 @@ class Settings(BaseSettings):
     @property
     def broker_folder(self) -> Path:
         return self.home / "broker"
+
+    @property
+    def resolved_stale_after_s(self) -> float:
+        return self.stale_after_s or max(10.0, 5 * self.heartbeat_interval_s)
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("adaptd.api")
@@ -29,6 +30,7 @@ STATUS = {
     "range_not_satisfiable": 416,
     "method_not_allowed": 405,
     "not_ready": 503,
+    "database_unavailable": 503,
     "queue_unavailable": 503,
     "internal": 500,
 }
@@ -65,7 +67,24 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+        # exc.headers: Starlette's 405 carries `Allow` (RFC 9110 requires it).
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(DataError)
+    async def _unstorable_value(_req: Request, exc: DataError):
+        # A request value the database refuses: a NUL character in a text value (PostgreSQL), a string
+        # longer than its column. The client's input, so a 422, not a 500.
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+        log.warning("unstorable request value: %s", reason)
+        return JSONResponse(error_body("validation_error", f"request: a value cannot be stored: {reason}",
+                                       {"reason": reason}), status_code=422)
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_req: Request, exc: OperationalError):
+        log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
+        return JSONResponse(error_body("database_unavailable", "the database is unavailable; retry shortly"),
+                            status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception):

@@ -16,9 +16,9 @@ log = logging.getLogger("adaptd.reaper")
 
 
 def reap_once(settings: Settings, celery) -> list[str]:
-    stale_after = max(10.0, 5 * settings.heartbeat_interval_s)
     with session_scope(settings.resolved_database_url) as s:
-        ids = repo.stuck_queued_jobs(s, settings.reaper_queued_after_s) + repo.stale_running_jobs(s, 3 * stale_after)
+        ids = (repo.stuck_queued_jobs(s, settings.reaper_queued_after_s)
+               + repo.stale_running_jobs(s, settings.resolved_stale_after_s))
     for job_id in ids:
         try:
             enqueue_job(celery, job_id, settings.queue)

@@ -5,28 +5,33 @@ content-addressed and replace earlier ones in the final transaction, and a redel
 finished job does nothing."""
 from __future__ import annotations
 
+import collections
 import json
+import math
 import logging
 import os
 import socket
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
 
 from app.config import get_settings
 from app.db import repo
 from app.db.models import Artifact
 from app.db.session import session_scope
 from app.queue import RUN_JOB_TASK
+from app.services.notify import notify_if_finished
 from app.storage import copy_blob_to_file, store_file
 
 from .celery_app import celery_app
 
 log = logging.getLogger("adaptd.worker")
-MAX_ATTEMPTS = 3
+LIVE_STEPS_KEPT = 500  # per-step rows kept in jobs.live_steps while a job runs
 
 
 def worker_name() -> str:
@@ -43,7 +48,11 @@ class Heartbeat(threading.Thread):
         self.done = self.total = 0
         self.phase = "starting"
         self.cancelled = threading.Event()
+        self.lost = threading.Event()  # another worker took the job over (ours looked dead)
         self._stop = threading.Event()
+        self.recent_steps: collections.deque = collections.deque(maxlen=LIVE_STEPS_KEPT)
+        self._steps_lock = threading.Lock()
+        self._steps_dirty = False
 
     def progress(self, done: int, total: int, phase: str) -> None:
         changed = phase != self.phase
@@ -51,15 +60,31 @@ class Heartbeat(threading.Thread):
         if changed:
             self.beat()  # phase changes are rare and worth showing at once
 
+    def steps(self, rows: list[dict]) -> None:
+        """Engine hook: the new per-step rows (loss, entropy, ...); written on the next beat."""
+        rows = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()}
+                for r in rows]  # NaN/inf are not JSON (PostgreSQL refuses them)
+        with self._steps_lock:
+            self.recent_steps.extend(rows)
+            self._steps_dirty = True
+
     def should_cancel(self) -> bool:
-        return self.cancelled.is_set()
+        return self.cancelled.is_set() or self.lost.is_set()
 
     def beat(self) -> None:
         try:
             with session_scope(self.db_url) as s:
-                if repo.heartbeat(s, self.job_id, self.worker, self.done, self.total, self.phase):
-                    self.cancelled.set()
+                held, cancel = repo.heartbeat(s, self.job_id, self.worker, self.done, self.total, self.phase)
+                with self._steps_lock:  # live curves for GET /v1/jobs/{id}/events
+                    rows, self._steps_dirty = (list(self.recent_steps) if self._steps_dirty else None), False
+                if rows is not None:
+                    repo.set_live_steps(s, self.job_id, self.worker, rows)
+            if cancel:
+                self.cancelled.set()
+            if not held:
+                self.lost.set()
         except Exception:  # noqa: BLE001 - a missed beat is not fatal; the next one retries
+            self._steps_dirty = True
             log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
     def run(self) -> None:
@@ -75,7 +100,18 @@ def run_job(self, job_id: str) -> str:
     settings = get_settings()
     url = settings.resolved_database_url
     me = worker_name()
-    stale_after = max(10.0, 5 * settings.heartbeat_interval_s)
+    try:
+        return _claim_and_run(self, job_id, settings, url, me)
+    except OperationalError as exc:
+        # Database down before the job started: try again shortly (the message is not lost).
+        log.warning("database unavailable for job %s: %s", job_id, str(exc).splitlines()[0][:200])
+        raise self.retry(countdown=5, max_retries=None) from None
+    finally:
+        notify_if_finished(settings, job_id)  # notify_url webhook: only for terminal jobs, at most once
+
+
+def _claim_and_run(self, job_id: str, settings, url: str, me: str) -> str:
+    stale_after = settings.resolved_stale_after_s
     with session_scope(url) as s:
         job = repo.get_job(s, job_id)
         if job is None:
@@ -83,18 +119,20 @@ def run_job(self, job_id: str) -> str:
             return "missing"
         if job.status in repo.TERMINAL:
             return job.status  # a redelivered message for a finished job
-        if job.attempts >= MAX_ATTEMPTS:
+        if job.status == "running" and not _is_stale(job.heartbeat_at, stale_after):
+            held_elsewhere = True  # a live worker holds it, or a dead one whose heartbeat is not stale yet
+        elif job.attempts >= settings.max_attempts:
             repo.fail_job(s, job_id, "worker_lost", f"the job was started {job.attempts} times and its worker "
                           "was lost each time (killed, out of host memory, or crashed)", {"attempts": job.attempts})
             return "failed"
-        claimed = repo.claim_job(s, job_id, me, stale_after)
-        spec = job.spec
-        running_elsewhere = not claimed and job.status == "running"
+        else:
+            held_elsewhere = False
+            claimed = repo.claim_job(s, job_id, me, stale_after)
+            spec = job.spec
+    if held_elsewhere:
+        raise self.retry(countdown=stale_after, max_retries=None)  # look again once it could be stale
     if not claimed:
-        if running_elsewhere:
-            # Another worker holds it, or a dead one whose heartbeat is not yet stale: look again later.
-            raise self.retry(countdown=stale_after, max_retries=None)
-        return "not_claimed"
+        return "not_claimed"  # cancelled meanwhile, or another worker won the claim
     log.info("job %s claimed by %s", job_id, me)
     heartbeat = Heartbeat(url, job_id, me, settings.heartbeat_interval_s)
     heartbeat.start()
@@ -116,11 +154,14 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
         try:
             request = build_run_request(spec, tmpdir, lambda upload_id, dest: _fetch(url, upload_id, dest))
             result = run(request, heartbeat)
-            artifacts = _store_artifacts(url, settings, job_id, tmpdir, result)
-            with session_scope(url) as s:
-                ok = repo.finish_job(s, job_id, me, "succeeded", metrics=result.metrics, artifacts=artifacts)
+            artifacts = _with_db_retry(lambda: _store_artifacts(url, settings, job_id, tmpdir, result))
+            ok = _with_db_retry(lambda: _finish(url, job_id, me, "succeeded", metrics=result.metrics,
+                                                artifacts=artifacts))
             return "succeeded" if ok else "lost_claim"
         except JobCancelled:
+            if heartbeat.lost.is_set():
+                log.warning("job %s was taken over by another worker; stopping this copy", job_id)
+                return "lost_claim"
             outcome, error = "cancelled", ("cancelled", "cancelled at the user's request", {})
         except AdaptationError as exc:
             outcome, error = "failed", (exc.code, exc.message, exc.detail)
@@ -137,9 +178,33 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
                 log.exception("job %s failed", job_id)
                 outcome, error = "failed", ("internal", f"{type(exc).__name__}: {exc}"[:1000],
                                             {"traceback": traceback.format_exc()[-2000:]})
-        with session_scope(url) as s:
-            repo.finish_job(s, job_id, me, outcome, error=error if outcome == "failed" else None)
+        _with_db_retry(lambda: _finish(url, job_id, me, outcome, error=error if outcome == "failed" else None))
         return outcome
+
+
+def _is_stale(heartbeat_at, stale_after: float) -> bool:
+    from app.db.models import utcnow
+
+    return heartbeat_at is None or (utcnow() - heartbeat_at).total_seconds() > stale_after
+
+
+def _finish(url: str, job_id: str, me: str, status: str, **kwargs) -> bool:
+    with session_scope(url) as s:
+        return repo.finish_job(s, job_id, me, status, **kwargs)
+
+
+def _with_db_retry(fn, attempts: int = 40, delay: float = 0.5, max_delay: float = 5.0):
+    """Ride out a short database outage at the end of a job instead of throwing hours of work away:
+    retry with backoff (about 3 minutes in all), then give up and let the reaper redeliver the job."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except OperationalError:
+            if i == attempts - 1:
+                raise
+            log.warning("database unavailable while finishing a job; retrying in %.1f s", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
 
 
 def _fetch(url: str, upload_id: str, dest: Path) -> Path:

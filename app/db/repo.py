@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import Artifact, Job, Upload, utcnow
@@ -73,11 +73,12 @@ def claim_job(s: Session, job_id: str, worker: str, stale_after_s: float) -> boo
     return res.rowcount == 1
 
 
-def heartbeat(s: Session, job_id: str, worker: str, done: int, total: int, phase: str | None) -> bool:
-    """Record liveness and progress; returns whether cancellation was requested."""
-    s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
-              .values(heartbeat_at=utcnow(), progress_done=done, progress_total=total, phase=phase))
-    return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+def heartbeat(s: Session, job_id: str, worker: str, done: int, total: int, phase: str | None
+              ) -> tuple[bool, bool]:
+    """Record liveness and progress. Returns (still held by this worker, cancellation requested)."""
+    res = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+                    .values(heartbeat_at=utcnow(), progress_done=done, progress_total=total, phase=phase))
+    return res.rowcount == 1, bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
 def finish_job(s: Session, job_id: str, worker: str, status: str, *, metrics: dict | None = None,
@@ -121,3 +122,52 @@ def stale_running_jobs(s: Session, older_than_s: float) -> list[str]:
 
 def ping(s: Session) -> None:
     s.execute(select(1))
+
+
+# --- live progress and service metrics (GET /v1/jobs/{id}/events, GET /metrics) ------------------
+
+def set_live_steps(s: Session, job_id: str, worker: str, rows: list[dict]) -> None:
+    """The latest per-step rows of a running job, written by its worker's heartbeat."""
+    s.execute(update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+              .values(live_steps=rows))
+
+
+def claim_notification(s: Session, job_id: str) -> bool:
+    """Atomically mark a finished job's webhook as taken: exactly one caller gets True."""
+    res = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(TERMINAL), Job.notified_at.is_(None))
+                    .values(notified_at=utcnow()))
+    return res.rowcount == 1
+
+
+def live_steps(s: Session, job_id: str) -> list[dict]:
+    return s.scalar(select(Job.live_steps).where(Job.id == job_id)) or []
+
+
+def count_jobs_by_status(s: Session) -> dict[str, int]:
+    return {status: n for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status))}
+
+
+def _duration_seconds(s: Session):
+    if s.get_bind().dialect.name == "sqlite":
+        return (func.julianday(Job.finished_at) - func.julianday(Job.started_at)) * 86400.0
+    return func.extract("epoch", Job.finished_at - Job.started_at)
+
+
+def job_duration_histogram(s: Session, buckets: list[float]) -> dict[str, dict]:
+    """Per final status, over jobs that ran (started_at and finished_at set): cumulative bucket counts
+    (seconds, `le`), count and sum. Computed in SQL so that it stays cheap with many jobs."""
+    d = _duration_seconds(s)
+    cols = [func.sum(case((d <= b, 1), else_=0)) for b in buckets]
+    q = (select(Job.status, func.count(), func.coalesce(func.sum(d), 0.0), *cols)
+         .where(Job.started_at.is_not(None), Job.finished_at.is_not(None), Job.status.in_(TERMINAL))
+         .group_by(Job.status))
+    out = {}
+    for status, count, total, *cum in s.execute(q):
+        out[status] = {"count": int(count), "sum": float(total or 0.0), "buckets": [int(c or 0) for c in cum]}
+    return out
+
+
+def upload_totals(s: Session) -> tuple[int, int]:
+    """(number of uploads, bytes over all of them, deduplicated ones included)."""
+    n, size = s.execute(select(func.count(), func.coalesce(func.sum(Upload.size), 0))).one()
+    return int(n), int(size)
