@@ -60,6 +60,7 @@ class RunResult:
 class Hooks(Protocol):
     def progress(self, done: int, total: int, phase: str) -> None: ...
     def should_cancel(self) -> bool: ...
+    # Optional: `steps(rows: list[dict])` receives the new per-step history rows at each flush.
 
 
 class NoHooks:
@@ -84,15 +85,16 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
                                     req.model_format)
     channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
-    data = open_image_set(req.data_path, req.data_format)
+    data = open_image_set(req.data_path, req.data_format, preprocess_size=req.preprocess.size)
     eval_data = _open_eval(req, data)
-    prep = _Prep(req.preprocess, device, channels_last)
+    prep = _Prep(req.preprocess, device, channels_last, hooks)
     _check_input_shape(model, data, prep, req.num_classes)
 
     ctx = MethodContext(num_classes=req.num_classes, device=device, batch_size=req.batch_size,
                         epochs=req.epochs if info.kind == "sfda" else 1, dataset_size=len(data),
                         seed=req.seed, precision=precision,
-                        iterate_target=lambda: prep.iterate(data, req.batch_size))
+                        iterate_target=lambda: prep.iterate(data, req.batch_size),
+                        input_mean=tuple(req.preprocess.mean), input_std=tuple(req.preprocess.std))
 
     hooks.progress(0, 0, "evaluating_source")
     source_target = predict(model, data, prep, req.batch_size, ctx)
@@ -106,6 +108,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     loop = _adapt(method, data, prep, req, ctx, guard, hooks, info.kind)
 
     hooks.progress(loop.done, loop.total, "recalibrating")
+    method_report = method.report()
     adapted = method.export_model()
     recalibrated = 0
     if req.method != "source" and has_batch_norm(adapted):
@@ -154,6 +157,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         "estimator": "average_confidence",
         "model_load": load_report,
         "timing": {"adapt_seconds": loop.seconds, "steps": loop.done},
+        "method_report": method_report,
     }
     if eval_data is not None:
         labels = torch.from_numpy(eval_data.labels)
@@ -175,8 +179,11 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
 # --- internals -----------------------------------------------------------------------------------
 
 class _Prep:
-    def __init__(self, spec: Preprocess, device: torch.device, channels_last: bool):
-        self.spec, self.device, self.channels_last = spec, device, channels_last
+    """Preprocessing bound to the run's device; every pass over a data set goes through `iterate`,
+    which also honours cancellation between batches (evaluation passes included)."""
+
+    def __init__(self, spec: Preprocess, device: torch.device, channels_last: bool, hooks: Hooks):
+        self.spec, self.device, self.channels_last, self.hooks = spec, device, channels_last, hooks
 
     def __call__(self, xb: torch.Tensor) -> torch.Tensor:
         try:
@@ -186,6 +193,8 @@ class _Prep:
 
     def iterate(self, data: ImageSet, batch_size: int, order: np.ndarray | None = None):
         for xb, idx in data.batches(batch_size, order):
+            if self.hooks.should_cancel():
+                raise JobCancelled()
             yield self(xb), idx.to(self.device)
 
 
@@ -239,6 +248,7 @@ def _adapt(method, data: ImageSet, prep: _Prep, req: RunRequest, ctx: MethodCont
     def flush() -> bool:
         """Sync logged tensors to the host, run the guard; returns False to stop adapting."""
         losses = []
+        first_new = len(history)
         for step, epoch, out in pending:
             row = {"step": step, "epoch": epoch,
                    "entropy": float(M.entropy(out.logits.softmax(1)).mean())}
@@ -248,6 +258,9 @@ def _adapt(method, data: ImageSet, prep: _Prep, req: RunRequest, ctx: MethodCont
             row.update({k: float(v) for k, v in out.logs.items()})
             history.append(row)
         pending.clear()
+        publish_steps = getattr(hooks, "steps", None)  # optional hook: live per-step curves
+        if publish_steps is not None and len(history) > first_new:
+            publish_steps(history[first_new:])
         reason = guard.check(losses)
         if reason:
             guard.record(done, reason)
@@ -295,7 +308,8 @@ def _adapt(method, data: ImageSet, prep: _Prep, req: RunRequest, ctx: MethodCont
 def _open_eval(req: RunRequest, data: ImageSet) -> ImageSet | None:
     if req.eval_path is None:
         return None
-    eval_data = data if req.eval_path == req.data_path else open_image_set(req.eval_path, req.eval_format)
+    eval_data = data if req.eval_path == req.data_path else open_image_set(req.eval_path, req.eval_format,
+                                                                              preprocess_size=req.preprocess.size)
     if eval_data.labels is None:
         raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz, class folders "
                               "in archives)")

@@ -76,7 +76,24 @@ def read_npz(path: Path) -> ArrayImageSet:
     return ArrayImageSet(x, y)
 
 
-READERS = {"npz": read_npz}
+def _read_npz(path: Path, **_options) -> ArrayImageSet:
+    return read_npz(path)  # arrays share one size: preprocess_size and loader options do not apply
+
+
+def _read_zip(path: Path, **options) -> ImageSet:
+    from .archives import ArchiveImageSet  # Pillow is imported only when an archive is read
+
+    return ArchiveImageSet(path, "zip", **options)
+
+
+def _read_tar(path: Path, **options) -> ImageSet:
+    from .archives import ArchiveImageSet
+
+    return ArchiveImageSet(path, "tar", **options)
+
+
+# format name -> reader(path, preprocess_size=None, **options)
+READERS = {"npz": _read_npz, "zip": _read_zip, "tar": _read_tar}
 
 
 def detect_format(path: Path) -> str:
@@ -86,6 +103,10 @@ def detect_format(path: Path) -> str:
         # npz is a zip whose members end in .npy
         import zipfile
         try:
+            with open(path, "rb") as f:
+                endrec = zipfile._EndRecData(f)
+            if endrec and endrec[zipfile._ECD_ENTRIES_TOTAL] > 1_000_000:
+                return "zip"  # not parsed here: the archive reader refuses it by its entry limit
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
         except zipfile.BadZipFile:
@@ -96,11 +117,15 @@ def detect_format(path: Path) -> str:
     raise AdaptationError("unsupported_format", "could not detect the dataset format (expected npz, zip or tar)")
 
 
-def open_image_set(path: Path, fmt: str | None = None) -> ImageSet:
+def open_image_set(path: Path, fmt: str | None = None, *, preprocess_size: int | None = None,
+                   **options) -> ImageSet:
+    """Open a dataset upload. `preprocess_size` is the job's square input size: archives whose images
+    differ in size are resized to it while loading (without it they are refused). Other options go to
+    the archive reader (num_workers, limits...)."""
     fmt = fmt or detect_format(path)
     try:
         reader = READERS[fmt]
     except KeyError:
         raise AdaptationError("unsupported_format", f"dataset format {fmt!r} is not supported "
                               f"(supported: {', '.join(sorted(READERS))})") from None
-    return reader(path)
+    return reader(path, preprocess_size=preprocess_size, **options)

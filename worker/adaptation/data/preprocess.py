@@ -23,7 +23,11 @@ class Preprocess:
         mean = torch.tensor(self.mean, device=device, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=device, dtype=x.dtype).view(1, -1, 1, 1)
         x = (x - mean) / std
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+        if channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        # With one channel the NHWC permute leaves strides that `contiguous()` accepts but CPU kernels read
+        # as channels_last (torch 2.13's GroupNorm backward segfaults on them): make them the standard ones.
+        return x.clone(memory_format=torch.contiguous_format) if x.stride() != _strides(x.shape) else x
 
     def _match_channels(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
@@ -37,3 +41,11 @@ class Preprocess:
             w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
             return (x * w).sum(1, keepdim=True)
         raise ValueError(f"cannot convert {c} channels to {self.channels}")
+
+
+def _strides(shape: torch.Size) -> tuple[int, ...]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))

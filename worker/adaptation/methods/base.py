@@ -30,6 +30,10 @@ class MethodContext:
     # Iterates the whole target set once, in stored order: (preprocessed x on device, dataset indices).
     # SFDA methods use it at the start of each epoch (centroids, memory banks).
     iterate_target: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    # The preprocessing's per-channel normalisation (x = (pixel/255 - mean) / std), so augmentations can
+    # work in pixel space [0, 1]; None when unknown (augmentations then rescale each image's own range).
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
 
     def autocast(self):
         if self.precision == "bf16":
@@ -112,6 +116,11 @@ class Method:
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         raise NotImplementedError
+
+    def report(self) -> dict[str, Any]:
+        """Method-specific counters for the job's metrics (`metrics["method_report"]`), read once after
+        adaptation (it may sync with the device)."""
+        return {}
 
     def export_model(self) -> nn.Module:
         """The model whose weights the job returns (EMA-teacher methods return the teacher)."""
