@@ -1,4 +1,5 @@
-"""`adaptd` console script: up (embedded API + worker), api, worker, migrate, demo."""
+"""`adaptd` console script: up (embedded API + worker), api, worker, migrate, demo; and the client
+commands submit, jobs, status, download, cancel, methods (app/cli_client.py)."""
 from __future__ import annotations
 
 import argparse
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keep", action="store_true", help="leave the embedded server running")
     p.set_defaults(func=cmd_demo)
+    from .cli_client import register as register_client_commands  # submit, jobs, status, download, ...
+
+    register_client_commands(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

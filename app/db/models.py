@@ -88,6 +88,11 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     images_per_second: Mapped[float | None] = mapped_column(Float)
+    # The latest per-step rows ({step, epoch, loss, entropy, ...}, at most ~500) written by the worker's
+    # heartbeat, for live progress (GET /v1/jobs/{id}/events). Deferred: job lists never load it.
+    live_steps: Mapped[list | None] = mapped_column(JSON, nullable=True, deferred=True)
+    # Set once when the job's `notify_url` webhook is claimed for delivery (at most one delivery).
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Artifact(Base):

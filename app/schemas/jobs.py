@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from worker.adaptation.catalog.architectures import BUILTIN_ARCHITECTURES, is_resolvable_name
 
@@ -67,6 +67,8 @@ class JobSpec(_Strict):
     eval_data: DataRef | None = None
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
     options: Options = Field(default_factory=Options)
+    notify_url: HttpUrl | None = Field(None, description="POSTed the job's final state (signed, "
+                                       "X-Adaptd-Signature) when it succeeds, fails or is cancelled")
 
 
 class Progress(BaseModel):

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -56,6 +56,7 @@ def validate_spec(settings: Settings, spec: JobSpec) -> dict:
 def create_job(settings: Settings, spec: JobSpec, idempotency_key: str | None) -> tuple[JobOut, bool]:
     """Returns (job, created). The job is committed before it is enqueued, so a worker never sees a
     job id that isn't in the database; a lost enqueue is repaired by the reaper."""
+    idempotency_key = idempotency_key or None  # an empty `Idempotency-Key:` header means none
     params = validate_spec(settings, spec)
     body = spec.model_dump(mode="json")
     request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -125,7 +126,9 @@ def _encode_cursor(job: Job) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), job_id
+        at = datetime.fromisoformat(created)
+        # In UTC here, as the database compares it: an offset that leaves year 1..9999 is invalid.
+        return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).astimezone(timezone.utc), job_id
     except Exception:  # noqa: BLE001
         raise ApiError("validation_error", "cursor: invalid cursor", {"field": "cursor"}) from None
 

@@ -99,3 +99,17 @@ def copy_blob_to_file(db_url: str, blob_id: str, path: Path) -> int:
             f.write(data)
             n += len(data)
     return n
+
+
+def delete_blob_if_unreferenced(session, blob_id: str) -> bool:
+    """Remove a blob and its chunks when no upload or artifact points at it any more (content is shared
+    between identical uploads and artifacts). Runs in the caller's transaction."""
+    from ..db.models import Artifact, Upload
+
+    if session.scalar(select(Upload.id).where(Upload.blob_id == blob_id).limit(1)) is not None:
+        return False
+    if session.scalar(select(Artifact.id).where(Artifact.blob_id == blob_id).limit(1)) is not None:
+        return False
+    session.execute(delete(BlobChunk).where(BlobChunk.blob_id == blob_id))
+    session.execute(delete(Blob).where(Blob.id == blob_id))
+    return True
