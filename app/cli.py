@@ -14,9 +14,11 @@ from .config import get_settings
 def cmd_api(args) -> int:
     import uvicorn
 
+    from .auth import check_bind_allowed
     from .db.migrate import upgrade_head
 
     settings = get_settings()
+    check_bind_allowed(settings, args.host)
     if settings.database_url is None:  # embedded SQLite: create/upgrade it in place
         settings.home.mkdir(parents=True, exist_ok=True)
         upgrade_head(settings.resolved_database_url)
@@ -49,7 +51,10 @@ def cmd_migrate(_args) -> int:
 
 def cmd_up(args) -> int:
     """Embedded: migrate, start one worker process, serve the API; stop the worker on exit."""
+    from .auth import check_bind_allowed
+
     settings = get_settings()
+    check_bind_allowed(settings, args.host)
     settings.home.mkdir(parents=True, exist_ok=True)
     from .db.migrate import upgrade_head
 

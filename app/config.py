@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,14 @@ class Settings(BaseSettings):
     database_url: str | None = None   # default: sqlite file in `home`
     broker_url: str | None = None     # default: kombu filesystem transport in `home`
     queue: str = "adaptd"             # Celery queue name (tests isolate themselves with their own)
+
+    # Access: "open" serves requests without a key as the `default` tenant (embedded, loopback only);
+    # "keys" requires an API key on every /v1 request. Listening beyond loopback requires "keys".
+    auth: Literal["open", "keys"] = "open"
+    admin_key: SecretStr | None = None   # bootstrap admin credential: creates and revokes tenant keys
+    # Per-tenant defaults (a tenant row may override each).
+    tenant_max_concurrent_jobs: int = Field(16, ge=1)
+    tenant_max_storage_bytes: int = Field(1024 * GiB, ge=1)
 
     max_upload_bytes: int = 20 * GiB
     chunk_bytes: int = 1024 * 1024    # blob chunk size in the database, and the streaming unit

@@ -6,7 +6,8 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..services import events as service
-from .deps import SettingsDep
+from ..services import jobs as jobs_service
+from .deps import PrincipalDep, SettingsDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -14,8 +15,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "events: status, progress, step, end"}})
-async def job_events(job_id: str, request: Request, settings: SettingsDep,
+async def job_events(job_id: str, request: Request, settings: SettingsDep, who: PrincipalDep,
                      last_event_id: str | None = Header(None, max_length=32)):
+    await run_in_threadpool(jobs_service.get_job, settings, who.tenant_id, job_id)  # 404 for other tenants
     first = await run_in_threadpool(service.snapshot, settings.resolved_database_url, job_id)  # 404 first
     return StreamingResponse(service.job_events(settings, first, last_event_id, request.is_disconnected),
                              media_type="text/event-stream",

@@ -13,7 +13,7 @@ from ..errors import ApiError
 from ..schemas.jobs import JobList, JobOut, JobSpec
 from ..services import jobs as service
 from ..storage import iter_blob
-from .deps import SettingsDep
+from .deps import PrincipalDep, SettingsDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -22,41 +22,47 @@ ARTIFACT_TYPES = {"model.safetensors": "application/octet-stream", "metrics.json
 
 
 @router.post("", status_code=202, response_model=JobOut)
-async def create_job(spec: JobSpec, settings: SettingsDep, response: Response,
+async def create_job(spec: JobSpec, settings: SettingsDep, who: PrincipalDep, response: Response,
                      idempotency_key: str | None = Header(None, max_length=255)) -> JobOut:
-    job, created = await run_in_threadpool(service.create_job, settings, spec, idempotency_key)
+    job, created = await run_in_threadpool(service.create_job, settings, who.tenant_id, spec, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
 
 
 @router.get("", response_model=JobList)
-async def list_jobs(settings: SettingsDep,
+async def list_jobs(settings: SettingsDep, who: PrincipalDep,
                     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
                     limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None, max_length=500)
                     ) -> JobList:
-    return await run_in_threadpool(service.list_jobs, settings, status, limit, cursor)
+    return await run_in_threadpool(service.list_jobs, settings, who.tenant_id, status, limit, cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-async def get_job(job_id: str, settings: SettingsDep) -> JobOut:
-    return await run_in_threadpool(service.get_job, settings, job_id)
+async def get_job(job_id: str, settings: SettingsDep, who: PrincipalDep) -> JobOut:
+    return await run_in_threadpool(service.get_job, settings, who.tenant_id, job_id)
+
+
+@router.delete("/{job_id}", status_code=204)
+async def delete_job(job_id: str, settings: SettingsDep, who: PrincipalDep) -> Response:
+    await run_in_threadpool(service.delete_job, settings, who.tenant_id, job_id)
+    return Response(status_code=204)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-async def cancel_job(job_id: str, settings: SettingsDep) -> JobOut:
-    return await run_in_threadpool(service.cancel_job, settings, job_id)
+async def cancel_job(job_id: str, settings: SettingsDep, who: PrincipalDep) -> JobOut:
+    return await run_in_threadpool(service.cancel_job, settings, who.tenant_id, job_id)
 
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 @router.get("/{job_id}/artifacts/{name}", responses={206: {"description": "partial content"}})
-async def download_artifact(job_id: str, name: str, request: Request, settings: SettingsDep):
+async def download_artifact(job_id: str, name: str, request: Request, settings: SettingsDep, who: PrincipalDep):
     url = settings.resolved_database_url
 
     def lookup():
         with session_scope(url) as s:
-            if repo.get_job(s, job_id) is None:
+            if repo.get_job(s, job_id, who.tenant_id) is None:
                 raise ApiError("job_not_found", f"no job {job_id!r}")
             artifact = repo.get_artifact(s, job_id, name)
             if artifact is None:

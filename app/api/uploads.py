@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ApiError
 from ..schemas.uploads import UploadKind, UploadOut
 from ..services import uploads as service
-from .deps import SettingsDep
+from .deps import PrincipalDep, SettingsDep
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
@@ -23,7 +23,7 @@ def _upload_out(u) -> UploadOut:
 
 
 @router.post("", status_code=201, response_model=UploadOut, openapi_extra=RAW_BODY)
-async def create_upload(request: Request, settings: SettingsDep, kind: UploadKind = Query(...),
+async def create_upload(request: Request, settings: SettingsDep, who: PrincipalDep, kind: UploadKind = Query(...),
                         filename: str | None = Query(None, max_length=255)) -> UploadOut:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -37,15 +37,21 @@ async def create_upload(request: Request, settings: SettingsDep, kind: UploadKin
             while data := await part.read(settings.chunk_bytes):
                 yield data
 
-        upload = await service.store_stream(settings, kind, filename or part.filename, chunks())
+        upload = await service.store_stream(settings, who.tenant_id, kind, filename or part.filename, chunks())
         await form.close()
     else:
         length = request.headers.get("content-length")
-        upload = await service.store_stream(settings, kind, filename, request.stream(),
+        upload = await service.store_stream(settings, who.tenant_id, kind, filename, request.stream(),
                                             int(length) if length and length.isdigit() else None)
     return _upload_out(upload)
 
 
 @router.get("/{upload_id}", response_model=UploadOut)
-async def get_upload(upload_id: str, settings: SettingsDep) -> UploadOut:
-    return _upload_out(await run_in_threadpool(service.get_upload, settings, upload_id))
+async def get_upload(upload_id: str, settings: SettingsDep, who: PrincipalDep) -> UploadOut:
+    return _upload_out(await run_in_threadpool(service.get_upload, settings, who.tenant_id, upload_id))
+
+
+@router.delete("/{upload_id}", status_code=204)
+async def delete_upload(upload_id: str, settings: SettingsDep, who: PrincipalDep) -> Response:
+    await run_in_threadpool(service.delete_upload, settings, who.tenant_id, upload_id)
+    return Response(status_code=204)

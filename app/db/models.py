@@ -53,9 +53,37 @@ class BlobChunk(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+DEFAULT_TENANT = "default"  # owner of everything done without an API key in open (embedded) mode
+
+
+class Tenant(Base):
+    """Owner of uploads, jobs and artifacts. Limits left NULL take the service-wide defaults."""
+
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_upload_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    """An API key, stored as its sha256 (the key itself is shown once, at creation)."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class Upload(Base):
     __tablename__ = "uploads"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     kind: Mapped[str] = mapped_column(String(16))
     filename: Mapped[str | None] = mapped_column(String(255))
     blob_id: Mapped[str] = mapped_column(ForeignKey("blobs.id"), index=True)
@@ -67,6 +95,7 @@ class Upload(Base):
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     status: Mapped[str] = mapped_column(String(16), index=True)
     method: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict] = mapped_column(JSON)

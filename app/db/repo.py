@@ -6,15 +6,17 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import Artifact, Job, Upload, utcnow
+from .models import ApiKey, Artifact, Job, Tenant, Upload, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 # --- uploads ---------------------------------------------------------------------------------------
 
-def get_upload(s: Session, upload_id: str) -> Upload | None:
-    return s.get(Upload, upload_id)
+def get_upload(s: Session, upload_id: str, tenant_id: str | None = None) -> Upload | None:
+    """`tenant_id` scopes the lookup: another tenant's upload is as absent as a missing one."""
+    upload = s.get(Upload, upload_id)
+    return None if upload is None or (tenant_id is not None and upload.tenant_id != tenant_id) else upload
 
 
 def add_upload(s: Session, upload: Upload) -> Upload:
@@ -24,16 +26,20 @@ def add_upload(s: Session, upload: Upload) -> Upload:
 
 # --- jobs ------------------------------------------------------------------------------------------
 
-def get_job(s: Session, job_id: str) -> Job | None:
-    return s.get(Job, job_id)
+def get_job(s: Session, job_id: str, tenant_id: str | None = None) -> Job | None:
+    job = s.get(Job, job_id)
+    return None if job is None or (tenant_id is not None and job.tenant_id != tenant_id) else job
 
 
 def get_job_by_idempotency_key(s: Session, key: str) -> Job | None:
     return s.scalar(select(Job).where(Job.idempotency_key == key))
 
 
-def list_jobs(s: Session, status: str | None, limit: int, before: tuple[datetime, str] | None) -> list[Job]:
+def list_jobs(s: Session, status: str | None, limit: int, before: tuple[datetime, str] | None,
+              tenant_id: str | None = None) -> list[Job]:
     q = select(Job)
+    if tenant_id is not None:
+        q = q.where(Job.tenant_id == tenant_id)
     if status:
         q = q.where(Job.status == status)
     if before:
@@ -171,3 +177,74 @@ def upload_totals(s: Session) -> tuple[int, int]:
     """(number of uploads, bytes over all of them, deduplicated ones included)."""
     n, size = s.execute(select(func.count(), func.coalesce(func.sum(Upload.size), 0))).one()
     return int(n), int(size)
+
+
+# --- tenants, keys, quotas, deletion ---------------------------------------------------------------
+
+def get_api_key_by_hash(s: Session, key_hash: str) -> ApiKey | None:
+    return s.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+
+
+def ensure_tenant(s: Session, tenant_id: str, **limits) -> Tenant:
+    tenant = s.get(Tenant, tenant_id)
+    if tenant is None:
+        tenant = Tenant(id=tenant_id)
+        s.add(tenant)
+    for name, value in limits.items():
+        if value is not None:
+            setattr(tenant, name, value)
+    s.flush()
+    return tenant
+
+
+def get_tenant(s: Session, tenant_id: str) -> Tenant | None:
+    return s.get(Tenant, tenant_id)
+
+
+def list_api_keys(s: Session) -> list[ApiKey]:
+    return list(s.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+def revoke_api_key(s: Session, key_id: str) -> ApiKey | None:
+    key = s.get(ApiKey, key_id)
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = utcnow()
+    return key
+
+
+def count_active_jobs(s: Session, tenant_id: str) -> int:
+    return s.scalar(select(func.count()).select_from(Job)
+                    .where(Job.tenant_id == tenant_id, Job.status.in_(("queued", "running")))) or 0
+
+
+def storage_used(s: Session, tenant_id: str) -> int:
+    """Bytes charged to a tenant: its uploads plus its jobs' artifacts (logical sizes)."""
+    uploads = s.scalar(select(func.coalesce(func.sum(Upload.size), 0)).where(Upload.tenant_id == tenant_id))
+    artifacts = s.scalar(select(func.coalesce(func.sum(Artifact.size), 0))
+                         .join(Job, Job.id == Artifact.job_id).where(Job.tenant_id == tenant_id))
+    return int(uploads or 0) + int(artifacts or 0)
+
+
+def active_jobs_using_upload(s: Session, upload_id: str, tenant_id: str) -> list[str]:
+    """Queued or running jobs of the tenant whose spec names this upload (JSON scanned in Python:
+    portable across PostgreSQL and SQLite, and a tenant has few active jobs)."""
+    jobs = s.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status.in_(("queued", "running"))))
+    return [j.id for j in jobs if upload_id in _upload_ids(j.spec)]
+
+
+def _upload_ids(spec: dict) -> set[str]:
+    return {(spec.get(k) or {}).get("upload_id") for k in ("model", "data", "eval_data")} - {None}
+
+
+def delete_job(s: Session, job_id: str) -> list[str]:
+    """Delete a job and its artifact rows; returns the blob ids the caller may garbage-collect."""
+    blob_ids = [a.blob_id for a in artifacts_of(s, job_id)]
+    s.execute(delete(Artifact).where(Artifact.job_id == job_id))
+    s.execute(delete(Job).where(Job.id == job_id))
+    return blob_ids
+
+
+def delete_upload(s: Session, upload_id: str) -> str:
+    blob_id = s.get(Upload, upload_id).blob_id
+    s.execute(delete(Upload).where(Upload.id == upload_id))
+    return blob_id

@@ -19,12 +19,13 @@ from ..db.models import Job
 from ..db.session import session_scope
 from ..errors import ApiError
 from ..queue import enqueue_job, get_celery
+from ..storage import delete_blob_if_unreferenced
 from ..schemas.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
 
 log = logging.getLogger("adaptd.jobs")
 
 
-def validate_spec(settings: Settings, spec: JobSpec) -> dict:
+def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     """Method, params against the method's schema, upload ids and kinds. Returns the validated params
     (authors' defaults filled in)."""
     info = CATALOG.get(spec.method)
@@ -43,7 +44,7 @@ def validate_spec(settings: Settings, spec: JobSpec) -> dict:
         refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
     with session_scope(settings.resolved_database_url) as s:
         for field, upload_id, kind in refs:
-            upload = repo.get_upload(s, upload_id)
+            upload = repo.get_upload(s, upload_id, tenant_id)
             if upload is None:
                 raise ApiError("unknown_upload", f"{field}.upload_id: no upload {upload_id!r}",
                                {"field": f"{field}.upload_id"})
@@ -53,11 +54,13 @@ def validate_spec(settings: Settings, spec: JobSpec) -> dict:
     return params
 
 
-def create_job(settings: Settings, spec: JobSpec, idempotency_key: str | None) -> tuple[JobOut, bool]:
+def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_key: str | None
+               ) -> tuple[JobOut, bool]:
     """Returns (job, created). The job is committed before it is enqueued, so a worker never sees a
     job id that isn't in the database; a lost enqueue is repaired by the reaper."""
-    idempotency_key = idempotency_key or None  # an empty `Idempotency-Key:` header means none
-    params = validate_spec(settings, spec)
+    # An empty `Idempotency-Key:` header means none; keys are per tenant.
+    idempotency_key = f"{tenant_id}:{idempotency_key}" if idempotency_key else None
+    params = validate_spec(settings, tenant_id, spec)
     body = spec.model_dump(mode="json")
     request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     url = settings.resolved_database_url
@@ -69,8 +72,9 @@ def create_job(settings: Settings, spec: JobSpec, idempotency_key: str | None) -
     stored = {**body, "params": params}
     try:
         with session_scope(url) as s:
-            s.add(Job(id=job_id, status="queued", method=spec.method, params=params, spec=stored,
-                      idempotency_key=idempotency_key, request_hash=request_hash))
+            _check_concurrency(settings, s, tenant_id)
+            s.add(Job(id=job_id, tenant_id=tenant_id, status="queued", method=spec.method, params=params,
+                      spec=stored, idempotency_key=idempotency_key, request_hash=request_hash))
     except IntegrityError:  # the same key, concurrently
         existing = _by_key(url, idempotency_key, request_hash) if idempotency_key else None
         if existing is None:
@@ -80,7 +84,17 @@ def create_job(settings: Settings, spec: JobSpec, idempotency_key: str | None) -
         enqueue_job(get_celery(), job_id, settings.queue)
     except Exception:  # noqa: BLE001 - broker down: the job stays queued and the reaper re-enqueues it
         log.exception("enqueue of job %s failed; left queued for the reaper", job_id)
-    return get_job(settings, job_id), True
+    return get_job(settings, tenant_id, job_id), True
+
+
+def _check_concurrency(settings: Settings, s, tenant_id: str) -> None:
+    tenant = repo.get_tenant(s, tenant_id)
+    limit = (tenant and tenant.max_concurrent_jobs) or settings.tenant_max_concurrent_jobs
+    active = repo.count_active_jobs(s, tenant_id)
+    if active >= limit:
+        raise ApiError("concurrent_job_limit", f"the tenant already has {active} queued or running jobs "
+                       f"(limit {limit}); wait for one to finish", {"limit": limit, "active": active},
+                       headers={"Retry-After": "30"})
 
 
 def _by_key(url: str, key: str, request_hash: str) -> JobOut | None:
@@ -94,29 +108,43 @@ def _by_key(url: str, key: str, request_hash: str) -> JobOut | None:
         return to_out(job, repo.artifacts_of(s, job.id))
 
 
-def get_job(settings: Settings, job_id: str) -> JobOut:
+def get_job(settings: Settings, tenant_id: str | None, job_id: str) -> JobOut:
     with session_scope(settings.resolved_database_url) as s:
-        job = repo.get_job(s, job_id)
+        job = repo.get_job(s, job_id, tenant_id)
         if job is None:
             raise ApiError("job_not_found", f"no job {job_id!r}")
         return to_out(job, repo.artifacts_of(s, job_id))
 
 
-def list_jobs(settings: Settings, status: str | None, limit: int, cursor: str | None) -> JobList:
+def list_jobs(settings: Settings, tenant_id: str, status: str | None, limit: int, cursor: str | None
+              ) -> JobList:
     before = _decode_cursor(cursor) if cursor else None
     with session_scope(settings.resolved_database_url) as s:
-        jobs = repo.list_jobs(s, status, limit + 1, before)
+        jobs = repo.list_jobs(s, status, limit + 1, before, tenant_id)
         items = [to_out(j, repo.artifacts_of(s, j.id)) for j in jobs[:limit]]
     next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return JobList(items=items, next_cursor=next_cursor)
 
 
-def cancel_job(settings: Settings, job_id: str) -> JobOut:
+def cancel_job(settings: Settings, tenant_id: str, job_id: str) -> JobOut:
     with session_scope(settings.resolved_database_url) as s:
-        if repo.get_job(s, job_id) is None:
+        if repo.get_job(s, job_id, tenant_id) is None:
             raise ApiError("job_not_found", f"no job {job_id!r}")
         repo.request_cancel(s, job_id)
-    return get_job(settings, job_id)
+    return get_job(settings, tenant_id, job_id)
+
+
+def delete_job(settings: Settings, tenant_id: str, job_id: str) -> None:
+    """Delete a finished job with its artifacts' bytes (unless identical content is still referenced)."""
+    with session_scope(settings.resolved_database_url) as s:
+        job = repo.get_job(s, job_id, tenant_id)
+        if job is None:
+            raise ApiError("job_not_found", f"no job {job_id!r}")
+        if job.status not in repo.TERMINAL:
+            raise ApiError("job_active", f"job {job_id} is {job.status}: cancel it before deleting it",
+                           {"status": job.status})
+        for blob_id in repo.delete_job(s, job_id):
+            delete_blob_if_unreferenced(s, blob_id)
 
 
 def _encode_cursor(job: Job) -> str:

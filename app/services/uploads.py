@@ -11,18 +11,35 @@ from ..db import repo
 from ..db.models import Upload
 from ..db.session import session_scope
 from ..errors import ApiError
-from ..storage import BlobWriter
+from ..storage import BlobWriter, delete_blob_if_unreferenced
 
 
 def _too_large(limit: int) -> ApiError:
     return ApiError("payload_too_large", f"upload exceeds the limit of {limit} bytes", {"limit_bytes": limit})
 
 
-async def store_stream(settings: Settings, kind: str, filename: str | None, chunks: AsyncIterator[bytes],
-                       declared_length: int | None = None) -> Upload:
-    limit = settings.max_upload_bytes
+def _over_quota(quota: int, used: int) -> ApiError:
+    return ApiError("storage_quota_exceeded", f"this upload would exceed the tenant's storage quota of "
+                    f"{quota} bytes ({used} in use)", {"limit_bytes": quota, "used_bytes": used})
+
+
+def upload_limits(settings: Settings, tenant_id: str) -> tuple[int, int, int]:
+    """(max upload bytes, storage quota, storage in use) for a tenant."""
+    with session_scope(settings.resolved_database_url) as s:
+        tenant = repo.get_tenant(s, tenant_id)
+        used = repo.storage_used(s, tenant_id)
+    max_upload = min(settings.max_upload_bytes, (tenant and tenant.max_upload_bytes) or settings.max_upload_bytes)
+    quota = (tenant and tenant.max_storage_bytes) or settings.tenant_max_storage_bytes
+    return max_upload, quota, used
+
+
+async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: str | None,
+                       chunks: AsyncIterator[bytes], declared_length: int | None = None) -> Upload:
+    limit, quota, used = await run_in_threadpool(upload_limits, settings, tenant_id)
     if declared_length is not None and declared_length > limit:
         raise _too_large(limit)
+    if declared_length is not None and used + declared_length > quota:
+        raise _over_quota(quota, used)
     url = settings.resolved_database_url
     writer = await run_in_threadpool(BlobWriter, url)
     buf = bytearray()
@@ -31,6 +48,8 @@ async def store_stream(settings: Settings, kind: str, filename: str | None, chun
             buf += piece
             if writer.size + len(buf) > limit:
                 raise _too_large(limit)
+            if used + writer.size + len(buf) > quota:
+                raise _over_quota(quota, used)
             if len(buf) >= settings.chunk_bytes:
                 data, buf = bytes(buf[:settings.chunk_bytes]), buf[settings.chunk_bytes:]
                 await run_in_threadpool(writer.write, data)
@@ -42,18 +61,32 @@ async def store_stream(settings: Settings, kind: str, filename: str | None, chun
     except BaseException:
         await run_in_threadpool(writer.abort)
         raise
-    return await run_in_threadpool(_record, url, kind, filename, blob_id, sha256, size)
+    return await run_in_threadpool(_record, url, tenant_id, kind, filename, blob_id, sha256, size)
 
 
-def _record(url: str, kind: str, filename: str | None, blob_id: str, sha256: str, size: int) -> Upload:
+def _record(url: str, tenant_id: str, kind: str, filename: str | None, blob_id: str, sha256: str,
+            size: int) -> Upload:
     with session_scope(url) as s:
-        return repo.add_upload(s, Upload(id=str(uuid.uuid4()), kind=kind, filename=filename, blob_id=blob_id,
-                                         size=size, sha256=sha256))
+        return repo.add_upload(s, Upload(id=str(uuid.uuid4()), tenant_id=tenant_id, kind=kind, filename=filename,
+                                         blob_id=blob_id, size=size, sha256=sha256))
 
 
-def get_upload(settings: Settings, upload_id: str) -> Upload:
+def get_upload(settings: Settings, tenant_id: str, upload_id: str) -> Upload:
     with session_scope(settings.resolved_database_url) as s:
-        upload = repo.get_upload(s, upload_id)
+        upload = repo.get_upload(s, upload_id, tenant_id)
     if upload is None:
         raise ApiError("upload_not_found", f"no upload {upload_id!r}")
     return upload
+
+
+def delete_upload(settings: Settings, tenant_id: str, upload_id: str) -> None:
+    """Remove the upload and, when nothing else references them, its bytes. Refused while a queued or
+    running job uses it."""
+    with session_scope(settings.resolved_database_url) as s:
+        if repo.get_upload(s, upload_id, tenant_id) is None:
+            raise ApiError("upload_not_found", f"no upload {upload_id!r}")
+        users = repo.active_jobs_using_upload(s, upload_id, tenant_id)
+        if users:
+            raise ApiError("upload_in_use", f"upload {upload_id} is used by active jobs: cancel them first",
+                           {"jobs": users})
+        delete_blob_if_unreferenced(s, repo.delete_upload(s, upload_id))

@@ -1,0 +1,181 @@
+"""Access: API keys (stored hashed) per tenant, tenant isolation (another tenant's ids answer 404),
+per-tenant limits (413/429 naming the limit), deletion that frees bytes and refuses while in use, and
+no key-less listening beyond loopback."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from app.client import ApiError, Client
+from tests.helpers import random_npz, tent_spec, upload_assets
+from tests.services import REDIS_URL, REPO, Service, base_env, create_pg_database, drop_pg_database
+
+ADMIN = "admin-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="module")
+def keyed_service(tmp_path_factory):
+    name, url = create_pg_database()
+    log_dir = tmp_path_factory.mktemp("keyed")
+    env = base_env(ADAPTD_DATABASE_URL=url, ADAPTD_BROKER_URL=REDIS_URL, ADAPTD_AUTH="keys",
+                   ADAPTD_ADMIN_KEY=ADMIN, ADAPTD_QUEUE=f"keyed-{uuid.uuid4().hex[:8]}",
+                   ADAPTD_HOME=str(log_dir / "home"))
+    subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    service = Service(env=env, log_dir=log_dir)
+    service.start_api()
+    service.start_worker()
+    yield service
+    service.stop()
+    drop_pg_database(name)
+
+
+def admin(service) -> httpx.Client:
+    return httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {ADMIN}"})
+
+
+def make_key(service, tenant: str, **limits) -> dict:
+    r = admin(service).post("/v1/admin/keys", json={"tenant": tenant, **limits})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def sql(service, query: str, **params):
+    engine = create_engine(service.env["ADAPTD_DATABASE_URL"])
+    with engine.connect() as conn:
+        rows = conn.execute(text(query), params).all()
+    engine.dispose()
+    return rows
+
+
+def test_keys_are_required_and_stored_hashed(keyed_service):
+    url = keyed_service.url
+    r = httpx.get(f"{url}/v1/jobs")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    r = httpx.get(f"{url}/v1/jobs", headers={"Authorization": "Bearer adk_nope"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/healthz").status_code == 200  # liveness stays open
+
+    key = make_key(keyed_service, "acme")
+    assert key["key"].startswith("adk_") and key["tenant"] == "acme"
+    with Client(url, api_key=key["key"]) as c:
+        assert c.jobs()["items"] == []
+        r = c.http.post("/v1/admin/keys", json={"tenant": "x"})  # a tenant key is not an admin key
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+    rows = sql(keyed_service, "select key_hash, prefix from api_keys where id = :i", i=key["id"])
+    assert rows[0][0] == hashlib.sha256(key["key"].encode()).hexdigest()
+    assert key["key"] not in str(sql(keyed_service, "select * from api_keys"))
+    listed = admin(keyed_service).get("/v1/admin/keys").json()
+    assert all(k["key"] is None for k in listed)
+
+    revoked = admin(keyed_service).delete(f"/v1/admin/keys/{key['id']}")
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+    r = httpx.get(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {key['key']}"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_tenants_cannot_see_each_other(keyed_service, assets, tmp_path):
+    a, b = make_key(keyed_service, "tenant-a"), make_key(keyed_service, "tenant-b")
+    with Client(keyed_service.url, api_key=a["key"]) as ca, Client(keyed_service.url, api_key=b["key"]) as cb:
+        uploads = upload_assets(ca, assets)
+        job = ca.wait(ca.submit(tent_spec(uploads, assets, method="source"))["id"], timeout=300)
+        assert job["status"] == "succeeded"
+        for path in (f"/v1/jobs/{job['id']}", f"/v1/uploads/{uploads['model']['id']}",
+                     f"/v1/jobs/{job['id']}/artifacts/model.safetensors", f"/v1/jobs/{job['id']}/events"):
+            r = cb.http.get(path)
+            assert r.status_code == 404, (path, r.status_code, r.text)
+        assert cb.http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 404
+        assert cb.http.delete(f"/v1/jobs/{job['id']}").status_code == 404
+        assert cb.http.delete(f"/v1/uploads/{uploads['model']['id']}").status_code == 404
+        assert job["id"] not in [j["id"] for j in cb.jobs()["items"]]
+        # B cannot run a job on A's uploads either
+        r = cb.http.post("/v1/jobs", json=tent_spec(uploads, assets))
+        assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_upload"
+        # the same Idempotency-Key in two tenants makes two jobs
+        spec = tent_spec(uploads, assets, method="source")
+        first = ca.submit(spec, idempotency_key="same")
+        b_uploads = upload_assets(cb, assets)
+        second = cb.submit(tent_spec(b_uploads, assets, method="source"), idempotency_key="same")
+        assert first["id"] != second["id"]
+
+
+def test_per_tenant_limits(keyed_service, assets, tmp_path):
+    key = make_key(keyed_service, "small", max_concurrent_jobs=1, max_upload_bytes=1024 * 1024,
+                   max_storage_bytes=int(2.5 * 1024 * 1024))
+    with Client(keyed_service.url, api_key=key["key"]) as c:
+        big = tmp_path / "big.bin"
+        big.write_bytes(os.urandom(1024 * 1024 + 1))
+        with pytest.raises(ApiError) as err:
+            c.upload(big, "dataset")
+        assert err.value.status == 413 and err.value.code == "payload_too_large"
+        assert err.value.detail["limit_bytes"] == 1024 * 1024
+
+        part = tmp_path / "part.bin"
+        for i in range(2):
+            part.write_bytes(os.urandom(1000 * 1024))
+            c.upload(part, "dataset")
+        part.write_bytes(os.urandom(1000 * 1024))
+        with pytest.raises(ApiError) as err:
+            c.upload(part, "dataset")
+        assert err.value.status == 413 and err.value.code == "storage_quota_exceeded"
+        assert err.value.detail["limit_bytes"] == int(2.5 * 1024 * 1024)
+
+    key2 = make_key(keyed_service, "one-at-a-time", max_concurrent_jobs=1)
+    random_npz(tmp_path / "long.npz", n=20_000)
+    with Client(keyed_service.url, api_key=key2["key"]) as c:
+        model = c.upload(assets["model"], "model")
+        data = c.upload(tmp_path / "long.npz", "dataset")
+        spec = tent_spec({"model": model, "target": data}, assets, options={"batch_size": 4})
+        running = c.submit(spec)
+        with pytest.raises(ApiError) as err:
+            c.submit(spec)
+        assert err.value.status == 429 and err.value.code == "concurrent_job_limit"
+        assert err.value.detail["limit"] == 1
+
+        # deleting refuses while the job runs...
+        r = c.http.delete(f"/v1/uploads/{data['id']}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "upload_in_use"
+        assert running["id"] in r.json()["error"]["detail"]["jobs"]
+        r = c.http.delete(f"/v1/jobs/{running['id']}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "job_active"
+        c.cancel(running["id"])
+        assert c.wait(running["id"], timeout=120)["status"] == "cancelled"
+        # ...and frees the bytes afterwards
+        assert c.http.delete(f"/v1/uploads/{data['id']}").status_code == 204
+        assert sql(keyed_service, "select count(*) from blobs where sha256 = :h", h=data["sha256"])[0][0] == 0
+        assert c.http.get(f"/v1/uploads/{data['id']}").status_code == 404
+
+
+def test_deleting_a_job_removes_its_artifact_bytes(keyed_service, assets):
+    key = make_key(keyed_service, "cleaner")
+    with Client(keyed_service.url, api_key=key["key"]) as c:
+        uploads = upload_assets(c, assets)
+        job = c.wait(c.submit(tent_spec(uploads, assets))["id"], timeout=300)
+        assert job["status"] == "succeeded"
+        digests = [a["sha256"] for a in job["artifacts"]]
+        assert c.http.delete(f"/v1/jobs/{job['id']}").status_code == 204
+        assert c.http.get(f"/v1/jobs/{job['id']}").status_code == 404
+        for digest in digests:
+            assert sql(keyed_service, "select count(*) from blobs where sha256 = :h", h=digest)[0][0] == 0
+        assert sql(keyed_service, "select count(*) from blob_chunks c left join blobs b on b.id = c.blob_id "
+                                  "where b.id is null")[0][0] == 0  # no orphaned chunks
+
+
+def test_open_mode_refuses_to_listen_beyond_loopback(tmp_path):
+    env = base_env(ADAPTD_HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "api", "--host", "0.0.0.0", "--port", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "ADAPTD_AUTH=keys" in proc.stderr
+    env_keys = base_env(ADAPTD_HOME=str(tmp_path), ADAPTD_AUTH="keys")
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "api", "--host", "0.0.0.0", "--port", "1"],
+                          cwd=REPO, env=env_keys, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "ADAPTD_ADMIN_KEY" in proc.stderr
+
