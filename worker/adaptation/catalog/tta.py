@@ -15,3 +15,118 @@ class TentParams(CollapseGuardParams):
     lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
     steps: int = Field(1, ge=1, le=10, description="Gradient steps per batch.")
+
+
+# Reference hyper-parameters below: the authors' code and mariodoebler/test-time-adaptation (the
+# benchmark library the DESIGN §6/§8 anchors come from). CIFAR values are the defaults; the ImageNet
+# values (ResNet-50, batch 64) are given in each description. That library's SGD uses Nesterov momentum
+# 0.9; Adam uses betas (0.9, 0.999), no weight decay.
+
+
+@describe("eata", "tta", "EATA without its Fisher term, i.e. ETA (Niu et al., ICML 2022): entropy "
+          "minimisation on the norm layers' affine parameters, only on reliable samples (entropy < "
+          "e_margin·ln C) that are not redundant (cosine similarity of their softmax to an EMA(0.9) of the "
+          "mean prediction < d_margin), each weighted by 1/exp(H − E0). The Fisher anti-forgetting term needs "
+          "source images, which this service never has, so it is not offered.")
+class EATAParams(CollapseGuardParams):
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="Adam for CIFAR (reference library); SGD with Nesterov momentum 0.9 for ImageNet.")
+    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
+    e_margin: float = Field(0.4, gt=0, le=1, description="Reliability filter: keep samples whose entropy is "
+                            "below e_margin × ln(num_classes) (E0 in the paper; 0.4 for CIFAR and ImageNet).")
+    d_margin: float = Field(0.4, ge=0, le=1, description="Redundancy filter: keep samples whose softmax has "
+                            "cosine similarity below d_margin to the EMA of mean predictions. 0.4 CIFAR, "
+                            "0.05 ImageNet.")
+
+
+@describe("sar", "tta", "SAR (Niu et al., ICLR 2023): sharpness-aware (SAM, rho 0.05, over SGD momentum 0.9) "
+          "and reliable (entropy < 0.4·ln C on both SAM passes) entropy minimisation of the norm layers' "
+          "affine parameters, except those of the network's last stage; resets to the source weights when "
+          "the EMA(0.9) of the second-pass loss falls below reset_constant_em. Works on BatchNorm, GroupNorm "
+          "and LayerNorm models (batch size 1 is fine without BatchNorm).")
+class SARParams(CollapseGuardParams):
+    lr: float = Field(1e-3, gt=0, description="Base SGD lr: 1e-3 for CIFAR (reference library) and for ViT "
+                      "(LayerNorm, batch 64); 2.5e-4 for ResNet-50 on ImageNet (batch 64).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the base SGD (plain, no Nesterov).")
+    rho: float = Field(0.05, gt=0, description="SAM neighbourhood radius.")
+    e_margin: float = Field(0.4, gt=0, le=1, description="Reliability filter: entropy < e_margin × ln(num_classes).")
+    reset_constant_em: float = Field(0.2, ge=0, description="Reset to the source weights when the EMA(0.9) of "
+                                     "the second-pass entropy loss falls below this (0 disables the reset).")
+    skip_modules: list[str] | None = Field(
+        None, description="Module-name prefixes whose norm layers are NOT adapted. null = automatic 'last "
+        "stage': the last quarter (at least one) of the network's top-level stages, found by descending "
+        "through single wrappers (ResNet: layer4; WRN: block3; ViT with 12 blocks: blocks.9-11), plus the "
+        "norm layers that follow them (a ViT's final norm). [] adapts every norm layer (what the reference "
+        "library does on WRN-28-10, whose module names its filter does not match).")
+
+
+@describe("cotta", "tta", "CoTTA (Wang et al., CVPR 2022): the student (all weights) learns the cross-entropy "
+          "to an EMA teacher (0.999), whose prediction averages 32 augmented views when the source model's "
+          "mean confidence is below ap; then each weight returns to its source value with probability "
+          "restore_prob. Predictions and the exported model are the teacher's. Augmentations run batched on "
+          "the device.")
+class CoTTAParams(CollapseGuardParams):
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="Adam for CIFAR; SGD (Nesterov momentum 0.9) for ImageNet.")
+    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 0.01 with SGD (ImageNet, batch 64).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
+    teacher_momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of the teacher.")
+    restore_prob: float = Field(0.01, ge=0, le=1, description="Stochastic restore probability per weight "
+                                "element: 0.01 CIFAR, 0.001 ImageNet.")
+    ap: float = Field(0.92, ge=0, le=1, description="Augment-average the teacher when the anchor (source) "
+                      "model's mean max-probability is below this: 0.92 CIFAR10, 0.1 ImageNet.")
+    n_augmentations: int = Field(32, ge=1, le=128, description="Augmented views averaged by the teacher.")
+    loss: Literal["ce", "symmetric"] = Field(
+        "ce", description="ce: cross-entropy student ← teacher (CIFAR); symmetric: the mean of both "
+        "directions (the reference's ImageNet variant).")
+    hflip: bool = Field(True, description="Random horizontal flips among the augmentations (the reference's, "
+                        "made for natural images); turn off where a mirror image changes the class (digits, text).")
+
+
+@describe("rmt", "tta", "RMT (Döbler et al., CVPR 2023), source-free variant: the student (all weights) and "
+          "a projector learn a symmetric cross-entropy to an EMA teacher on the original and an augmented "
+          "view, plus a contrastive loss pulling each sample's projected features towards its nearest class "
+          "prototype. Without source data there is no source replay and no warm-up, and the prototypes are "
+          "built from the teacher's confidence-weighted features on the first target batches. Predictions are "
+          "student + teacher logits (as the reference); the exported model is the teacher.")
+class RMTParams(CollapseGuardParams):
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="Adam for CIFAR; SGD (Nesterov momentum 0.9) for ImageNet.")
+    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 0.01 with SGD (ImageNet, batch 64).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
+    teacher_momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of the teacher.")
+    lambda_ce_trg: float = Field(1.0, ge=0, description="Weight of the symmetric cross-entropy to the teacher.")
+    lambda_cont: float = Field(1.0, ge=0, description="Weight of the contrastive prototype loss.")
+    temperature: float = Field(0.1, gt=0, description="Contrastive temperature.")
+    projection_dim: int = Field(128, ge=8, le=4096, description="Output size of the projector MLP.")
+    prototype_batches: int = Field(
+        10, ge=1, description="Target batches whose teacher features (weighted by the teacher's confidence, "
+        "grouped by its predicted class) build the class prototypes; they are frozen afterwards, standing "
+        "in for the reference's source prototypes.")
+    hflip: bool = Field(True, description="Random horizontal flips among the augmentations (the reference's, "
+                        "made for natural images); turn off where a mirror image changes the class (digits, text).")
+
+
+@describe("roid", "tta", "ROID (Marsden et al., WACV 2024): soft likelihood ratio loss weighted by diversity "
+          "× certainty (temperature 1/3), a consistency loss to one augmented view (batched on the device), "
+          "on the norm layers' affine parameters; after each step the weights are ensembled with the source "
+          "weights (θ ← 0.99·θ + 0.01·θ_src), and the returned predictions are corrected by a smoothed "
+          "estimate of the batch's label prior.")
+class ROIDParams(CollapseGuardParams):
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="Adam for CIFAR; SGD (Nesterov momentum 0.9) for ImageNet.")
+    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
+    momentum_src: float = Field(0.99, ge=0, le=1, description="Weight ensembling: θ ← m·θ + (1−m)·θ_src "
+                                "after every step (1 disables it).")
+    momentum_probs: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the mean prediction used by "
+                                  "the diversity weight.")
+    temperature: float = Field(1 / 3, gt=0, description="Weights are exp(diversity × certainty / T).")
+    use_weighting: bool = Field(True, description="Diversity × certainty weighting (and dropping the "
+                                "samples of below-mean diversity).")
+    use_consistency: bool = Field(True, description="Symmetric cross-entropy to an augmented view.")
+    use_prior_correction: bool = Field(True, description="Correct the returned predictions with the smoothed "
+                                       "batch prior.")
+    hflip: bool = Field(True, description="Random horizontal flips among the augmentations (the reference's, "
+                        "made for natural images); turn off where a mirror image changes the class (digits, text).")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdaptationError
+from ._tta import eval_prediction, needs_eval_fallback
 from .base import Method, StepOutput
 from .norm import has_batch_norm, use_batch_statistics
 from .registry import register_method
@@ -24,5 +25,7 @@ class BNAdapt(Method):
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        if needs_eval_fallback(self, x):  # e.g. a last batch of one image
+            return eval_prediction(self, self.model, x)
         with self.ctx.autocast():
             return StepOutput(self.model(x).float())

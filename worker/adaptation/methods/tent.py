@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdaptationError
+from ._tta import eval_prediction, needs_eval_fallback
 from .base import Method, StepOutput, softmax_entropy
 from .norm import freeze_all_but, norm_affine_params, use_batch_statistics
 from .registry import register_method
@@ -30,6 +31,8 @@ class Tent(Method):
         return collect_norm_params(self)
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        if needs_eval_fallback(self, x):  # e.g. a last batch of one image
+            return eval_prediction(self, self.model, x)
         for _ in range(self.params.steps):
             with self.ctx.autocast():
                 logits = self.model(x)
