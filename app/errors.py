@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("adaptd.api")
@@ -88,8 +89,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("validation_error", f"request: a value cannot be stored: {reason}",
                                        {"reason": reason}), status_code=422)
 
+    @app.exception_handler(PoolTimeout)
     @app.exception_handler(OperationalError)
-    async def _database_down(_req: Request, exc: OperationalError):
+    async def _database_down(_req: Request, exc: Exception):
         log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
         return JSONResponse(error_body("database_unavailable", "the database is unavailable; retry shortly"),
                             status_code=503, headers={"Retry-After": "5"})

@@ -24,7 +24,8 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # More connections than the API's threadpool (anyio: 40 threads), so a request never waits for one.
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_timeout=10)
 
 
 @lru_cache

@@ -35,6 +35,9 @@ def upload_limits(settings: Settings, tenant_id: str) -> tuple[int, int, int]:
 
 async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: str | None,
                        chunks: AsyncIterator[bytes], declared_length: int | None = None) -> Upload:
+    if filename is not None and (len(filename) > 255 or "\x00" in filename):
+        # Checked before any byte is stored: a refused upload leaves nothing behind.
+        raise ApiError("validation_error", "filename: at most 255 characters, no NUL", {"field": "filename"})
     limit, quota, used = await run_in_threadpool(upload_limits, settings, tenant_id)
     if declared_length is not None and declared_length > limit:
         raise _too_large(limit)
