@@ -38,11 +38,13 @@ class DataRef(_Strict):
 class PreprocessSpec(_Strict):
     size: int | None = Field(None, ge=4, le=1024, description="square resize; omitted keeps the input size")
     channels: Literal[1, 3] = 3
-    mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
-    std: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0])
+    mean: list[float] | None = Field(None, description="per channel (or one value); default 0")
+    std: list[float] | None = Field(None, description="per channel (or one value); default 1")
 
     @model_validator(mode="after")
     def _lengths(self) -> "PreprocessSpec":
+        self.mean = self.mean if self.mean is not None else [0.0] * self.channels
+        self.std = self.std if self.std is not None else [1.0] * self.channels
         for name in ("mean", "std"):
             if len(getattr(self, name)) not in (1, self.channels):
                 raise ValueError(f"{name} must have 1 or {self.channels} values (one per channel)")
