@@ -161,8 +161,11 @@ def test_connection_settings_precedence(embedded_service, tmp_path, monkeypatch)
     assert resolve_connection()[0] == "http://127.0.0.1:8000"
 
     # The console script: the config file alone finds the server; the environment wins over it; the
-    # flag wins over both.
+    # flag wins over both. (The open-mode server refuses an unknown key, so this file names no key.)
+    cfg.write_text(f'url = "{embedded_service.url}"\n')
     assert adaptd("jobs", env=cli_env(ADAPTD_CONFIG=str(cfg))).returncode == 0
+    keyed = adaptd("jobs", env=cli_env(ADAPTD_CONFIG=str(cfg), ADAPTD_API_KEY="adk_unknown"))
+    assert keyed.returncode == 4 and "invalid_api_key" in keyed.stderr  # the key is sent
     bad_env = cli_env(ADAPTD_CONFIG=str(cfg), ADAPTD_URL="http://127.0.0.1:9")
     assert adaptd("jobs", env=bad_env).returncode == 4
     assert adaptd("jobs", "--url", embedded_service.url, env=bad_env).returncode == 0
