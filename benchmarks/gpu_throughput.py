@@ -124,7 +124,10 @@ def measure(name: str, base: torch.nn.Module, spec: tuple, precision: str, chann
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    method = get_method(name)(model, info.params_model(), ctx)
+    method_cls = get_method(name)
+    if device.type == "cuda":  # as the runner does: no cuDNN autotuning for step-varying batch sizes
+        torch.backends.cudnn.benchmark = not method_cls.dynamic_shapes
+    method = method_cls(model, info.params_model(), ctx)
     method.begin_epoch(0)
     batches = list(iterate())
     for i in range(warmup):

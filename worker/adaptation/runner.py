@@ -101,7 +101,12 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     source_eval = predict(model, eval_data, prep, req.batch_size, ctx) if eval_data is not None else None
     source_summary = M.prediction_summary(source_target, req.num_classes)
 
-    method = get_method(req.method)(model, params, ctx)
+    method_cls = get_method(req.method)
+    # cuDNN autotuning pays off for fixed batch shapes; a method whose batches change size every step
+    # (ROID's kept subset) would re-tune at every step, so it runs on cuDNN's heuristics instead.
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not method_cls.dynamic_shapes
+    method = method_cls(model, params, ctx)
     guard = CollapseGuard(req.num_classes, getattr(params, "collapse_entropy_ratio", 0.25),
                           source_summary["predicted_class_entropy"],
                           enabled=info.updates_weights and getattr(params, "collapse_guard", False))

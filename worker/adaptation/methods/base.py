@@ -76,6 +76,9 @@ class Method:
     uses_batch_statistics: ClassVar[bool] = True
     # Whether the method needs norm layers with affine parameters (tent, eata, sar, roid...).
     needs_norm_layers: ClassVar[bool] = False
+    # Whether some forward passes run on batches whose size changes from step to step (a filtered
+    # subset): cuDNN autotuning is then turned off, or it would re-tune at every step.
+    dynamic_shapes: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, params: MethodParams, ctx: MethodContext):
         self.model = model

@@ -60,6 +60,7 @@ def prior_corrected(logits: torch.Tensor) -> torch.Tensor:
 
 @register_method("roid")
 class ROID(Method):
+    dynamic_shapes = True  # the consistency loss runs on the kept subset, whose size varies
     needs_norm_layers = True
 
     def configure(self) -> None:
