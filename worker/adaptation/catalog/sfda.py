@@ -8,3 +8,96 @@ from pydantic import Field
 from . import CollapseGuardParams, MethodParams, ProtocolParams, describe  # noqa: F401
 
 
+
+# The runner drives every SFDA method for the job's `options.epochs` passes over the target set (each
+# pass in a fresh seeded shuffle); the method has no epoch param of its own. The authors' epoch counts
+# are in each description so a user can set `options.epochs` to match.
+
+
+class SFDAParams(MethodParams):
+    """Shared by the SFDA methods: SGD with the authors' schedule and the collapse guard.
+
+    Reference schedule (SHOT, NRC and AaD share it): SGD momentum 0.9, Nesterov, weight decay 1e-3 and
+    lr_t = lr * (1 + 10 t / T) ** -0.75 over the T steps of the whole run. The feature extractor is split
+    into a backbone and a bottleneck (the layers between backbone and classifier, `bottleneck` in the
+    built-in digit models); the backbone's lr is `lr * backbone_lr_mult`. The classifier is frozen."""
+
+    lr: float = Field(0.01, gt=0, description="Base learning rate (bottleneck layers).")
+    backbone_lr_mult: float = Field(
+        1.0, ge=0, le=1,
+        description="Backbone lr = lr × this. The authors use 1.0 on digits (LeNet trained from scratch) and "
+        "0.1 on ImageNet-pretrained backbones (Office, VisDA). Models without a `bottleneck` module have "
+        "every feature-extractor weight in the backbone.")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-3, ge=0, description="1e-3: what the reference scripts' lr scheduler sets.")
+    nesterov: bool = True
+    lr_decay: bool = Field(True, description="Polynomial decay lr·(1 + 10·t/T)^-0.75 over the whole run "
+                           "(T = epochs × batches per epoch), as the reference; False keeps lr constant.")
+    collapse_guard: bool = Field(
+        True, description="Roll back to the best state seen when the predicted-class histogram collapses "
+        "or the loss diverges; recorded in the metrics.",
+    )
+    collapse_entropy_ratio: float = Field(
+        0.25, gt=0, lt=1,
+        description="Collapse when the entropy of the predicted-class histogram over a sliding window "
+        "falls below this fraction of ln(num_classes).",
+    )
+
+
+class _InformationMaximisation(SFDAParams):
+    ent_par: float = Field(1.0, ge=0, description="Weight of the information-maximisation loss.")
+    gent: bool = Field(True, description="Subtract the entropy of the batch-mean prediction (diversity).")
+    epsilon: float = Field(1e-5, gt=0, description="Added inside the logarithms, as the reference.")
+
+
+@describe("shot_im", "sfda", "SHOT-IM (Liang et al., ICML 2020): SHOT without pseudo-labels: information "
+          "maximisation only (mean per-sample entropy minus the entropy of the mean prediction), updating "
+          "the feature extractor with the classifier frozen. The authors ran 30 epochs on digits and 15 on "
+          "Office/VisDA (set options.epochs; the job default is 1).")
+class ShotIMParams(_InformationMaximisation):
+    pass
+
+
+@describe("shot", "sfda", "SHOT (Liang et al., ICML 2020): information maximisation + beta × cross-entropy to "
+          "self-supervised pseudo-labels (prediction-weighted class centroids in the normalised feature "
+          "space, cosine distance, one refinement round with hard-label centroids), recomputed at the start "
+          "of every epoch; updates the feature extractor with the classifier frozen. beta 0.1 digits / 0.3 "
+          "objects. The authors ran 30 epochs on digits and 15 on Office/VisDA (set options.epochs; the job "
+          "default is 1).")
+class ShotParams(_InformationMaximisation):
+    beta: float = Field(0.1, ge=0, description="Weight of the pseudo-label cross-entropy (cls_par): 0.1 "
+                        "digits, 0.3 Office/VisDA. 0 is SHOT-IM.")
+    threshold: int = Field(0, ge=0, description="Only classes the model predicts for more than this many "
+                           "target samples get a centroid.")
+    distance: Literal["cosine", "euclidean"] = Field("cosine", description="Distance to the centroids.")
+
+
+@describe("nrc", "sfda", "NRC (Yang et al., NeurIPS 2021): neighbourhood reciprocity clustering. Feature and "
+          "score memory banks over the whole target set; each sample's prediction is pulled towards its K "
+          "nearest neighbours' (weight 1 if the neighbour has it among its own KK nearest, else r) and its "
+          "expanded KK-neighbours' (weight r), plus a diversity term on the batch-mean prediction. Updates "
+          "the feature extractor, classifier frozen. Defaults: the authors' VisDA values (no digits "
+          "experiments in the paper); they ran 15 epochs (set options.epochs; the job default is 1).")
+class NRCParams(SFDAParams):
+    lr: float = Field(1e-3, gt=0, description="Base learning rate (bottleneck layers); VisDA reference 1e-3.")
+    backbone_lr_mult: float = Field(0.1, ge=0, le=1, description="Backbone lr = lr × this (reference: 0.1).")
+    K: int = Field(5, ge=1, le=100, description="Nearest neighbours per sample.")
+    KK: int = Field(5, ge=0, le=100, description="Expanded neighbours: nearest neighbours of each neighbour "
+                    "(0 turns the expanded term off).")
+    r: float = Field(0.1, ge=0, le=1, description="Affinity of non-reciprocal and expanded neighbours.")
+    epsilon: float = Field(1e-5, gt=0)
+
+
+@describe("aad", "sfda", "AaD (Yang et al., NeurIPS 2022): attract the predictions of each sample's K nearest "
+          "neighbours (feature and score memory banks over the target set) and disperse the predictions of "
+          "the other samples of the batch, with weight alpha·(1 + 10·t/T)^-beta. Updates the feature "
+          "extractor, classifier frozen. Defaults: the authors' VisDA values; they ran 15 epochs (set "
+          "options.epochs; the job default is 1).")
+class AaDParams(SFDAParams):
+    lr: float = Field(1e-3, gt=0, description="Base learning rate (bottleneck layers); VisDA reference 1e-3.")
+    backbone_lr_mult: float = Field(0.1, ge=0, le=1, description="Backbone lr = lr × this (reference: 0.1).")
+    K: int = Field(5, ge=1, le=100, description="Nearest neighbours attracted per sample.")
+    alpha: float = Field(1.0, ge=0, description="Weight of the dispersion term at the start.")
+    beta: float = Field(5.0, ge=0, description="Decay exponent of the dispersion weight: "
+                        "alpha·(1 + 10·t/T)^-beta.")
+    alpha_decay: bool = Field(True, description="Decay the dispersion weight over the run (reference: on).")

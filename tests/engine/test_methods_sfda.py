@@ -1,0 +1,243 @@
+"""Behavioural tests of the source-free methods (shot, shot_im, nrc, aad) on a real domain shift:
+a small digit CNN trained on MNIST, adapted to USPS digits in MNIST framing (16→20 px + 4 px padding).
+
+The data comes from the shared data folder: $ADAPTD_DATA_DIR, default `../shared/data` relative to
+the repository root (see its README). Kept small: one source model for the whole module (a few
+seconds), a 641-image target slice (641 = 10·64 + 1, so every epoch ends with a batch of one image).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from worker.adaptation.catalog import get_method_info
+from worker.adaptation.data import Preprocess
+from worker.adaptation.data.images import read_npz
+from worker.adaptation.device import seed_everything
+from worker.adaptation.methods import get_method
+from worker.adaptation.methods.base import MethodContext
+from worker.adaptation.models import build_model
+from worker.adaptation.models.export import save_safetensors
+from worker.adaptation.models.loading import load_model
+from worker.adaptation.runner import RunRequest, run
+from worker.adaptation.training import train_classifier
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SFDA_METHODS = ["shot", "shot_im", "nrc", "aad"]
+ARCH_KWARGS = {"width": 8, "bottleneck": 64}
+PRE = Preprocess(size=None, channels=1, mean=[0.5], std=[0.5])
+TARGET_SIZE = 641
+BATCH = 64
+EPOCHS = 3
+
+
+def data_dir() -> Path:
+    raw = Path(os.environ.get("ADAPTD_DATA_DIR", "../shared/data"))
+    path = raw if raw.is_absolute() else (REPO_ROOT / raw).resolve()
+    needed = ["mnist_train5k.npz", "usps_test.npz"]
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        pytest.fail(f"digit data not found: {', '.join(missing)} missing in {path}. Set ADAPTD_DATA_DIR to the "
+                    "shared data folder (default: ../shared/data relative to the repository root).",
+                    pytrace=False)
+    return path
+
+
+def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as a:
+        return a["x"], a["y"].astype(np.int64)
+
+
+def usps_in_mnist_framing(x: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(x).float()[:, None]
+    t = F.interpolate(t, size=(20, 20), mode="bilinear", align_corners=False)
+    x20 = t[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+    return np.pad(x20, ((0, 0), (4, 4), (4, 4)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shift(tmp_path_factory):
+    """(source checkpoint, target npz with labels): MNIST-trained digit CNN, USPS target."""
+    folder = data_dir()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("sfda")
+    xs, ys = load_npz(folder / "mnist_train5k.npz")
+    seed_everything(0)  # the initialisation too: the same source model in every session
+    model = train_classifier(build_model("digit_cnn", 10, **ARCH_KWARGS), xs, ys, PRE, epochs=5,
+                             batch_size=64, seed=0)
+    model_path = tmp / "source.safetensors"
+    save_safetensors(model, model_path)
+    xt, yt = load_npz(folder / "usps_test.npz")
+    target = tmp / "usps.npz"
+    np.savez(target, x=usps_in_mnist_framing(xt[:TARGET_SIZE]), y=yt[:TARGET_SIZE])
+    return model_path, target
+
+
+def adapt(shift, method: str, tmp_path: Path, epochs: int = EPOCHS, **kw):
+    model_path, target = shift
+    req = RunRequest(method=method, model_path=model_path, architecture="digit_cnn", arch_kwargs=ARCH_KWARGS,
+                     num_classes=10, data_path=target, eval_path=target, output_dir=tmp_path / method,
+                     preprocess=PRE, batch_size=BATCH, epochs=epochs, seed=0, device="cpu", **kw)
+    return run(req)
+
+
+def make_method(shift, name: str, params: dict | None = None, precision: str = "fp32"):
+    """The method object on the source model, with a context like the runner's."""
+    model_path, target = shift
+    model, _ = load_model("digit_cnn", 10, ARCH_KWARGS, model_path, None)
+    data = read_npz(target)
+
+    def iterate_target():
+        for xb, idx in data.batches(BATCH):
+            yield PRE(xb, torch.device("cpu")), idx
+
+    ctx = MethodContext(num_classes=10, device=torch.device("cpu"), batch_size=BATCH, epochs=2,
+                        dataset_size=len(data), seed=0, precision=precision, iterate_target=iterate_target)
+    params = get_method_info(name).params_model.model_validate(params or {})
+    return get_method(name)(model, params, ctx), data
+
+
+# --- behaviour on the real shift ---------------------------------------------------------------------
+
+def test_shot_pseudo_labels_beat_the_source_predictions(shift):
+    method, data = make_method(shift, "shot")
+    method.begin_epoch(0)
+    labels = torch.from_numpy(data.labels)
+    _, logits = method.target_pass()
+    source_acc = (logits.argmax(1) == labels).float().mean().item()
+    pseudo_acc = (method.pseudo_labels == labels).float().mean().item()
+    assert method.pseudo_labels.shape == (TARGET_SIZE,)
+    assert pseudo_acc > source_acc + 0.02, (source_acc, pseudo_acc)
+
+
+def test_shot_im_computes_no_pseudo_labels(shift):
+    method, _ = make_method(shift, "shot_im")
+    method.begin_epoch(0)
+    assert method.pseudo_labels is None
+    assert "beta" not in get_method_info("shot_im").params_model.model_fields
+
+
+@pytest.mark.parametrize("name", SFDA_METHODS)
+def test_adaptation_beats_source_and_only_the_feature_extractor_changes(shift, tmp_path, name):
+    result = adapt(shift, name, tmp_path)
+    m = result.metrics
+    assert m["accuracy_after"] > m["accuracy_before"] + 0.04, (m["accuracy_before"], m["accuracy_after"])
+    assert not m["collapse_detected"]
+    assert result.history["steps"], "no adaptation step was logged"
+
+    source = load_file(str(shift[0]))
+    adapted = load_file(str(result.model_path))
+    assert torch.equal(adapted["classifier.weight"], source["classifier.weight"])
+    assert torch.equal(adapted["classifier.bias"], source["classifier.bias"])
+    changed = [k for k in source if k.endswith("weight") and not torch.equal(adapted[k], source[k])]
+    assert any(k.startswith("features.") for k in changed)
+    assert any(k.startswith("bottleneck.") for k in changed)
+
+
+def test_same_seed_same_weights(shift, tmp_path):
+    a = adapt(shift, "nrc", tmp_path / "a", epochs=1)
+    b = adapt(shift, "nrc", tmp_path / "b", epochs=1)
+    wa, wb = load_file(str(a.model_path)), load_file(str(b.model_path))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# --- mechanics -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SFDA_METHODS)
+def test_snapshot_restore_round_trips_weights_and_method_state(shift, name):
+    method, data = make_method(shift, name)
+    method.begin_epoch(0)
+    batches = data.batches(BATCH, np.random.default_rng(0).permutation(len(data)))
+    xb, idx = next(batches)
+    method.step(PRE(xb, torch.device("cpu")), idx)
+    state = method.snapshot()
+    extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+    assert extra["iteration"] == 1
+    lr = [g["lr"] for g in method.optimizer.param_groups]
+
+    xb, idx = next(batches)
+    method.step(PRE(xb, torch.device("cpu")), idx)
+    method.restore(state)
+    assert method.iteration == 1
+    assert [g["lr"] for g in method.optimizer.param_groups] == lr
+    now = method.model.state_dict()
+    assert all(torch.equal(now[k], state["model"][k]) for k in now)
+    for key in method.state_attrs:
+        saved, current = extra[key], getattr(method, key)
+        assert (saved is None and current is None) or torch.equal(saved, current)
+    if name in ("nrc", "aad"):
+        assert method.feature_bank.shape[0] == TARGET_SIZE
+
+
+@pytest.mark.parametrize("name", SFDA_METHODS)
+def test_bf16_autocast_step_and_batch_of_one(shift, name):
+    method, data = make_method(shift, name, precision="bf16")
+    method.begin_epoch(0)
+    xb, idx = next(data.batches(16))
+    out = method.step(PRE(xb, torch.device("cpu")), idx)
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+    single = method.step(PRE(xb[:1], torch.device("cpu")), idx[:1])
+    assert single.logits.shape == (1, 10) and single.loss is None
+    assert all(m.training for m in method.model.modules())  # back in train mode after the eval pass
+
+
+def test_only_the_classifier_is_frozen(shift):
+    method, _ = make_method(shift, "aad")
+    frozen = {n for n, p in method.model.named_parameters() if not p.requires_grad}
+    assert frozen == {"classifier.weight", "classifier.bias"}
+    groups = method.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-3])  # backbone × 0.1, bottleneck
+
+
+def test_lr_follows_the_reference_schedule(shift):
+    method, data = make_method(shift, "shot_im")
+    lr0 = [g["lr"] for g in method.optimizer.param_groups]
+    xb, idx = next(data.batches(BATCH))
+    method.step(PRE(xb, torch.device("cpu")), idx)
+    total = method.max_iterations
+    assert total == 2 * int(np.ceil(TARGET_SIZE / BATCH))
+    expected = [lr * (1 + 10 / total) ** -0.75 for lr in lr0]
+    assert [g["lr"] for g in method.optimizer.param_groups] == pytest.approx(expected)
+
+
+def test_params_refuse_unknown_keys_and_give_reference_defaults():
+    info = get_method_info("shot")
+    p = info.params_model()
+    assert (p.beta, p.ent_par, p.lr, p.momentum, p.nesterov) == (0.1, 1.0, 0.01, 0.9, True)
+    nrc = get_method_info("nrc").params_model()
+    assert (nrc.K, nrc.KK, nrc.r) == (5, 5, 0.1)
+    aad = get_method_info("aad").params_model()
+    assert (aad.K, aad.alpha, aad.beta) == (5, 1.0, 5.0)
+    for name in SFDA_METHODS:
+        assert get_method_info(name).kind == "sfda"
+        with pytest.raises(Exception):
+            get_method_info(name).params_model.model_validate({"epochs": 3})
+
+
+@pytest.mark.parametrize("name", ["shot", "nrc", "aad"])
+def test_restore_to_the_state_before_the_first_epoch_keeps_working(shift, name):
+    """The collapse guard's first healthy state is taken before epoch 0 begins (no pseudo-labels, no
+    banks yet); a rollback to it must not break the next step."""
+    method, data = make_method(shift, name)
+    before = method.snapshot()
+    method.begin_epoch(0)
+    xb, idx = next(data.batches(BATCH))
+    x = PRE(xb, torch.device("cpu"))
+    method.step(x, idx)
+    method.restore(before)
+    out = method.step(x, idx)
+    assert torch.isfinite(out.loss)

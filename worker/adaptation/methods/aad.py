@@ -1,0 +1,54 @@
+"""AaD (Yang et al., NeurIPS 2022): attracting and dispersing.
+
+Attract: each sample's prediction is pulled towards the stored predictions of its K nearest
+neighbours in the feature bank (dot product with the score bank). Disperse: the predictions of the
+other samples in the batch are pushed apart (sum of pairwise dot products), with a weight
+alpha·(1 + 10·t/T)^-beta that decays over the run. Both prediction copies in the dispersion term
+receive gradients, as the reference.
+
+The authors' VisDA script also trains the classifier (a second SGD optimizer at the base lr); here the
+classifier stays frozen, as in every SFDA method of this service (DESIGN §6), and only the feature
+extractor adapts."""
+from __future__ import annotations
+
+import torch
+
+from ._sfda import NeighbourhoodMethod
+from .base import StepOutput
+from .registry import register_method
+
+
+@register_method("aad")
+class AaD(NeighbourhoodMethod):
+    def check_compatible(self) -> None:
+        self.min_dataset_size = self.params.K + 1
+        super().check_compatible()
+
+    def dispersion_weight(self) -> float:
+        p = self.params
+        if not p.alpha_decay:
+            return p.alpha
+        # the reference computes it before counting the current step
+        return p.alpha * (1 + 10 * (self.iteration - 1) / self.max_iterations) ** -p.beta
+
+    def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        if x.shape[0] < 2:
+            return self.predict_only(x)
+        p = self.params
+        self.ensure_banks()
+        self.advance_schedule()
+        feats, logits = self.forward(x)
+        probs = logits.softmax(1)
+
+        with torch.no_grad():
+            normed = self.refresh_banks(feats, probs, index)
+            score_near = self.score_bank[self.nearest(normed, p.K)]              # B×K×C
+
+        attract = -torch.einsum("bc,bkc->b", probs, score_near).mean()
+        gram = probs @ probs.T
+        disperse = (gram.sum(1) - gram.diagonal()).mean()
+        alpha = self.dispersion_weight()
+        loss = attract + alpha * disperse
+        self.update(loss)
+        return StepOutput(logits.detach(), loss.detach(),
+                          {"attract_loss": attract.detach(), "disperse_loss": disperse.detach()})
