@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     chunk_bytes: int = 1024 * 1024    # blob chunk size in the database, and the streaming unit
     job_time_limit_s: int = 24 * 3600
     heartbeat_interval_s: float = 2.0
+    worker_memory_limit_bytes: int | None = None  # address-space cap per worker pool process
     artifact_dir: Path | None = None  # worker scratch space; default: system temp
     max_attempts: int = Field(3, ge=1, le=100, description="a job whose worker is lost this many times fails "
                               "with worker_lost instead of looping forever")

@@ -212,3 +212,24 @@ def test_postgres_restart_loses_no_job(make_service, private_pg, assets, long_da
         final = c.wait(job["id"], timeout=240)
         assert final["status"] == "succeeded", (final, service.logs())
         assert final["attempts"] == 1 and len(final["artifacts"]) == 3
+
+
+def test_out_of_memory_fails_the_job_and_the_worker_survives(make_service, assets, tmp_path):
+    """A batch far too large for the worker's memory (capped at 6 GiB here): `out_of_memory`, then the
+    same worker process runs the next job."""
+    service = make_service(ADAPTD_WORKER_MEMORY_LIMIT_BYTES=6 * 1024**3)
+    random_npz(tmp_path / "wide.npz", n=4096)
+    with Client(service.url) as c:
+        model = c.upload(assets["model"], "model")
+        data = c.upload(tmp_path / "wide.npz", "dataset")
+        spec = {"method": "tent", "model": {"upload_id": model["id"], "architecture": "digit_cnn",
+                                            "num_classes": 10, "arch_kwargs": assets["arch_kwargs"]},
+                "data": {"upload_id": data["id"]},
+                "preprocess": {**assets["preprocess"], "size": 256}, "options": {"batch_size": 4096}}
+        final = c.wait(c.submit(spec)["id"], timeout=180)
+        assert final["status"] == "failed" and final["error"]["code"] == "out_of_memory", final
+        assert "batch_size" in final["error"]["message"]
+        first = holder_pid(service, final["id"])
+        ok = c.wait(submit(c, assets, assets["target"], method="source", batch_size=64)["id"], timeout=120)
+        assert ok["status"] == "succeeded"
+        assert holder_pid(service, ok["id"]) == first  # the same pool process: it survived

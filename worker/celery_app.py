@@ -23,3 +23,18 @@ def _start_reaper(**_kwargs) -> None:
 from celery.signals import worker_ready  # noqa: E402
 
 worker_ready.connect(_start_reaper, weak=False)
+
+
+def _limit_child_memory(**_kwargs) -> None:
+    """Cap each pool process's address space (ADAPTD_WORKER_MEMORY_LIMIT_BYTES): a job that asks for too
+    much host memory then fails with `out_of_memory` instead of waking the kernel's OOM killer."""
+    import resource
+
+    limit = get_settings().worker_memory_limit_bytes
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+from celery.signals import worker_process_init  # noqa: E402
+
+worker_process_init.connect(_limit_child_memory, weak=False)

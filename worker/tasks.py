@@ -171,8 +171,9 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
         except MemoryError:
             outcome, error = "failed", ("out_of_memory", "the worker ran out of host memory", {})
         except Exception as exc:  # noqa: BLE001 - classify, record, keep the worker alive
-            if type(exc).__name__ == "OutOfMemoryError":
-                outcome, error = "failed", ("out_of_memory", f"the device ran out of memory: {exc}"[:500], {})
+            if _is_out_of_memory(exc):
+                outcome, error = "failed", ("out_of_memory", "the job ran out of memory (try a smaller "
+                                            f"batch_size): {str(exc).splitlines()[0]}"[:500], {})
                 _release_device_memory()
             else:
                 log.exception("job %s failed", job_id)
@@ -224,6 +225,12 @@ def _store_artifacts(url: str, settings, job_id: str, tmpdir: Path, result) -> l
         blob_id, sha256, size = store_file(url, path, settings.chunk_bytes)
         out.append(Artifact(job_id=job_id, name=name, blob_id=blob_id, size=size, sha256=sha256))
     return out
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator refusing (e.g. under ADAPTD_WORKER_MEMORY_LIMIT_BYTES)."""
+    return type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def _release_device_memory() -> None:
