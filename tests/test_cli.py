@@ -29,11 +29,13 @@ def submit_args(assets, *extra) -> list[str]:
 def test_submit_watch_downloads_and_reports(embedded_service, assets, tmp_path):
     url = embedded_service.url
     out = tmp_path / "adapted.safetensors"
-    r = adaptd(*submit_args(assets, "--data", assets["target"], "--eval-data", assets["eval"], "--watch",
-                            "-o", out, "--url", url))
+    # Long enough (1000 batches) that the watcher sees the adapting phase, however fast the queue is.
+    data = long_dataset(tmp_path / "long.npz")
+    r = adaptd(*submit_args(assets, "--data", data, "--eval-data", assets["eval"], "--watch",
+                            "-o", out, "--url", url, "--batch-size", "4"))
     assert r.returncode == 0, r.stderr + embedded_service.logs()
     err = r.stderr
-    for text in ("upload model.safetensors", "upload target.npz", "100.0%", "adapting", "batches",
+    for text in ("upload model.safetensors", "upload long.npz", "100.0%", "adapting", "batches",
                  "succeeded", "accuracy", "adapted weights:"):
         assert text in err, (text, err)
     job_id = err.split("submitted tent job ")[1].split()[0]
