@@ -49,6 +49,16 @@ def cmd_migrate(_args) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """Linux: the embedded worker gets SIGTERM when `adaptd up` dies, even by SIGKILL (no orphans)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def cmd_up(args) -> int:
     """Embedded: migrate, start one worker process, serve the API; stop the worker on exit."""
     from .auth import check_bind_allowed
@@ -60,7 +70,7 @@ def cmd_up(args) -> int:
 
     upgrade_head(settings.resolved_database_url)
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", "1",
-                               "--log-level", args.log_level])
+                               "--log-level", args.log_level], preexec_fn=_die_with_parent)
     try:
         import uvicorn
 
