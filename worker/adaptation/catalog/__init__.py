@@ -28,8 +28,8 @@ class ProtocolParams(MethodParams):
     )
 
 
-class CollapseGuardParams(ProtocolParams):
-    """Collapse guard shared by every method that updates weights."""
+class CollapseGuard(MethodParams):
+    """Collapse guard shared by every method that updates weights (test-time and source-free)."""
 
     collapse_guard: bool = Field(
         True, description="Roll back to the best state seen when the predicted-class histogram collapses "
@@ -40,6 +40,10 @@ class CollapseGuardParams(ProtocolParams):
         description="Collapse when the entropy of the predicted-class histogram over a sliding window "
         "falls below this fraction of ln(num_classes).",
     )
+
+
+class CollapseGuardParams(CollapseGuard, ProtocolParams):
+    """What every updating test-time method takes: the protocol options and the collapse guard."""
 
 
 @dataclass(frozen=True)

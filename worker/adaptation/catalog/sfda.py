@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from . import CollapseGuardParams, MethodParams, ProtocolParams, describe  # noqa: F401
+from . import CollapseGuard, CollapseGuardParams, MethodParams, ProtocolParams, describe  # noqa: F401
 
 
 
@@ -14,7 +14,7 @@ from . import CollapseGuardParams, MethodParams, ProtocolParams, describe  # noq
 # are in each description so a user can set `options.epochs` to match.
 
 
-class SFDAParams(MethodParams):
+class SFDAParams(CollapseGuard):
     """Shared by the SFDA methods: SGD with the authors' schedule and the collapse guard.
 
     Reference schedule (SHOT, NRC and AaD share it): SGD momentum 0.9, Nesterov, weight decay 1e-3 and
@@ -33,15 +33,6 @@ class SFDAParams(MethodParams):
     nesterov: bool = True
     lr_decay: bool = Field(True, description="Polynomial decay lr·(1 + 10·t/T)^-0.75 over the whole run "
                            "(T = epochs × batches per epoch), as the reference; False keeps lr constant.")
-    collapse_guard: bool = Field(
-        True, description="Roll back to the best state seen when the predicted-class histogram collapses "
-        "or the loss diverges; recorded in the metrics.",
-    )
-    collapse_entropy_ratio: float = Field(
-        0.25, gt=0, lt=1,
-        description="Collapse when the entropy of the predicted-class histogram over a sliding window "
-        "falls below this fraction of ln(num_classes).",
-    )
 
 
 class _InformationMaximisation(SFDAParams):
