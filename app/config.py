@@ -69,7 +69,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        return self.broker_url or "filesystem://localhost/"  # a host: kombu warns about none otherwise
 
     @property
     def broker_folder(self) -> Path:

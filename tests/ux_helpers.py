@@ -9,6 +9,7 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +18,9 @@ import numpy as np
 
 from tests.services import REPO
 
-ADAPTD = REPO / ".venv" / "bin" / "adaptd"
+# The checkout's own venv (CI: .ci/setup), else the console script beside the running interpreter.
+ADAPTD = next(p for p in (REPO / ".venv" / "bin" / "adaptd", Path(sys.executable).parent / "adaptd", REPO)
+              if p.exists())
 _FINISHED: dict[str, dict] = {}
 
 

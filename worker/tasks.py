@@ -28,6 +28,7 @@ from app.queue import RUN_JOB_TASK
 from app.services.notify import notify_if_finished
 from app.storage import copy_blob_to_file, store_file
 
+from . import joblog
 from .celery_app import celery_app
 
 log = logging.getLogger("adaptd.worker")
@@ -42,14 +43,15 @@ class Heartbeat(threading.Thread):
     """Writes liveness and the latest progress to the database every interval, and picks up cancel
     requests; the engine reads the flag between batches (no database call on the hot path)."""
 
-    def __init__(self, db_url: str, job_id: str, worker: str, interval: float):
+    def __init__(self, db_url: str, job_id: str, worker: str, interval: float, log: joblog.JobLog):
         super().__init__(daemon=True, name=f"heartbeat-{job_id[:8]}")
         self.db_url, self.job_id, self.worker, self.interval = db_url, job_id, worker, interval
+        self.log = log  # the job's own log lines go out with each beat
         self.done = self.total = 0
         self.phase = "starting"
         self.cancelled = threading.Event()
         self.lost = threading.Event()  # another worker took the job over (ours looked dead)
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not `_stop`: threading.Thread has a method of that name
         self.recent_steps: collections.deque = collections.deque(maxlen=LIVE_STEPS_KEPT)
         self._steps_lock = threading.Lock()
         self._steps_dirty = False
@@ -58,6 +60,7 @@ class Heartbeat(threading.Thread):
         changed = phase != self.phase
         self.done, self.total, self.phase = done, total, phase
         if changed:
+            log.info("%s%s", phase, f" ({done}/{total} batches)" if total else "")
             self.beat()  # phase changes are rare and worth showing at once
 
     def steps(self, rows: list[dict]) -> None:
@@ -73,7 +76,7 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         try:
-            with session_scope(self.db_url) as s:
+            with self.log.transaction(self.db_url) as s:
                 held, cancel = repo.heartbeat(s, self.job_id, self.worker, self.done, self.total, self.phase)
                 with self._steps_lock:  # live curves for GET /v1/jobs/{id}/events
                     rows, self._steps_dirty = (list(self.recent_steps) if self._steps_dirty else None), False
@@ -88,11 +91,11 @@ class Heartbeat(threading.Thread):
             log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             self.beat()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 @celery_app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
@@ -133,13 +136,14 @@ def _claim_and_run(self, job_id: str, settings, url: str, me: str) -> str:
         raise self.retry(countdown=stale_after, max_retries=None)  # look again once it could be stale
     if not claimed:
         return "not_claimed"  # cancelled meanwhile, or another worker won the claim
-    log.info("job %s claimed by %s", job_id, me)
-    heartbeat = Heartbeat(url, job_id, me, settings.heartbeat_interval_s)
-    heartbeat.start()
-    try:
-        return _execute(url, settings, job_id, spec, me, heartbeat)
-    finally:
-        heartbeat.stop()
+    with joblog.capture(job_id) as job_log:
+        log.info("job %s claimed by %s", job_id, me)
+        heartbeat = Heartbeat(url, job_id, me, settings.heartbeat_interval_s, job_log)
+        heartbeat.start()
+        try:
+            return _execute(url, settings, job_id, spec, me, heartbeat)
+        finally:
+            heartbeat.stop()
 
 
 def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: Heartbeat) -> str:
@@ -155,7 +159,8 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
             request = build_run_request(spec, tmpdir, lambda upload_id, dest: _fetch(url, upload_id, dest))
             result = run(request, heartbeat)
             artifacts = _with_db_retry(lambda: _store_artifacts(url, settings, job_id, tmpdir, result))
-            ok = _with_db_retry(lambda: _finish(url, job_id, me, "succeeded", metrics=result.metrics,
+            log.info("succeeded%s", _outcome(result.metrics))
+            ok = _with_db_retry(lambda: _finish(heartbeat, "succeeded", metrics=result.metrics,
                                                 artifacts=artifacts))
             return "succeeded" if ok else "lost_claim"
         except JobCancelled:
@@ -179,7 +184,11 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
                 log.exception("job %s failed", job_id)
                 outcome, error = "failed", ("internal", f"{type(exc).__name__}: {exc}"[:1000],
                                             {"traceback": traceback.format_exc()[-2000:]})
-        _with_db_retry(lambda: _finish(url, job_id, me, outcome, error=error if outcome == "failed" else None))
+        if outcome == "failed":
+            log.error("failed: %s: %s", *error[:2])
+        else:
+            log.info("%s", error[1])
+        _with_db_retry(lambda: _finish(heartbeat, outcome, error=error if outcome == "failed" else None))
         return outcome
 
 
@@ -189,9 +198,17 @@ def _is_stale(heartbeat_at, stale_after: float) -> bool:
     return heartbeat_at is None or (utcnow() - heartbeat_at).total_seconds() > stale_after
 
 
-def _finish(url: str, job_id: str, me: str, status: str, **kwargs) -> bool:
-    with session_scope(url) as s:
-        return repo.finish_job(s, job_id, me, status, **kwargs)
+def _finish(heartbeat: Heartbeat, status: str, **kwargs) -> bool:
+    """The final transition, in one transaction with the job's last log lines."""
+    with heartbeat.log.transaction(heartbeat.db_url) as s:
+        return repo.finish_job(s, heartbeat.job_id, heartbeat.worker, status, **kwargs)
+
+
+def _outcome(metrics: dict) -> str:
+    before, after = metrics.get("accuracy_before"), metrics.get("accuracy_after")
+    text = f": accuracy {before:.1%} -> {after:.1%}" if before is not None and after is not None else ""
+    ips = metrics.get("images_per_second")
+    return text + (f", {ips:.0f} images/s" if ips else "")
 
 
 def _with_db_retry(fn, attempts: int = 40, delay: float = 0.5, max_delay: float = 5.0):

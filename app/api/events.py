@@ -17,8 +17,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
                              "description": "events: status, progress, step, end"}})
 async def job_events(job_id: str, request: Request, settings: SettingsDep, who: PrincipalDep,
                      last_event_id: str | None = Header(None, max_length=32)):
-    await run_in_threadpool(jobs_service.get_job, settings, who.tenant_id, job_id)  # 404 for other tenants
-    first = await run_in_threadpool(service.snapshot, settings.resolved_database_url, job_id)  # 404 first
+    job = await run_in_threadpool(jobs_service.get_job, settings, who.tenant_id, job_id)  # 404: other tenants'
+    first = await run_in_threadpool(service.snapshot, settings.resolved_database_url, job.id)  # 404 first
     return StreamingResponse(service.job_events(settings, first, last_event_id, request.is_disconnected),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

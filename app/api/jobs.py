@@ -32,9 +32,11 @@ async def create_job(spec: JobSpec, settings: SettingsDep, who: PrincipalDep, re
 @router.get("", response_model=JobList)
 async def list_jobs(settings: SettingsDep, who: PrincipalDep,
                     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
-                    limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None, max_length=500)
+                    limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None, max_length=500),
+                    name: str | None = Query(None, max_length=200, description="exactly this name"),
+                    tag: list[str] = Query([], max_length=32, description="repeatable: jobs with all these tags")
                     ) -> JobList:
-    return await run_in_threadpool(service.list_jobs, settings, who.tenant_id, status, limit, cursor)
+    return await run_in_threadpool(service.list_jobs, settings, who.tenant_id, status, limit, cursor, name, tag)
 
 
 @router.get("/{job_id}", response_model=JobOut)
@@ -62,12 +64,11 @@ async def download_artifact(job_id: str, name: str, request: Request, settings: 
 
     def lookup():
         with session_scope(url) as s:
-            if repo.get_job(s, job_id, who.tenant_id) is None:
-                raise ApiError("job_not_found", f"no job {job_id!r}")
-            artifact = repo.get_artifact(s, job_id, name)
+            job = service.find_job(s, who.tenant_id, job_id)
+            artifact = repo.get_artifact(s, job.id, name)
             if artifact is None:
-                names = [a.name for a in repo.artifacts_of(s, job_id)]
-                raise ApiError("artifact_not_found", f"job {job_id} has no artifact {name!r}",
+                names = [a.name for a in repo.artifacts_of(s, job.id)]
+                raise ApiError("artifact_not_found", f"job {job.id} has no artifact {name!r}",
                                {"available": names})
             return artifact
 

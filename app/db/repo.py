@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import ApiKey, Artifact, Job, Tenant, Upload, utcnow
+from .models import ApiKey, Artifact, Job, JobLog, JobTag, Tenant, Upload, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -31,17 +31,35 @@ def get_job(s: Session, job_id: str, tenant_id: str | None = None) -> Job | None
     return None if job is None or (tenant_id is not None and job.tenant_id != tenant_id) else job
 
 
+def job_ids_with_prefix(s: Session, prefix: str, tenant_id: str | None, limit: int) -> list[str]:
+    """Ids of the tenant's jobs that start with `prefix` (lowercase hex and dashes only, so no LIKE
+    wildcard can be in it); another tenant's jobs are never counted."""
+    q = select(Job.id).where(Job.id.like(f"{prefix}%"))
+    if tenant_id is not None:
+        q = q.where(Job.tenant_id == tenant_id)
+    return list(s.scalars(q.order_by(Job.id).limit(limit)))
+
+
+def add_job_tags(s: Session, job_id: str, tags: list[str]) -> None:
+    s.add_all(JobTag(job_id=job_id, tag=t) for t in tags)
+
+
 def get_job_by_idempotency_key(s: Session, key: str) -> Job | None:
     return s.scalar(select(Job).where(Job.idempotency_key == key))
 
 
 def list_jobs(s: Session, status: str | None, limit: int, before: tuple[datetime, str] | None,
-              tenant_id: str | None = None) -> list[Job]:
+              tenant_id: str | None = None, name: str | None = None, tags: list[str] = ()) -> list[Job]:
+    """Newest first; `name` matches exactly, every one of `tags` must be on the job."""
     q = select(Job)
     if tenant_id is not None:
         q = q.where(Job.tenant_id == tenant_id)
     if status:
         q = q.where(Job.status == status)
+    if name is not None:
+        q = q.where(Job.name == name)
+    for tag in tags:
+        q = q.where(Job.id.in_(select(JobTag.job_id).where(JobTag.tag == tag)))
     if before:
         created, job_id = before
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
@@ -124,6 +142,19 @@ def stuck_queued_jobs(s: Session, older_than_s: float) -> list[str]:
 def stale_running_jobs(s: Session, older_than_s: float) -> list[str]:
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     return list(s.scalars(select(Job.id).where(Job.status == "running", Job.heartbeat_at < cutoff)))
+
+
+# --- job logs (GET /v1/jobs/{id}/logs) -----------------------------------------------------------
+
+def add_job_logs(s: Session, job_id: str, rows: list[tuple[datetime, str, str]]) -> None:
+    """Append (at, level, message) rows. `seq` grows with each insert; a reader's cursor skips nothing
+    as long as a job's lines are written one transaction at a time (the worker's JobLog serialises them)."""
+    s.add_all(JobLog(job_id=job_id, at=at, level=level, message=message) for at, level, message in rows)
+
+
+def job_logs(s: Session, job_id: str, after: int, limit: int) -> list[JobLog]:
+    return list(s.scalars(select(JobLog).where(JobLog.job_id == job_id, JobLog.seq > after)
+                          .order_by(JobLog.seq).limit(limit)))
 
 
 def ping(s: Session) -> None:
@@ -239,7 +270,8 @@ def _upload_ids(spec: dict) -> set[str]:
 def delete_job(s: Session, job_id: str) -> list[str]:
     """Delete a job and its artifact rows; returns the blob ids the caller may garbage-collect."""
     blob_ids = [a.blob_id for a in artifacts_of(s, job_id)]
-    s.execute(delete(Artifact).where(Artifact.job_id == job_id))
+    for table in (Artifact, JobTag, JobLog):
+        s.execute(delete(table).where(table.job_id == job_id))
     s.execute(delete(Job).where(Job.id == job_id))
     return blob_ids
 

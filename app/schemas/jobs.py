@@ -1,6 +1,7 @@
 """The job spec (DESIGN §4) and the job as the API returns it."""
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -61,7 +62,14 @@ class Options(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=+/-]{0,63}$"
+
+
 class JobSpec(_Strict):
+    name: str | None = Field(None, min_length=1, max_length=200,
+                             description="a label to find the run again (GET /v1/jobs?name=)")
+    tags: list[str] = Field(default_factory=list, max_length=32,
+                            description="labels to find the run again (GET /v1/jobs?tag=, all must match)")
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
     model: ModelRef
@@ -71,6 +79,15 @@ class JobSpec(_Strict):
     options: Options = Field(default_factory=Options)
     notify_url: HttpUrl | None = Field(None, description="POSTed the job's final state (signed, "
                                        "X-Adaptd-Signature) when it succeeds, fails or is cancelled")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        for tag in v:
+            if not re.match(TAG_PATTERN, tag):
+                raise ValueError(f"tag {tag!r}: 1-64 characters, letters, digits and _ . : = + / -, "
+                                 "starting with a letter or digit")
+        return list(dict.fromkeys(v))  # duplicates dropped, order kept
 
 
 class Progress(BaseModel):
@@ -94,6 +111,8 @@ class ArtifactOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str
+    name: str | None = None
+    tags: list[str] = Field(default_factory=list)
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     method: str
     params: dict
@@ -113,3 +132,20 @@ class JobOut(BaseModel):
 class JobList(BaseModel):
     items: list[JobOut]
     next_cursor: str | None
+
+
+class LogLineOut(BaseModel):
+    seq: int = Field(description="increasing; pass the last one seen as `after`")
+    at: datetime
+    level: str
+    message: str
+
+
+class JobLogPage(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="read before the lines: once it is final, the job's last lines are in this page or "
+        "an earlier one")
+    items: list[LogLineOut]
+    next_after: int
+    more: bool = Field(description="more lines are stored after these: ask again at once")

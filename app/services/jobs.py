@@ -5,6 +5,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import uuid
 from datetime import datetime, timezone
 
@@ -73,8 +74,10 @@ def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_ke
     try:
         with session_scope(url) as s:
             _check_concurrency(settings, s, tenant_id)
-            s.add(Job(id=job_id, tenant_id=tenant_id, status="queued", method=spec.method, params=params,
-                      spec=stored, idempotency_key=idempotency_key, request_hash=request_hash))
+            s.add(Job(id=job_id, tenant_id=tenant_id, name=spec.name, status="queued", method=spec.method,
+                      params=params, spec=stored, idempotency_key=idempotency_key, request_hash=request_hash))
+            s.flush()
+            repo.add_job_tags(s, job_id, spec.tags)
     except IntegrityError:  # the same key, concurrently
         existing = _by_key(url, idempotency_key, request_hash) if idempotency_key else None
         if existing is None:
@@ -108,19 +111,41 @@ def _by_key(url: str, key: str, request_hash: str) -> JobOut | None:
         return to_out(job, repo.artifacts_of(s, job.id))
 
 
+MIN_ID_PREFIX = 6  # the CLI and the dashboard show 8
+_ID_PREFIX = re.compile(r"^[0-9a-f-]{1,35}$")
+
+
+def find_job(s, tenant_id: str | None, ref: str) -> Job:
+    """A job by its id or by a unique prefix of it, among the tenant's jobs only (another tenant's job
+    neither matches nor makes a prefix ambiguous)."""
+    job = repo.get_job(s, ref, tenant_id)
+    if job is not None:
+        return job
+    prefix = ref.lower()
+    if _ID_PREFIX.match(prefix):
+        if len(prefix) < MIN_ID_PREFIX:
+            raise ApiError("job_id_too_short", f"job id prefix {ref!r} is shorter than {MIN_ID_PREFIX} "
+                           "characters", {"prefix": ref, "min_length": MIN_ID_PREFIX})
+        ids = repo.job_ids_with_prefix(s, prefix, tenant_id, limit=11)
+        if len(ids) == 1:
+            return repo.get_job(s, ids[0], tenant_id)
+        if ids:
+            raise ApiError("ambiguous_job_id", f"{len(ids) if len(ids) <= 10 else 'more than 10'} jobs start "
+                           f"with {ref!r}: give more characters", {"prefix": ref, "matches": ids[:10]})
+    raise ApiError("job_not_found", f"no job {ref!r}")
+
+
 def get_job(settings: Settings, tenant_id: str | None, job_id: str) -> JobOut:
     with session_scope(settings.resolved_database_url) as s:
-        job = repo.get_job(s, job_id, tenant_id)
-        if job is None:
-            raise ApiError("job_not_found", f"no job {job_id!r}")
-        return to_out(job, repo.artifacts_of(s, job_id))
+        job = find_job(s, tenant_id, job_id)
+        return to_out(job, repo.artifacts_of(s, job.id))
 
 
-def list_jobs(settings: Settings, tenant_id: str, status: str | None, limit: int, cursor: str | None
-              ) -> JobList:
+def list_jobs(settings: Settings, tenant_id: str, status: str | None, limit: int, cursor: str | None,
+              name: str | None = None, tags: list[str] = ()) -> JobList:
     before = _decode_cursor(cursor) if cursor else None
     with session_scope(settings.resolved_database_url) as s:
-        jobs = repo.list_jobs(s, status, limit + 1, before, tenant_id)
+        jobs = repo.list_jobs(s, status, limit + 1, before, tenant_id, name=name, tags=tags)
         items = [to_out(j, repo.artifacts_of(s, j.id)) for j in jobs[:limit]]
     next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return JobList(items=items, next_cursor=next_cursor)
@@ -128,8 +153,7 @@ def list_jobs(settings: Settings, tenant_id: str, status: str | None, limit: int
 
 def cancel_job(settings: Settings, tenant_id: str, job_id: str) -> JobOut:
     with session_scope(settings.resolved_database_url) as s:
-        if repo.get_job(s, job_id, tenant_id) is None:
-            raise ApiError("job_not_found", f"no job {job_id!r}")
+        job_id = find_job(s, tenant_id, job_id).id
         repo.request_cancel(s, job_id)
     return get_job(settings, tenant_id, job_id)
 
@@ -137,9 +161,8 @@ def cancel_job(settings: Settings, tenant_id: str, job_id: str) -> JobOut:
 def delete_job(settings: Settings, tenant_id: str, job_id: str) -> None:
     """Delete a finished job with its artifacts' bytes (unless identical content is still referenced)."""
     with session_scope(settings.resolved_database_url) as s:
-        job = repo.get_job(s, job_id, tenant_id)
-        if job is None:
-            raise ApiError("job_not_found", f"no job {job_id!r}")
+        job = find_job(s, tenant_id, job_id)
+        job_id = job.id
         if job.status not in repo.TERMINAL:
             raise ApiError("job_active", f"job {job_id} is {job.status}: cancel it before deleting it",
                            {"status": job.status})
@@ -167,7 +190,7 @@ def to_out(job: Job, artifacts) -> JobOut:
     error = JobError(code=job.error_code, message=job.error_message or "", detail=job.error_detail or {}) \
         if job.error_code else None
     return JobOut(
-        id=job.id, status=job.status, method=job.method, params=job.params, spec=job.spec,
+        id=job.id, name=job.name, tags=job.spec.get("tags", []), status=job.status, method=job.method, params=job.params, spec=job.spec,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         heartbeat_at=job.heartbeat_at, attempts=job.attempts, cancel_requested=job.cancel_requested,
         progress=Progress(done=done, total=total, fraction=(done / total) if total else

@@ -80,23 +80,26 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     seed_everything(req.seed)
     reset_peak_memory(device)
 
-    hooks.progress(0, 0, "loading")
+    # The data first (indexes only): from the first phase on, progress shows how many batches will run.
+    data = open_image_set(req.data_path, req.data_format, preprocess_size=req.preprocess.size)
+    eval_data = _open_eval(req, data)
+    epochs = req.epochs if info.kind == "sfda" else 1
+    total = math.ceil(len(data) / req.batch_size) * epochs
+    hooks.progress(0, total, "loading")
     model, load_report = load_model(req.architecture, req.num_classes, req.arch_kwargs, req.model_path,
                                     req.model_format)
     channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
-    data = open_image_set(req.data_path, req.data_format, preprocess_size=req.preprocess.size)
-    eval_data = _open_eval(req, data)
     prep = _Prep(req.preprocess, device, channels_last, hooks)
     _check_input_shape(model, data, prep, req.num_classes)
 
     ctx = MethodContext(num_classes=req.num_classes, device=device, batch_size=req.batch_size,
-                        epochs=req.epochs if info.kind == "sfda" else 1, dataset_size=len(data),
+                        epochs=epochs, dataset_size=len(data),
                         seed=req.seed, precision=precision,
                         iterate_target=lambda: prep.iterate(data, req.batch_size),
                         input_mean=tuple(req.preprocess.mean), input_std=tuple(req.preprocess.std))
 
-    hooks.progress(0, 0, "evaluating_source")
+    hooks.progress(0, total, "evaluating_source")
     source_target = predict(model, data, prep, req.batch_size, ctx)
     source_eval = predict(model, eval_data, prep, req.batch_size, ctx) if eval_data is not None else None
     source_summary = M.prediction_summary(source_target, req.num_classes)

@@ -84,3 +84,10 @@ def get_method_info(name: str) -> MethodInfo:
 
 # Importing the per-kind modules runs their @describe decorators.
 from . import baselines, sfda, tta  # noqa: E402,F401
+
+
+def catalogue_json() -> list[dict]:
+    """The catalogue as `GET /v1/methods` serves it (and `adaptd methods` prints it without a server)."""
+    return [{"name": m.name, "kind": m.kind, "description": m.description, "needs_labels": m.needs_labels,
+             "needs_source_statistics": m.needs_source_statistics, "updates_weights": m.updates_weights,
+             "params_schema": m.params_schema()} for m in CATALOG.values()]
