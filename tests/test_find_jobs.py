@@ -7,24 +7,12 @@ import uuid
 
 import pytest
 
-from app.db.models import Job, JobLog, utcnow
+from app.db.models import JobLog, utcnow
 from app.db.session import session_scope
+from tests.helpers import add_jobs, db_url
 from tests.ux_helpers import spec_kwargs
 
 pytestmark = pytest.mark.services
-
-
-def db_url(service) -> str:
-    return service.env.get("ADAPTD_DATABASE_URL") or f"sqlite:///{service.env['ADAPTD_HOME']}/adaptd.db"
-
-
-def add_jobs(service, ids_by_tenant: dict[str, list[str]]) -> None:
-    """Finished job rows with chosen ids (uuid4s cannot be made to share a prefix on demand)."""
-    with session_scope(db_url(service)) as s:
-        for tenant, ids in ids_by_tenant.items():
-            for job_id in ids:
-                s.add(Job(id=job_id, tenant_id=tenant, status="cancelled", method="tent", params={},
-                          spec={"method": "tent"}, finished_at=utcnow()))
 
 
 def test_unique_prefixes_are_accepted_within_the_tenant(service, client):
