@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from ..schemas.jobs import JobLogPage
+from ..contract.jobs import JobLogPage
 from ..services import job_logs as service
 from .deps import PrincipalDep, SettingsDep
 

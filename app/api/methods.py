@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from worker.adaptation.catalog import catalogue_json
+from ..contract.catalog import catalogue_json
 
 router = APIRouter(prefix="/v1/methods", tags=["methods"])
 

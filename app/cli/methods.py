@@ -28,7 +28,7 @@ def methods(name, url, api_key, as_json, quiet) -> int:
         with make_client(url, api_key) as client:
             found = client.methods()
     else:
-        from worker.adaptation.catalog import catalogue_json
+        from ..contract.catalog import catalogue_json
 
         found = catalogue_json()
     if name:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..config import Settings
 from ..db import repo
 from ..db.session import session_scope
-from ..schemas.jobs import JobLogPage, LogLineOut
+from ..contract.jobs import JobLogPage, LogLineOut
 from .jobs import find_job
 
 

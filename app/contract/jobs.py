@@ -1,4 +1,5 @@
-"""The job spec (DESIGN §4) and the job as the API returns it."""
+"""The job spec and the job as the API returns it: the contract between the API, which validates and
+stores a spec, and the worker, which re-validates the stored spec with the same `JobSpec` and runs it."""
 from __future__ import annotations
 
 import re
@@ -7,7 +8,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
-from worker.adaptation.catalog.architectures import BUILTIN_ARCHITECTURES, is_resolvable_name
+from .architectures import BUILTIN_ARCHITECTURES, is_resolvable_name
+from .tasks import DEFAULT_TASK, Task
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 
 
 class _Strict(BaseModel):
@@ -70,6 +75,8 @@ class JobSpec(_Strict):
                              description="a label to find the run again (GET /v1/jobs?name=)")
     tags: list[str] = Field(default_factory=list, max_length=32,
                             description="labels to find the run again (GET /v1/jobs?tag=, all must match)")
+    task: Task = Field(DEFAULT_TASK, description="what the model predicts; the architecture and the method "
+                       "must support it")
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
     model: ModelRef
@@ -113,7 +120,7 @@ class JobOut(BaseModel):
     id: str
     name: str | None = None
     tags: list[str] = Field(default_factory=list)
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     method: str
     params: dict
     spec: dict
@@ -143,7 +150,7 @@ class LogLineOut(BaseModel):
 
 class JobLogPage(BaseModel):
     job_id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+    status: JobStatus = Field(
         description="read before the lines: once it is final, the job's last lines are in this page or "
         "an earlier one")
     items: list[LogLineOut]

@@ -1,0 +1,123 @@
+"""Torch-free method catalogue: every method's name, kind, description, typed params, the tasks it
+supports and what it updates.
+
+The API validates job params and serves `GET /v1/methods` from it without torch; each engine
+implementation (`worker/adaptation/methods/`) registers against its params class here
+(`@implements(TentParams)`), so an entry and its implementation are bound by one object and a test
+keeps the two sets equal. Defaults are the authors' and exist only here. Adding a method: a params
+class + `@describe` in the module of its kind (`baselines`, `tta`, `sfda`), and one implementation
+file (docs/ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..tasks import Task
+
+
+class MethodParams(BaseModel):
+    """Base of every method's params: unknown keys are refused, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProtocolParams(MethodParams):
+    """Protocol options shared by the test-time methods (explicit, never implied)."""
+
+    reset_each: int = Field(
+        0, ge=0,
+        description="0 = continual (never reset). N > 0 = restore the source weights every N batches.",
+    )
+
+
+class CollapseGuard(MethodParams):
+    """Collapse guard shared by every method that updates weights (test-time and source-free)."""
+
+    collapse_guard: bool = Field(
+        True, description="Roll back to the best state seen when the predicted-class histogram collapses "
+        "or the loss diverges; recorded in the metrics.",
+    )
+    collapse_entropy_ratio: float = Field(
+        0.25, gt=0, lt=1,
+        description="Collapse when the entropy of the predicted-class histogram over a sliding window "
+        "falls below this fraction of ln(num_classes).",
+    )
+
+
+class CollapseGuardParams(CollapseGuard, ProtocolParams):
+    """What every updating test-time method takes: the protocol options and the collapse guard."""
+
+
+# What a method may change in the network it adapts (its student); the method contract tests check it.
+#   nothing              no parameter (BatchNorm running statistics may follow the target)
+#   norm_affine          weight/bias of the BatchNorm/LayerNorm/GroupNorm layers, nothing else
+#   norm_affine_but_last norm affine parameters outside the network's last stage (SAR)
+#   all                  every weight
+#   all_but_classifier   the feature extractor; the final nn.Linear stays frozen (SFDA)
+UpdateScope = Literal["nothing", "norm_affine", "norm_affine_but_last", "all", "all_but_classifier"]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    kind: Literal["baseline", "tta", "sfda"]
+    description: str
+    params_model: type[MethodParams]
+    updates: UpdateScope
+    tasks: tuple[Task, ...] = ("classification",)
+
+    @property
+    def updates_weights(self) -> bool:
+        return self.updates != "nothing"
+
+    def params_schema(self) -> dict:
+        return self.params_model.model_json_schema()
+
+
+CATALOG: dict[str, MethodInfo] = {}
+
+
+def describe(name: str, kind: str, description: str, *, updates: UpdateScope,
+             tasks: tuple[Task, ...] = ("classification",)):
+    """Class decorator on a params model: adds the method to the catalogue; duplicates fail loudly."""
+
+    def wrap(params_model: type[MethodParams]) -> type[MethodParams]:
+        if name in CATALOG:
+            raise ValueError(f"method {name!r} is described twice")
+        if any(info.params_model is params_model for info in CATALOG.values()):
+            raise ValueError(f"{params_model.__name__} already describes another method")
+        CATALOG[name] = MethodInfo(name, kind, description, params_model, updates, tasks)
+        return params_model
+
+    return wrap
+
+
+def info_for_params(params_model: type[MethodParams]) -> MethodInfo:
+    """The entry a params class describes (implementations register against their params class)."""
+    for info in CATALOG.values():
+        if info.params_model is params_model:
+            return info
+    raise KeyError(f"{params_model.__name__} describes no method (decorate it with @describe)")
+
+
+def get_method_info(name: str) -> MethodInfo:
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(CATALOG))}") from None
+
+
+# Importing the per-kind modules runs their @describe decorators.
+from . import baselines, sfda, tta  # noqa: E402,F401
+
+
+def catalogue_json() -> list[dict]:
+    """The catalogue as `GET /v1/methods` serves it (and `adaptd methods` prints it without a server).
+    needs_labels / needs_source_statistics: kept for existing clients; the service never has labels or
+    source data, so no method can need them."""
+    return [{"name": m.name, "kind": m.kind, "description": m.description, "needs_labels": False,
+             "needs_source_statistics": False, "updates_weights": m.updates_weights, "tasks": list(m.tasks),
+             "params_schema": m.params_schema()} for m in CATALOG.values()]
