@@ -3,8 +3,6 @@ methods.py; shared options and exit codes in options.py, output in render.py, ch
 spawn.py. Shell completion: `eval "$(adaptd completion bash)"` (or zsh, fish)."""
 from __future__ import annotations
 
-import sys
-
 import click
 
 from . import jobs, methods, server
@@ -27,7 +25,7 @@ def cli() -> None:
     """Model adaptation as a service: adapt a deployed model to shifted data, without labels."""
 
 
-@cli.command("completion")
+@cli.command("completion", short_help="print the shell completion script (bash, zsh, fish)")
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> int:
     """Print the shell completion script: eval "$(adaptd completion bash)"."""

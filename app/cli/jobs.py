@@ -23,8 +23,7 @@ example:
 exit codes: 0 succeeded, 1 failed, 2 usage error, 3 cancelled, 4 connection/API error"""
 
 
-@click.command("submit", epilog=SUBMIT_EPILOG, short_help="upload model and data, submit a job, "
-               "optionally follow it (--watch)")
+@click.command("submit", epilog=SUBMIT_EPILOG, short_help="upload, submit a job, follow it (--watch)")
 @click.option("--spec", "spec_file", metavar="FILE", help="a job spec JSON file; the flags below override its fields")
 @click.option("--method", help="adaptation method (adaptd methods)")
 @click.option("--param", multiple=True, metavar="KEY=VALUE",
@@ -126,7 +125,7 @@ def submit(spec_file, method, param, model, model_format, arch, num_classes, arc
         return finish(client, job, line, output, download=not no_download, as_json=as_json)
 
 
-@click.command("jobs")
+@click.command("jobs", short_help="list jobs, newest first (filter by name, tag)")
 @click.option("--status", type=click.Choice(JOB_STATUSES))
 @click.option("--name", help="only jobs with this name")
 @click.option("--tag", "tags", multiple=True, help="only jobs with this tag; repeatable (all must match)")
@@ -148,7 +147,7 @@ def jobs(status, name, tags, limit, url, api_key, as_json, quiet) -> int:
     return EXIT_OK
 
 
-@click.command("status")
+@click.command("status", short_help="one job: status, progress, metrics")
 @job_argument
 @click.option("-w", "--watch", is_flag=True, help="follow the job until it ends")
 @connection_options
@@ -166,7 +165,7 @@ def status(job_id, watch, url, api_key, as_json, quiet) -> int:
     return STATUS_EXIT.get(job["status"], EXIT_OK)
 
 
-@click.command("download")
+@click.command("download", short_help="download an artifact of a job")
 @job_argument
 @click.argument("artifact", default="model.safetensors", required=False,
                 shell_complete=lambda *_: ["model.safetensors", "metrics.json", "history.json"])
@@ -185,7 +184,7 @@ def download(job_id, artifact, output, url, api_key, as_json, quiet) -> int:
     return EXIT_OK
 
 
-@click.command("cancel")
+@click.command("cancel", short_help="cancel a job")
 @job_argument
 @connection_options
 @output_options
@@ -203,7 +202,7 @@ def cancel(job_id, url, api_key, as_json, quiet) -> int:
     return EXIT_OK
 
 
-@click.command("logs")
+@click.command("logs", short_help="the job's own log lines (--follow)")
 @job_argument
 @click.option("-f", "--follow", "follow_", is_flag=True, help="keep printing new lines until the job ends")
 @connection_options

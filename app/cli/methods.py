@@ -16,7 +16,7 @@ def _server_configured(url: str | None) -> bool:
     return bool(url or os.environ.get("ADAPTD_URL") or read_config().get("url"))
 
 
-@click.command("methods")
+@click.command("methods", short_help="adaptation methods and their parameters")
 @click.argument("name", required=False)
 @connection_options
 @output_options

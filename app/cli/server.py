@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 
 import click
 
@@ -34,7 +33,7 @@ def _serve(host: str, port: int, log_level: str) -> None:
     uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level=log_level)
 
 
-@click.command("up")
+@click.command("up", short_help="embedded: API + one worker, nothing to configure")
 @serve_options
 def up(host, port, log_level) -> int:
     """Embedded: API + one worker, SQLite, local broker (nothing to configure)."""
@@ -58,7 +57,7 @@ def up(host, port, log_level) -> int:
     return 0
 
 
-@click.command("api")
+@click.command("api", short_help="the HTTP API alone")
 @serve_options
 def api(host, port, log_level) -> int:
     """The HTTP API alone (workers run elsewhere: adaptd worker)."""
@@ -73,7 +72,7 @@ def api(host, port, log_level) -> int:
     return 0
 
 
-@click.command("worker")
+@click.command("worker", short_help="a Celery worker (one per GPU)")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
@@ -84,7 +83,7 @@ def worker(concurrency, log_level) -> int:
     return 0  # not reached
 
 
-@click.command("migrate")
+@click.command("migrate", short_help="upgrade the configured database to head")
 def migrate() -> int:
     """alembic upgrade head on the configured database."""
     settings = _migrate()
@@ -92,7 +91,7 @@ def migrate() -> int:
     return 0
 
 
-@click.command("demo")
+@click.command("demo", short_help="adapt a digit CNN to shifted digits, end to end")
 @click.option("--url", default=None, help="use a running server instead of starting an embedded one")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--keep", is_flag=True, help="leave the embedded server running")
