@@ -1,7 +1,8 @@
-"""A job's own log (GET /v1/jobs/{id}/logs, `adaptd logs JOB`): the log records and Python warnings
-emitted in this process while the job runs, buffered in memory and written with the job's heartbeats
-and, last, in the transaction that makes the job final (so a reader that sees the final status sees
-every line)."""
+"""A job's own log (GET /v1/jobs/{id}/logs, `adaptd logs JOB`): what the worker says about the job
+(`note`: claimed, each phase with its counts, the outcome; stored whatever the worker's console level)
+plus the records and Python warnings that reach the worker's log while the job runs. Buffered in memory,
+written with the job's heartbeats and, last, in the transaction that makes the job final (so a reader
+that sees the final status sees every line)."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,9 @@ MAX_LINES = 5000        # per job: a runaway loop must not fill the database
 MAX_MESSAGE = 4000      # characters per line
 
 
+log = logging.getLogger("adaptd.worker")
+
+
 class JobLog(logging.Handler):
     def __init__(self, job_id: str):
         super().__init__(level=logging.INFO)
@@ -29,12 +33,23 @@ class JobLog(logging.Handler):
         self._buffer_lock = threading.Lock()
         self.write_lock = threading.Lock()
 
+    def note(self, level: int, msg: str, *args) -> None:
+        """A line about the job: always in the job's log; in the worker's console log (prefixed with the
+        job id) when its level lets it through."""
+        self._append(logging.getLevelName(level), msg % args if args else msg)
+        if log.isEnabledFor(level):
+            log.log(level, "job %s: " + msg, self.job_id[:8], *args, extra={"job_log_noted": True})
+
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "job_log_noted", False):
+            return  # stored already, by note()
         try:
             text = self.format(record)
         except Exception:  # noqa: BLE001 - a bad format string must not break the job
             text = str(record.msg)
-        level = record.levelname
+        self._append(record.levelname, text)
+
+    def _append(self, level: str, text: str) -> None:
         with self._buffer_lock:
             if self._kept < MAX_LINES:
                 self._kept += 1
@@ -62,13 +77,10 @@ class JobLog(logging.Handler):
 
 @contextmanager
 def capture(job_id: str) -> Iterator[JobLog]:
-    """Every INFO+ record of this process (any thread) and every Python warning go to the job's log
-    while the block runs; the `adaptd` loggers are let through at INFO."""
+    """While the block runs, the records that reach this process's log (any thread, at the worker's
+    level) and every Python warning also go to the job's log."""
     handler = JobLog(job_id)
-    root, ours = logging.getLogger(), logging.getLogger("adaptd")
-    old_level = ours.level
-    if ours.getEffectiveLevel() > logging.INFO:
-        ours.setLevel(logging.INFO)
+    root = logging.getLogger()
     root.addHandler(handler)
     logging.captureWarnings(True)
     try:
@@ -76,4 +88,3 @@ def capture(job_id: str) -> Iterator[JobLog]:
     finally:
         logging.captureWarnings(False)
         root.removeHandler(handler)
-        ours.setLevel(old_level)

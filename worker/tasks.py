@@ -60,7 +60,7 @@ class Heartbeat(threading.Thread):
         changed = phase != self.phase
         self.done, self.total, self.phase = done, total, phase
         if changed:
-            log.info("%s%s", phase, f" ({done}/{total} batches)" if total else "")
+            self.log.note(logging.INFO, "%s%s", phase, f" ({done}/{total} batches)" if total else "")
             self.beat()  # phase changes are rare and worth showing at once
 
     def steps(self, rows: list[dict]) -> None:
@@ -137,7 +137,7 @@ def _claim_and_run(self, job_id: str, settings, url: str, me: str) -> str:
     if not claimed:
         return "not_claimed"  # cancelled meanwhile, or another worker won the claim
     with joblog.capture(job_id) as job_log:
-        log.info("job %s claimed by %s", job_id, me)
+        job_log.note(logging.INFO, "job %s claimed by %s", job_id, me)
         heartbeat = Heartbeat(url, job_id, me, settings.heartbeat_interval_s, job_log)
         heartbeat.start()
         try:
@@ -159,7 +159,7 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
             request = build_run_request(spec, tmpdir, lambda upload_id, dest: _fetch(url, upload_id, dest))
             result = run(request, heartbeat)
             artifacts = _with_db_retry(lambda: _store_artifacts(url, settings, job_id, tmpdir, result))
-            log.info("succeeded%s", _outcome(result.metrics))
+            heartbeat.log.note(logging.INFO, "succeeded%s", _outcome(result.metrics))
             ok = _with_db_retry(lambda: _finish(heartbeat, "succeeded", metrics=result.metrics,
                                                 artifacts=artifacts))
             return "succeeded" if ok else "lost_claim"
@@ -185,9 +185,9 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
                 outcome, error = "failed", ("internal", f"{type(exc).__name__}: {exc}"[:1000],
                                             {"traceback": traceback.format_exc()[-2000:]})
         if outcome == "failed":
-            log.error("failed: %s: %s", *error[:2])
+            heartbeat.log.note(logging.ERROR, "failed: %s: %s", *error[:2])
         else:
-            log.info("%s", error[1])
+            heartbeat.log.note(logging.INFO, "%s", error[1])
         _with_db_retry(lambda: _finish(heartbeat, outcome, error=error if outcome == "failed" else None))
         return outcome
 
