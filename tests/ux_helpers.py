@@ -19,8 +19,9 @@ import numpy as np
 from tests.services import REPO
 
 # The checkout's own venv (CI: .ci/setup), else the console script beside the running interpreter.
-ADAPTD = next(p for p in (REPO / ".venv" / "bin" / "adaptd", Path(sys.executable).parent / "adaptd", REPO)
-              if p.exists())
+ADAPTD = REPO / ".venv" / "bin" / "adaptd"
+if not ADAPTD.exists():
+    ADAPTD = Path(sys.executable).parent / "adaptd"
 _FINISHED: dict[str, dict] = {}
 
 

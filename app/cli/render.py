@@ -79,7 +79,7 @@ def transfer_progress(label: str, line: Line) -> Callable[[int, int], None]:
         frac = sent / total if total else 1.0
         speed = sent / dt
         eta = (total - sent) / speed if speed > 0 and total else None
-        line.show(f"{label:28.28s} {bar(frac)} {frac:6.1%}  {human_bytes(sent)}/{human_bytes(total)}  "
+        line.show(f"{label:32.32s} {bar(frac)} {frac:6.1%}  {human_bytes(sent)}/{human_bytes(total)}  "
                   f"{human_bytes(speed)}/s  ETA {human_duration(eta)}", key=(label, sent >= total))
 
     return update
