@@ -89,9 +89,10 @@ def shift(tmp_path_factory):
 
 def adapt(shift, method: str, tmp_path: Path, epochs: int = EPOCHS, **kw):
     model_path, target = shift
-    req = RunRequest(method=method, model_path=model_path, architecture="digit_cnn", arch_kwargs=ARCH_KWARGS,
-                     num_classes=10, data_path=target, eval_path=target, output_dir=tmp_path / method,
-                     preprocess=PRE, batch_size=BATCH, epochs=epochs, seed=0, device="cpu", **kw)
+    req = RunRequest.for_files(model_path, target, tmp_path / method, eval_path=target, method=method,
+                               model={"architecture": "digit_cnn", "arch_kwargs": ARCH_KWARGS, "num_classes": 10},
+                               preprocess=vars(PRE), options={"batch_size": BATCH, "epochs": epochs, "seed": 0,
+                                                              "device": "cpu"}, **kw)
     return run(req)
 
 

@@ -287,10 +287,11 @@ def test_collapse_guard_rolls_back_a_collapsing_tent(vit, digits, tmp_path):
              y=np.concatenate([digits.y_target.numpy()] * 3))
 
     def go(guard: bool):
-        return run(RunRequest(method="tent", model_path=tmp_path / "vit.safetensors", architecture="vit_small_digits",
-                              arch_kwargs=VIT_KWARGS, num_classes=10, data_path=tmp_path / "t.npz",
-                              output_dir=tmp_path / f"out{guard}", preprocess=PRE, batch_size=16, device="cpu",
-                              params={"optimizer": "sgd", "lr": 1.0, "collapse_guard": guard})).metrics
+        return run(RunRequest.for_files(
+            tmp_path / "vit.safetensors", tmp_path / "t.npz", tmp_path / f"out{guard}", method="tent",
+            model={"architecture": "vit_small_digits", "arch_kwargs": VIT_KWARGS, "num_classes": 10},
+            preprocess=vars(PRE), options={"batch_size": 16, "device": "cpu"},
+            params={"optimizer": "sgd", "lr": 1.0, "collapse_guard": guard})).metrics
 
     unguarded = go(False)
     threshold = min(0.25 * math.log(10), 0.5 * unguarded["target"]["before"]["predicted_class_entropy"])

@@ -117,6 +117,10 @@ class Method:
     def begin_epoch(self, epoch: int) -> None:
         """Called before each pass over the target data (SFDA methods recompute pseudo-labels here)."""
 
+    def adapt(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        """What the runner calls for each batch."""
+        return self.step(x, index)
+
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         raise NotImplementedError
 
