@@ -132,13 +132,13 @@ def measure(name: str, base: torch.nn.Module, spec: tuple, precision: str, chann
     batches = list(iterate())
     for i in range(warmup):
         x, idx = batches[i % len(batches)]
-        method.step(x, idx)
+        method.adapt(x, idx)
     sync(device)
     t0 = time.perf_counter()
     out = None
     for i in range(timed):
         x, idx = batches[(warmup + i) % len(batches)]
-        out = method.step(x, idx)
+        out = method.adapt(x, idx)
     sync(device)
     seconds = time.perf_counter() - t0
     finite = bool(torch.isfinite(out.logits).all()) if out is not None else True

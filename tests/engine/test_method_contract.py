@@ -55,7 +55,7 @@ def drive(name: str, model: torch.nn.Module, x: torch.Tensor, seed: int = 0, pre
     for epoch in range(ctx.epochs):
         method.begin_epoch(epoch)
         for xb, idx in ctx.iterate_target():
-            outs.append(method.step(xb, idx))
+            outs.append(method.adapt(xb, idx))
     return method, outs
 
 

@@ -34,8 +34,6 @@ class AaD(NeighbourhoodMethod):
         return p.alpha * (1 + 10 * (self.iteration - 1) / self.max_iterations) ** -p.beta
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if x.shape[0] < 2:
-            return self.predict_only(x)
         p = self.params
         self.ensure_banks()
         self.advance_schedule()

@@ -29,8 +29,6 @@ class NRC(NeighbourhoodMethod):
         super().check_compatible()
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if x.shape[0] < 2:
-            return self.predict_only(x)
         p = self.params
         self.ensure_banks()
         self.advance_schedule()
