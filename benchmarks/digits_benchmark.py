@@ -1,4 +1,4 @@
-"""Digits benchmark (DESIGN §8): every registered adaptation method through the service's own runner,
+"""Digits benchmark: every registered adaptation method through the service's own runner,
 on real digit domain shifts, printed as one markdown table.
 
 Source model: a `digit_cnn` (width 32) trained on `mnist_train5k` with the engine's `train_classifier`

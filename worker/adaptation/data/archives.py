@@ -1,6 +1,6 @@
 """Image archives: `zip` and `tar` (plain or gzip) of PNG, JPEG or WebP files, flat or one folder per class.
 
-Safety (DESIGN §5): an archive is read entry by entry and no path from it is ever joined onto the
+Safety (docs/ARCHITECTURE.md §4): an archive is read entry by entry and no path from it is ever joined onto the
 filesystem (names are only validated, sorted and turned into labels). Before any pixel is decoded the
 archive is indexed once: entry count, total uncompressed size, per-entry and total compression ratio
 (zip bombs, overlapping zip entries), path traversal, links and devices, and every image's header
