@@ -91,6 +91,7 @@ class MethodInfo(TypedDict):
     needs_labels: bool
     needs_source_statistics: bool
     updates_weights: bool
+    tasks: list[str]
     params_schema: dict
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from app.contract.catalog import get_method_info
+from app.contract.catalog import CATALOG, get_method_info
 from worker.adaptation.data import Preprocess
 from worker.adaptation.data.images import read_npz
 from worker.adaptation.device import seed_everything
@@ -29,7 +29,7 @@ from worker.adaptation.runner import RunRequest, run
 from worker.adaptation.training import train_classifier
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SFDA_METHODS = ["shot", "shot_im", "nrc", "aad"]
+SFDA_METHODS = sorted(n for n, i in CATALOG.items() if i.kind == "sfda")
 ARCH_KWARGS = {"width": 8, "bottleneck": 64}
 PRE = Preprocess(size=None, channels=1, mean=[0.5], std=[0.5])
 TARGET_SIZE = 641

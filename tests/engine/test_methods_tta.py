@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.contract.catalog import get_method_info
+from app.contract.catalog import CATALOG, get_method_info
 from worker.adaptation.device import seed_everything
 from worker.adaptation.errors import AdaptationError
 from worker.adaptation.methods import _load_all  # noqa: F401
@@ -23,8 +23,9 @@ from worker.adaptation.runner import RunRequest, run
 
 from .conftest import PRE, VIT_KWARGS
 
-TTA = ["tent", "eata", "sar", "cotta", "rmt", "roid"]
-NORM_METHODS = ["tent", "eata", "sar", "roid"]
+# From the catalogue entries (what a method updates is declared there), never a hand list.
+TTA = sorted(n for n, i in CATALOG.items() if i.kind == "tta" and i.updates_weights)
+NORM_METHODS = sorted(n for n, i in CATALOG.items() if i.updates in ("norm_affine", "norm_affine_but_last"))
 
 
 def make(name: str, model, params: dict | None = None, batch_size: int = 16, seed: int = 0):
@@ -270,7 +271,7 @@ def test_batchnorm_at_batch_size_one_is_refused(name, cnn):
     assert exc.value.code == "batch_size_too_small"
 
 
-@pytest.mark.parametrize("name", ["bn_adapt", *TTA])
+@pytest.mark.parametrize("name", sorted(n for n, i in CATALOG.items() if i.kind == "tta"))
 def test_a_last_batch_of_one_image_is_predicted_not_adapted(name, cnn, digits):
     method = make(name, cnn)
     method.adapt(digits.x_target[:16], torch.arange(16))
