@@ -1,4 +1,4 @@
-"""A small typed Python client for the REST contract (DESIGN §3). The CLI and the demo use it.
+"""A small typed Python client for the REST contract (README.md, "Using the API"). The CLI and the demo use it.
 
     from app.client import Client
     with Client("http://127.0.0.1:8000") as c:
@@ -100,6 +100,7 @@ class MethodInfo(TypedDict):
     needs_labels: bool
     needs_source_statistics: bool
     updates_weights: bool
+    tasks: list[str]
     params_schema: dict
 
 
@@ -178,9 +179,9 @@ def build_spec(base: Mapping | None = None, *, method: str | None = None, params
                eval_data: Mapping | None = None, eval_format: str | None = None,
                preprocess: Mapping | None = None, options: Mapping | None = None,
                notify_url: str | None = None, name: str | None = None, tags: list[str] | None = None) -> dict:
-    """A job spec (DESIGN §4): `base` (e.g. a spec file) overlaid with the given fields. `model`,
-    `data`, `eval_data` are refs `{"upload_id": ...}`; None leaves a field as `base` has it. `name`
-    and `tags` label the run so that `jobs(name=..., tags=[...])` finds it again."""
+    """A job spec (`app/contract/jobs.py:JobSpec`): `base` (e.g. a spec file) overlaid with the given
+    fields. `model`, `data`, `eval_data` are refs `{"upload_id": ...}`; None leaves a field as `base` has
+    it. `name` and `tags` label the run so that `jobs(name=..., tags=[...])` finds it again."""
     spec = json.loads(json.dumps(base or {}))  # deep copy
     if method is not None:
         spec["method"] = method
