@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import register_architecture
+
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
@@ -32,5 +34,6 @@ class UNetSmall(nn.Module):
         return self.head(d1)
 
 
+@register_architecture("unet_small")
 def unet_small(num_classes: int, in_channels: int = 3, width: int = 16) -> UNetSmall:
     return UNetSmall(num_classes, in_channels, width)
