@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from app.contract.catalog import CATALOG
 
 from app.demo_data import load_sklearn_digits
 from worker.adaptation.canvases import NUM_CLASSES, make_canvases, noise_contrast, to_rgb
@@ -69,6 +72,32 @@ def test_each_method_beats_the_source_model(seg_files, source_miou, method, para
         assert key in m, key
     assert len(m["eval"]["after"]["iou_per_class"]) == NUM_CLASSES
     assert sum(m["class_proportions_after"]) == pytest.approx(1.0)
+
+
+SEGMENTATION_METHODS = sorted(n for n, info in CATALOG.items() if "segmentation" in info.tasks)
+
+
+@pytest.mark.parametrize("name", SEGMENTATION_METHODS)
+def test_each_segmentation_method_updates_only_what_it_declares_and_repeats(seg_files, name):
+    """The method contract on a segmenter: parameters change only under the declared scope, and two runs
+    under one seed give identical weights."""
+    root, prior = seg_files
+    info = CATALOG[name]
+    params = {"class_ratio_prior": prior, "lr": 1e-4} if name == "sfda_prior" else {}
+    first = _run(root, name, params, epochs=1)
+    second = _run(root, name, params, epochs=1)
+    source = load_file(root / "model.safetensors")
+    a, b = load_file(first.model_path), load_file(second.model_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model = build_model("unet_small", NUM_CLASSES, width=8)
+    params_names = {k for k, _ in model.named_parameters()}
+    norm_affine = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
+                   for p in ("weight", "bias")}
+    changed = {k for k in params_names if not torch.equal(a[k], source[k])}
+    allowed = {"nothing": set(), "norm_affine": norm_affine, "all": params_names}[info.updates]
+    assert changed <= allowed, sorted(changed - allowed)[:5]
+    if info.updates != "nothing":
+        assert changed, "an updating method changed nothing"
 
 
 def test_a_forced_mask_collapse_is_rolled_back_and_recorded(seg_files, source_miou):
