@@ -59,7 +59,8 @@ def pg_service(tmp_path_factory):
     env = base_env(ADAPTD_DATABASE_URL=url, ADAPTD_BROKER_URL=REDIS_URL,
                    ADAPTD_QUEUE=f"adaptd-test-{uuid.uuid4().hex[:8]}", ADAPTD_HOME=str(log_dir / "home"),
                    ADAPTD_MAX_UPLOAD_BYTES=str(1024**3),
-                   ADAPTD_WEBHOOK_SECRET="adaptd-test-webhook-secret")  # tests/test_webhook.py checks signatures
+                   ADAPTD_WEBHOOK_SECRET="adaptd-test-webhook-secret",  # tests/test_webhook.py checks signatures
+                   ADAPTD_WEBHOOK_ALLOWED_HOSTS="127.0.0.1/32")  # ... with a loopback receiver
     subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True)
     service = Service(env=env, log_dir=log_dir)
     service.start_api()

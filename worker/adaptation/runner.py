@@ -48,6 +48,7 @@ class RunRequest:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    data_options: dict = field(default_factory=dict)  # dataset reader limits (e.g. max_pixels per image)
 
 
 @dataclass
@@ -85,7 +86,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
                                     req.model_format)
     channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
-    data = open_image_set(req.data_path, req.data_format, preprocess_size=req.preprocess.size)
+    data = open_image_set(req.data_path, req.data_format, preprocess_size=req.preprocess.size, **req.data_options)
     eval_data = _open_eval(req, data)
     prep = _Prep(req.preprocess, device, channels_last, hooks)
     _check_input_shape(model, data, prep, req.num_classes)
@@ -313,8 +314,8 @@ def _adapt(method, data: ImageSet, prep: _Prep, req: RunRequest, ctx: MethodCont
 def _open_eval(req: RunRequest, data: ImageSet) -> ImageSet | None:
     if req.eval_path is None:
         return None
-    eval_data = data if req.eval_path == req.data_path else open_image_set(req.eval_path, req.eval_format,
-                                                                              preprocess_size=req.preprocess.size)
+    eval_data = data if req.eval_path == req.data_path else open_image_set(
+        req.eval_path, req.eval_format, preprocess_size=req.preprocess.size, **req.data_options)
     if eval_data.labels is None:
         raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz, class folders "
                               "in archives)")

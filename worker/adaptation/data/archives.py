@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from ..errors import AdaptationError
+from . import limits as L
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 PEEK_BYTES = 64 * 1024           # bytes read to parse an image header while indexing
@@ -199,8 +200,9 @@ class ArchiveImageSet:
     def __init__(self, path: Path | str, fmt: str | None = None, *, preprocess_size: int | None = None,
                  num_workers: int | None = None, prefetch_factor: int = 2, pin_memory: bool = False,
                  multiprocessing_context: str | None = None,
-                 max_entries: int = 1_000_000, max_total_bytes: int = 64 << 30,
-                 max_entry_bytes: int = 1 << 30, max_ratio: float = 200.0, ratio_min_bytes: int = 1 << 20,
+                 max_entries: int = L.MAX_ENTRIES, max_total_bytes: int = L.MAX_TOTAL_BYTES,
+                 max_entry_bytes: int = L.MAX_ENTRY_BYTES, max_ratio: float = L.MAX_RATIO,
+                 ratio_min_bytes: int = L.RATIO_MIN_BYTES,
                  max_pixels: int | None = None, spill_dir: str | None = None):
         self.path = Path(path)
         self.format = fmt or _detect_archive(self.path)
