@@ -163,6 +163,7 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
             outcome, error = "cancelled", ("cancelled", "cancelled at the user's request", {})
         except Exception as exc:  # noqa: BLE001 - classify, record, keep the worker alive
             outcome, error = "failed", _classify(exc, settings, job_id)
+            log.warning("job %s failed: %s: %s (correlation_id=%s)", job_id, error[0], error[1][:300], job_id)
         _with_db_retry(lambda: _finish(url, job_id, me, outcome, error=error if outcome == "failed" else None))
         return outcome
 
