@@ -2,23 +2,12 @@
 small real assets (a digit CNN trained on sklearn's digits, a shifted target set)."""
 from __future__ import annotations
 
-import os
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.services import REDIS_URL, REPO, Service, base_env, create_pg_database, drop_pg_database
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """The shared digit data (../shared/data next to the repository), or ADAPTD_DATA_DIR."""
-    path = Path(os.environ.get("ADAPTD_DATA_DIR", REPO.parent / "shared" / "data"))
-    if not (path / "mnist_train5k.npz").exists():
-        pytest.fail(f"digit data not found in {path}: set ADAPTD_DATA_DIR")
-    return path
 
 
 @pytest.fixture(scope="session")
