@@ -39,4 +39,13 @@ def _limit_child_memory(**_kwargs) -> None:
 
 from celery.signals import worker_process_init  # noqa: E402
 
-worker_process_init.connect(_limit_child_memory, weak=False)
+def _prepare_child(**_kwargs) -> None:
+    """Each pool process imports torch and the engine when it starts, before any job's time limit runs:
+    an import cut short by a job's soft time limit would leave torch half-initialised in this process,
+    and the next job would fail on it. Then the memory cap (the import itself needs ~0.8 GB)."""
+    import worker.adaptation.runner  # noqa: F401
+
+    _limit_child_memory()
+
+
+worker_process_init.connect(_prepare_child, weak=False)

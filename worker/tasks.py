@@ -99,8 +99,9 @@ def run_job(self, job_id: str) -> str:
     settings = get_settings()
     url = settings.resolved_database_url
     me = worker_name()
+    started = time.monotonic()  # Celery's soft time limit counts from about here
     try:
-        return _claim_and_run(self, job_id, settings, url, me)
+        return _claim_and_run(self, job_id, settings, url, me, started)
     except OperationalError as exc:
         # Database down before the job started: try again shortly (the message is not lost).
         log.warning("database unavailable for job %s: %s", job_id, str(exc).splitlines()[0][:200])
@@ -109,7 +110,7 @@ def run_job(self, job_id: str) -> str:
         notify_if_finished(settings, job_id)  # notify_url webhook: only for terminal jobs, at most once
 
 
-def _claim_and_run(self, job_id: str, settings, url: str, me: str) -> str:
+def _claim_and_run(self, job_id: str, settings, url: str, me: str, started: float) -> str:
     stale_after = settings.resolved_stale_after_s
     with session_scope(url) as s:
         job = repo.get_job(s, job_id)
@@ -136,21 +137,23 @@ def _claim_and_run(self, job_id: str, settings, url: str, me: str) -> str:
     heartbeat = Heartbeat(url, job_id, me, settings.heartbeat_interval_s)
     heartbeat.start()
     try:
-        return _execute(url, settings, job_id, spec, me, heartbeat)
+        return _execute(url, settings, job_id, spec, me, heartbeat, started)
     finally:
         heartbeat.stop()
 
 
-def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: Heartbeat) -> str:
-    # torch is imported here, in the child that runs the job, never in the prefork parent.
-    from worker.adaptation.errors import AdaptationError, JobCancelled
-    from worker.adaptation.runner import run
-
-    from .spec import build_run_request
+def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: Heartbeat, started: float) -> str:
+    from worker.adaptation.errors import JobCancelled  # torch-free
 
     with tempfile.TemporaryDirectory(prefix=f"adaptd-{job_id[:8]}-", dir=settings.artifact_dir) as tmp:
         tmpdir = Path(tmp)
         try:
+            # torch is imported in the child that runs jobs (worker/celery_app.py does it when the child
+            # starts), never in the prefork parent; inside the try, so a time limit here is classified.
+            from worker.adaptation.runner import run
+
+            from .spec import build_run_request
+
             request = build_run_request(spec, tmpdir, lambda upload_id, dest: _fetch(url, upload_id, dest))
             request.data_options = {"max_pixels": settings.max_image_pixels}
             result = run(request, heartbeat)
@@ -162,23 +165,28 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
                 return "lost_claim"
             outcome, error = "cancelled", ("cancelled", "cancelled at the user's request", {})
         except Exception as exc:  # noqa: BLE001 - classify, record, keep the worker alive
-            outcome, error = "failed", _classify(exc, settings, job_id)
+            outcome, error = "failed", _classify(exc, settings, job_id, time.monotonic() - started)
             log.warning("job %s failed: %s: %s (correlation_id=%s)", job_id, error[0], error[1][:300], job_id)
         _with_db_retry(lambda: _finish(url, job_id, me, outcome, error=error if outcome == "failed" else None))
         return outcome
 
 
-def _classify(exc: BaseException, settings, job_id: str) -> tuple[str, str, dict]:
-    """A failed job's (code, message, detail) for the tenant. The soft time limit is an exception raised
-    wherever the job happens to be, so code that wraps errors can hide it: a reader turning any failure
-    into `invalid_dataset`, or a database call interrupted mid-query whose rollback then fails on the
-    half-used connection (psycopg raises a new error, the time limit is only its __context__). Hence the
-    whole cause/context chain is searched for it first. Unknown errors show the tenant a code, a message
-    and the correlation id (the job id); the traceback goes to this worker's log only."""
+def _classify(exc: BaseException, settings, job_id: str, elapsed_s: float) -> tuple[str, str, dict]:
+    """A failed job's (code, message, detail) for the tenant.
+
+    The soft time limit is an exception raised asynchronously wherever the job happens to be, so code
+    that wraps errors hides it: the npz and checkpoint readers turn any failure into `invalid_dataset` /
+    `invalid_checkpoint` (the limit survives only as __context__), a DataLoader or a library converts it
+    into its own error, and code that cleans up after it can fail in turn (a rollback on a connection
+    cut mid-query), raising something new. Hence: the whole cause/context chain is searched for it, and
+    any failure once the limit has passed is the limit's (Celery raises it exactly then).
+
+    Unknown errors show the tenant a code, a message and the correlation id (the job id); the traceback
+    goes to this worker's log only."""
     from worker.adaptation.errors import AdaptationError
 
     chain = _exception_chain(exc)
-    if any(isinstance(e, SoftTimeLimitExceeded) for e in chain):
+    if any(isinstance(e, SoftTimeLimitExceeded) for e in chain) or elapsed_s >= settings.job_time_limit_s:
         return "time_limit", f"the job ran past its time limit of {settings.job_time_limit_s} s", {
             "limit_s": settings.job_time_limit_s}
     if isinstance(exc, AdaptationError):
