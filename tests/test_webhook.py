@@ -13,7 +13,7 @@ import time
 import pytest
 
 from app.client import ApiError, Client
-from app.services.notify import SIGNATURE_HEADER, deliver, sign, verify
+from worker.notify import SIGNATURE_HEADER, deliver, sign, verify
 from tests.services import free_port
 
 LOOPBACK = "127.0.0.1/32"  # webhooks to loopback are refused unless allowed (app/netguard.py)

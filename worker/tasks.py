@@ -24,8 +24,9 @@ from app.db import repo
 from app.db.models import Artifact
 from app.db.session import session_scope
 from app.queue import RUN_JOB_TASK
-from app.services.notify import notify_if_finished
 from app.storage import BlobWriter, copy_blob_to_file
+
+from .notify import notify_if_finished
 
 from .celery_app import celery_app
 

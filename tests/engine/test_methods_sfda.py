@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app.contract.catalog import get_method_info
 from tests.digits import mnist_5k, uci_digits_in_mnist_framing
-from worker.adaptation.catalog import get_method_info
 from worker.adaptation.data import Preprocess
 from worker.adaptation.data.images import read_npz
 from worker.adaptation.device import seed_everything

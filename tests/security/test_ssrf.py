@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from app.services.notify import deliver
+from worker.notify import deliver
 from tests.security.conftest import spec, start, tenant, upload, wait_job
 from tests.services import drop_pg_database
 from tests.test_webhook import Receiver

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from ..errors import AdaptationError
-from . import limits as L
 
 
 class ImageSet(Protocol):
@@ -51,34 +50,25 @@ class ArrayImageSet:
 
 
 def check_npz_members(path: Path) -> None:
-    """Refuse an npz whose members would inflate past the archive limits (data/limits.py), from the zip
-    directory alone, before numpy decompresses anything: a member's declared size bounds what zipfile
-    will inflate for it."""
+    """Refuse an npz whose members would inflate past the archive limits (archives/limits.py), from the
+    zip directory alone, before numpy decompresses anything: a member's declared size bounds what
+    zipfile will inflate for it."""
     import zipfile
 
+    from .archives.limits import Limits
+
+    limits = Limits()
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise AdaptationError("invalid_dataset", f"not a readable npz file: {exc}") from None
-    if len(infos) > L.MAX_ENTRIES:
-        raise AdaptationError("archive_too_many_entries", f"npz has {len(infos)} members (limit {L.MAX_ENTRIES})")
-    total_u = total_c = 0
+    limits.check_count(len(infos))
     for info in infos:
-        usize, csize = info.file_size, info.compress_size
-        total_u, total_c = total_u + usize, total_c + csize
-        if usize > L.MAX_ENTRY_BYTES:
-            raise AdaptationError("archive_too_large", f"npz member {info.filename!r} inflates to {usize} "
-                                  f"bytes (limit {L.MAX_ENTRY_BYTES})", {"entry": info.filename,
-                                                                         "uncompressed_bytes": usize})
-        if usize > L.RATIO_MIN_BYTES and usize > L.MAX_RATIO * max(csize, 1):
-            raise AdaptationError("archive_compression_ratio", f"npz member {info.filename!r} expands "
-                                  f"{usize / max(csize, 1):.0f}× (limit {L.MAX_RATIO:.0f}×): a zip bomb?",
-                                  {"entry": info.filename, "uncompressed_bytes": usize, "compressed_bytes": csize,
-                                   "max_ratio": L.MAX_RATIO})
-    if total_u > L.MAX_TOTAL_BYTES or (total_u > L.RATIO_MIN_BYTES and total_u > L.MAX_RATIO * max(total_c, 1)):
-        raise AdaptationError("archive_compression_ratio", f"the npz inflates to {total_u} bytes from {total_c}",
-                              {"uncompressed_bytes": total_u, "compressed_bytes": total_c})
+        limits.check_entry(info.filename, info.file_size, info.compress_size)
+    total_u = sum(i.file_size for i in infos)
+    limits.check_total(total_u)
+    limits.check_total_ratio(total_u, sum(i.compress_size for i in infos))
 
 
 def read_npz(path: Path) -> ArrayImageSet:
