@@ -6,6 +6,7 @@ finished job does nothing."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import logging
@@ -156,7 +157,7 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
             from .spec import build_run_request
 
             request = build_run_request(spec, tmpdir, lambda upload_id, dest: _fetch(url, upload_id, dest))
-            request.data_options = {"max_pixels": settings.max_image_pixels}
+            request = dataclasses.replace(request, data_options={"max_pixels": settings.max_image_pixels})
             result = run(request, heartbeat)
             ok = _store_and_finish(url, settings, job_id, me, tmpdir, result)
             return "succeeded" if ok else "lost_claim"

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from ..contract.architectures import task_of
-from ..contract.catalog import CATALOG
+from ..contract.catalog import CATALOG, MethodInfo
 
 from ..config import Settings
 from ..db import repo
@@ -53,14 +53,7 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
                        {"errors": errors, "schema": info.params_schema()}) from None
-    if spec.task not in info.tasks:
-        raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
-                       f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
-    arch_task = task_of(spec.model.architecture)
-    if arch_task is not None and arch_task != spec.task:
-        raise ApiError("task_mismatch", f"model.architecture: {spec.model.architecture} is a {arch_task} "
-                       f"architecture, the job's task is {spec.task!r}",
-                       {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
+    check_task(spec, info)
     refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
     if spec.eval_data is not None:
         refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
@@ -92,6 +85,18 @@ def _check_numbers(value, path: str = "") -> None:
             (isinstance(value, float) and not math.isfinite(value)) or abs(value) > MAX_ABS_NUMBER):
         raise ApiError("invalid_params", f"{path}: numbers must be finite and at most {MAX_ABS_NUMBER:g} "
                        "in magnitude", {"field": path})
+
+
+def check_task(spec: JobSpec, info: MethodInfo) -> None:
+    """The job's task must be one the method supports and the one a built-in architecture declares."""
+    if spec.task not in info.tasks:
+        raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
+                       f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
+    arch_task = task_of(spec.model.architecture)
+    if arch_task is not None and arch_task != spec.task:
+        raise ApiError("task_mismatch", f"model.architecture: {spec.model.architecture} is a {arch_task} "
+                       f"architecture, the job's task is {spec.task!r}",
+                       {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
 
 
 def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_key: str | None
