@@ -35,10 +35,10 @@ class JobLog(logging.Handler):
 
     def note(self, level: int, msg: str, *args) -> None:
         """A line about the job: always in the job's log; in the worker's console log (prefixed with the
-        job id) when its level lets it through."""
+        job id, the correlation id) when its level lets it through."""
         self._append(logging.getLevelName(level), msg % args if args else msg)
         if log.isEnabledFor(level):
-            log.log(level, "job %s: " + msg, self.job_id[:8], *args, extra={"job_log_noted": True})
+            log.log(level, "job %s: " + msg, self.job_id, *args, extra={"job_log_noted": True})
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "job_log_noted", False):
