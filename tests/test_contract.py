@@ -21,9 +21,11 @@ def spec(**over) -> JobSpec:
 
 def test_task_defaults_to_classification_and_each_entry_passes_for_the_tasks_it_declares():
     assert spec().task == "classification"
+    arch_of = {a.task: a.name for a in architectures.ARCHITECTURES.values()}  # one architecture per task
     for info in CATALOG.values():
         for task in info.tasks:
-            check_task(spec(method=info.name, task=task), info)
+            check_task(spec(method=info.name, task=task,
+                            model={**REF, "architecture": arch_of[task], "num_classes": 10}), info)
     for name, arch in architectures.ARCHITECTURES.items():
         check_task(spec(model={**REF, "architecture": name, "num_classes": 10}, task=arch.task), CATALOG["tent"])
 
