@@ -43,3 +43,24 @@ def test_an_architecture_of_another_task_is_refused(monkeypatch):
     assert err.value.code == "task_mismatch" and err.value.detail["field"] == "model.architecture"
     # names the manifest does not hold (timm, user factories) predict what the job says
     check_task(spec(model={**REF, "architecture": "timm:resnet18", "num_classes": 10}), CATALOG["tent"])
+
+
+def test_the_worker_reads_the_stored_spec_with_the_same_jobspec(tmp_path):
+    from worker.adaptation.errors import AdaptationError
+    from worker.spec import build_run_request
+
+    fetched = []
+
+    def fetch(upload_id, dest):
+        fetched.append(upload_id)
+        return dest
+
+    stored = spec(eval_data=REF).model_dump(mode="json")
+    stored.pop("task")  # stored before the field existed: the contract's default applies
+    req = build_run_request(stored, tmp_path, fetch)
+    assert req.spec == spec(eval_data=REF) and req.spec.task == "classification"
+    assert fetched == ["u"] and req.data_path == req.eval_path == req.model_path  # one upload, fetched once
+    stored["model"]["num_classes"] = 0
+    with pytest.raises(AdaptationError) as err:
+        build_run_request(stored, tmp_path, fetch)
+    assert err.value.code == "invalid_spec" and "model.num_classes" in err.value.message
