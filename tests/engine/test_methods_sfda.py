@@ -29,7 +29,7 @@ from worker.adaptation.runner import RunRequest, run
 from worker.adaptation.training import train_classifier
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SFDA_METHODS = sorted(n for n, i in CATALOG.items() if i.kind == "sfda")
+SFDA_METHODS = sorted(n for n, i in CATALOG.items() if i.kind == "sfda" and "classification" in i.tasks)
 ARCH_KWARGS = {"width": 8, "bottleneck": 64}
 PRE = Preprocess(size=None, channels=1, mean=[0.5], std=[0.5])
 TARGET_SIZE = 641
