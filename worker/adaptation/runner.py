@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +44,7 @@ class RunRequest:
     data_path: Path
     output_dir: Path
     eval_path: Path | None = None
+    data_options: dict = field(default_factory=dict)  # dataset reader limits (the worker's max_pixels)
 
     @classmethod
     def for_files(cls, model_path: Path, data_path: Path, output_dir: Path, eval_path: Path | None = None,
@@ -96,7 +97,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
     pre = spec.preprocess
-    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size)
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size, **req.data_options)
     eval_data = _open_eval(req, data, task)
     prep = _Prep(Preprocess(size=pre.size, channels=pre.channels, mean=pre.mean, std=pre.std), device,
                  channels_last, hooks)
@@ -324,7 +325,8 @@ def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine) -> ImageSet | 
         return None
     spec = req.spec
     eval_data = data if req.eval_path == req.data_path else open_image_set(
-        req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=spec.preprocess.size)
+        req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=spec.preprocess.size,
+        **req.data_options)
     if eval_data.labels is None:
         raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz, class folders "
                               "in archives)")
