@@ -5,13 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from pydantic import ValidationError
+
 from app.contract.jobs import JobSpec
+from worker.adaptation.errors import AdaptationError
 from worker.adaptation.runner import RunRequest
 
 
 def build_run_request(stored: dict, workdir: Path, fetch: Callable[[str, Path], Path]) -> RunRequest:
     """`fetch(upload_id, destination)` copies an upload's bytes to a local file (streamed)."""
-    spec = JobSpec.model_validate(stored)
+    try:
+        spec = JobSpec.model_validate(stored)
+    except ValidationError as exc:  # e.g. queued before a validation rule tightened: the spec's fault
+        first = exc.errors()[0]
+        raise AdaptationError("invalid_spec", f"the stored job spec does not validate: "
+                              f"{'.'.join(map(str, first['loc']))}: {first['msg']}",
+                              {"errors": exc.errors(include_url=False, include_context=False)}) from None
     inputs: dict[str, Path] = {}
 
     def local(upload_id: str, name: str) -> Path:
