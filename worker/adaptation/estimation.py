@@ -1,0 +1,74 @@
+"""Label-free accuracy estimates and the `auto` method's selection scores. Pure functions over probability
+tensors (N × C, rows sum to one) of models on the same unlabelled target images.
+
+- `average_confidence`: the mean max-probability (Hendrycks & Gimpel 2017), the baseline every paper below
+  compares against. Entropy-minimising adaptation makes models confident whether right or wrong, so it
+  overestimates after adaptation (the issue's SHOT example: 88 % estimated, 69 % true).
+- `atc`: average thresholded confidence (Garg et al., ICLR 2022): the fraction of target images whose
+  confidence exceeds a threshold fitted where labels exist, so that the fraction above it there equals the
+  accuracy there. Here the labelled set is the job's small labelled target set, when it has one.
+- `ensemble_agreement`: the agreement of a model with the majority vote of a set of models (Jiang et al.,
+  ICLR 2022, "Assessing generalization of SGD via disagreement"; Chen et al., NeurIPS 2021, self-training
+  ensembles): an estimate of its accuracy when the ensemble is more often right than any member.
+- `soft_neighborhood_density`: SND (Saito et al., ICCV 2021), a label-free score made to pick among
+  adapted models: the entropy of each target sample's soft neighbour distribution in prediction space;
+  higher when predictions form dense clusters. A score, not an accuracy."""
+from __future__ import annotations
+
+import torch
+
+SND_TEMPERATURE = 0.05   # Saito et al.'s τ
+SND_MAX_IMAGES = 2_000   # the N×N similarity matrix is computed on a fixed subsample
+
+
+def average_confidence(probs: torch.Tensor) -> float:
+    return float(probs.max(1).values.mean())
+
+
+def atc_threshold(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The confidence t at which the fraction of `probs` above t equals their accuracy on `labels`
+    (ATC with the max-confidence score function)."""
+    conf = probs.max(1).values.sort().values
+    acc = float((probs.argmax(1) == labels).float().mean())
+    k = int(round((1.0 - acc) * len(conf)))  # that many below the threshold
+    return float(conf[min(k, len(conf) - 1)]) if k > 0 else float(conf[0]) - 1e-6
+
+
+def atc(probs: torch.Tensor, threshold: float) -> float:
+    return float((probs.max(1).values > threshold).float().mean())
+
+
+def majority_vote(probs_list: list[torch.Tensor]) -> torch.Tensor:
+    """Hard majority vote per image (ties go to the class with the higher summed probability)."""
+    num_classes = probs_list[0].shape[1]
+    votes = torch.zeros_like(probs_list[0])
+    for p in probs_list:
+        votes += torch.nn.functional.one_hot(p.argmax(1), num_classes).to(votes.dtype)
+    return (votes + 1e-3 * torch.stack(probs_list).mean(0)).argmax(1)
+
+
+def ensemble_agreement(probs: torch.Tensor, ensemble: list[torch.Tensor]) -> float:
+    return float((probs.argmax(1) == majority_vote(ensemble)).float().mean())
+
+
+def soft_neighborhood_density(probs: torch.Tensor, temperature: float = SND_TEMPERATURE,
+                              max_images: int = SND_MAX_IMAGES, seed: int = 0) -> float:
+    p = probs
+    if len(p) > max_images:
+        p = p[torch.randperm(len(p), generator=torch.Generator().manual_seed(seed))[:max_images]]
+    f = torch.nn.functional.normalize(p.float(), dim=1)
+    sim = f @ f.T
+    sim.fill_diagonal_(float("-inf"))
+    q = torch.softmax(sim / temperature, 1)
+    return float(-(q * q.clamp_min(1e-12).log()).sum(1).mean())
+
+
+def selection_scores(probs_list: list[torch.Tensor], criterion: str) -> list[float]:
+    """One label-free score per candidate (higher is better) under `criterion`."""
+    if criterion == "agreement":
+        return [ensemble_agreement(p, probs_list) for p in probs_list]
+    if criterion == "confidence":
+        return [average_confidence(p) for p in probs_list]
+    if criterion == "snd":
+        return [soft_neighborhood_density(p) for p in probs_list]
+    raise ValueError(f"unknown selection criterion {criterion!r}")
