@@ -139,3 +139,19 @@ def test_agreement_and_snd(pool):
     assert E.soft_neighborhood_density(one_hot) == pytest.approx(np.log(29), abs=1e-3)
     with pytest.raises(ValueError):
         E.selection_scores(probs, "oracle")
+
+
+def test_rank_sources_modes(pool):
+    lab = slice(0, N_LABELLED)
+    labelled = [D.SourceOutputs(o.features[lab], o.logits[lab]) for o in pool.outputs]
+    nearest = D.rank_sources(pool.outputs, labelled, pool.y[lab], 10, "nearest")
+    weighted = D.rank_sources(pool.outputs, labelled, pool.y[lab], 10, "weighted")
+    assert nearest["scores"] == weighted["scores"] == pool.similarities(labelled=True)
+    assert nearest["weights"].tolist() == D.nearest_weights(nearest["scores"]).tolist()
+    assert nearest["selected"] == weighted["selected"] == int(np.argmax(pool.accuracy))
+    assert weighted["pseudo_labels"] == "labelled_centroids"
+    own = D.rank_sources(pool.outputs, None, None, 10, "weighted")
+    assert own["pseudo_labels"] == "source_predictions" and own["scores"] == pool.similarities(labelled=False)
+    other_classes = [D.SourceOutputs(o.features, None) for o in pool.outputs]
+    with pytest.raises(ValueError, match="labelled target set"):
+        D.rank_sources(other_classes, None, None, 10, "weighted")

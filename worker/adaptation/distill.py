@@ -146,3 +146,27 @@ def train_student(student: nn.Module, batches: Batches, sources: list[SourceOutp
                 on_step(row)
             step += 1
     return history
+
+
+MODES = ("nearest", "weighted")
+
+
+def rank_sources(target: list[SourceOutputs], labelled: list[SourceOutputs] | None, labels: torch.Tensor | None,
+                 num_classes: int, mode: str, temperature: float = 1.0) -> dict:
+    """Similarity of every source to the target task, the weights `mode` gives them and DistillNearest's
+    pick. `labelled[s]` are source s's outputs on the labelled target images (`labels`); without them the
+    pseudo-labels are each source's own predictions, which needs its classes to be the target's."""
+    from . import transferability as T
+
+    scores = []
+    for s, out in enumerate(target):
+        ref = (labelled[s].features, labels) if labelled is not None else None
+        if ref is None and out.logits is None:
+            raise ValueError(f"source {s} predicts other classes than the target's: its similarity needs "
+                             "a labelled target set")
+        scores.append(T.source_similarity(out.features, out.probs, num_classes, ref))
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    weights = nearest_weights(scores) if mode == "nearest" else T.similarity_weights(scores, temperature)
+    return {"scores": scores, "weights": weights, "selected": int(np.argmax(scores)),
+            "pseudo_labels": "labelled_centroids" if labelled is not None else "source_predictions"}
