@@ -155,3 +155,12 @@ def test_rank_sources_modes(pool):
     other_classes = [D.SourceOutputs(o.features, None) for o in pool.outputs]
     with pytest.raises(ValueError, match="labelled target set"):
         D.rank_sources(other_classes, None, None, 10, "weighted")
+
+
+def test_choose_picks_the_highest_score(pool):
+    probs = [o.probs for o in pool.outputs]
+    out = E.choose(["a", "b", "c"], probs, "agreement")
+    scores = [c["score"] for c in out["candidates"]]
+    assert out["selected_method"] == "abc"[int(np.argmax(scores))] and out["criterion"] == "agreement"
+    tie = E.choose(["x", "y"], [probs[0], probs[0]], "confidence")
+    assert tie["selected_method"] == "x"

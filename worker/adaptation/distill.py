@@ -170,3 +170,28 @@ def rank_sources(target: list[SourceOutputs], labelled: list[SourceOutputs] | No
     weights = nearest_weights(scores) if mode == "nearest" else T.similarity_weights(scores, temperature)
     return {"scores": scores, "weights": weights, "selected": int(np.argmax(scores)),
             "pseudo_labels": "labelled_centroids" if labelled is not None else "source_predictions"}
+
+
+def _chunks(x: torch.Tensor, size: int = 256):
+    for start in range(0, len(x), size):
+        yield x[start:start + size], torch.arange(start, min(start + size, len(x)))
+
+
+def distill(sources: list[nn.Module], same_label_space: list[bool], student: nn.Module, batches: Batches,
+            dataset_size: int, labelled: tuple[torch.Tensor, torch.Tensor] | None, num_classes: int, mode: str,
+            temperature: float, cfg: DistillConfig, device: torch.device,
+            on_step: Callable[[dict], None] | None = None) -> dict:
+    """The whole of DistillNearest (`mode="nearest"`) / DistillWeighted (`"weighted"`): source outputs on
+    the target, their similarity and weights, then the student trained in place. Returns the report the
+    job's metrics carry: per source {index, similarity, weight} in upload order, the selected source."""
+    target = [source_outputs(m, batches(None), same) for m, same in zip(sources, same_label_space)]
+    lab_out = None
+    if labelled is not None:
+        lab_out = [source_outputs(m, _chunks(labelled[0]), same) for m, same in zip(sources, same_label_space)]
+    plan = rank_sources(target, lab_out, None if labelled is None else labelled[1].cpu(), num_classes, mode,
+                        temperature)
+    history = train_student(student, batches, target, plan["weights"], labelled, cfg, device, dataset_size, on_step)
+    return {"sources": [{"index": i, "similarity": s, "weight": float(w)}
+                        for i, (s, w) in enumerate(zip(plan["scores"], plan["weights"]))],
+            "selected_source": plan["selected"], "pseudo_labels": plan["pseudo_labels"],
+            "similarity_metric": "gbc", "history": history, "source_probs": [o.probs for o in target]}

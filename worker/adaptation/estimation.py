@@ -72,3 +72,11 @@ def selection_scores(probs_list: list[torch.Tensor], criterion: str) -> list[flo
     if criterion == "snd":
         return [soft_neighborhood_density(p) for p in probs_list]
     raise ValueError(f"unknown selection criterion {criterion!r}")
+
+
+def choose(methods: list[str], probs_list: list[torch.Tensor], criterion: str) -> dict:
+    """`auto`'s pick: every candidate's score under `criterion` and the best one (the first on ties)."""
+    scores = selection_scores(probs_list, criterion)
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    return {"candidates": [{"method": m, "score": s} for m, s in zip(methods, scores)],
+            "selected_method": methods[best], "selected_index": best, "criterion": criterion}
