@@ -138,6 +138,12 @@ def accuracy(probs, y) -> float:
     return float((probs.argmax(1) == y).float().mean())
 
 
+def save_partial(args, part: str, rows: list[dict]) -> None:
+    """Rows so far (a long run interrupted still leaves its finished targets): `<json>.<part>.partial`."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.json}.{part}.partial").write_text(json.dumps({"machine": DB.machine(), part: rows}, indent=1))
+
+
 # --- part: pool ----------------------------------------------------------------------------------
 
 def labelled_indices(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -212,6 +218,7 @@ def run_pool(args, doms) -> list[dict]:
             row["estimates"].append({"model": name, "accuracy": accuracy(p, y), "confidence": E.average_confidence(p),
                                      "agreement": E.ensemble_agreement(p, ensemble), "atc_labelled": E.atc(p, t)})
         rows.append(row)
+        save_partial(args, "pool", rows)
         log(f"pool {target}: sources {[round(s['accuracy'], 3) for s in row['sources']]} "
             f"students {[round(a, 3) for a, _ in per_source]} weighted {weighted_acc:.3f} labels-only "
             f"{only_labels_acc:.3f}  {time.perf_counter() - t0:.0f}s")
@@ -240,6 +247,8 @@ def run_auto(args) -> list[dict]:
     model_path = DB.source_model(ns)
     rows = []
     for shift, (adapt_path, eval_path) in targets.items():
+        if adapt_path != eval_path:
+            raise SystemExit("the auto part adapts and scores on the same images")
         with np.load(eval_path) as a:
             x, y = to_tensor(a["x"]), torch.from_numpy(a["y"].astype(np.int64))
         cands = []
@@ -269,6 +278,7 @@ def run_auto(args) -> list[dict]:
                                      "confidence": E.average_confidence(c["probs"]),
                                      "agreement": E.ensemble_agreement(c["probs"], probs)})
         rows.append(row)
+        save_partial(args, "auto", rows)
     return rows
 
 
