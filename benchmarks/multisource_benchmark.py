@@ -237,7 +237,7 @@ def run_auto(args) -> list[dict]:
     import torch
 
     from worker.adaptation import estimation as E
-    from worker.adaptation.catalog import get_method_info
+    from app.contract.catalog import get_method_info
     from worker.adaptation.data import Preprocess
     from worker.adaptation.models.loading import load_model
     from worker.adaptation.runner import RunRequest, run
