@@ -24,6 +24,7 @@ STATUS = {
     "unknown_method": 422,
     "invalid_params": 422,
     "task_mismatch": 422,
+    "invalid_spec": 422,
     "payload_too_large": 413,
     "storage_quota_exceeded": 413,
     "missing_api_key": 401,

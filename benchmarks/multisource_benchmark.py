@@ -168,7 +168,9 @@ def run_pool(args, doms) -> list[dict]:
     mnist, _ = load_model("digit_cnn", 10, SOURCE_KW, DB.source_model(auto_namespace(args)), None)
     sources = [mnist.eval(), train_source("usps", *doms["usps"], 5, args.seed),
                train_source("sklearn", *doms["sklearn"], 25, args.seed)]
-    cfg = D.DistillConfig(epochs=args.distill_epochs, seed=args.seed)
+    from app.contract.catalog.multimodel import DistillWeightedParams
+
+    cfg = D.DistillConfig.from_params(DistillWeightedParams().model_dump(), epochs=args.distill_epochs, seed=args.seed)
     rows = []
     for target in args.targets:
         t0 = time.perf_counter()

@@ -5,10 +5,11 @@ from pathlib import Path
 from typing import Callable
 
 from worker.adaptation.data import Preprocess
+from worker.adaptation.multisource_run import DistillRequest, ModelInput
 from worker.adaptation.runner import RunRequest
 
 
-def build_run_request(spec: dict, workdir: Path, fetch: Callable[[str, Path], Path]) -> RunRequest:
+def build_run_request(spec: dict, workdir: Path, fetch: Callable[[str, Path], Path]) -> RunRequest | DistillRequest:
     """`fetch(upload_id, destination)` copies an upload's bytes to a local file (streamed)."""
     inputs: dict[str, Path] = {}
 
@@ -17,11 +18,13 @@ def build_run_request(spec: dict, workdir: Path, fetch: Callable[[str, Path], Pa
             inputs[upload_id] = fetch(upload_id, workdir / name)
         return inputs[upload_id]
 
-    model, data, eval_data = spec["model"], spec["data"], spec.get("eval_data")
+    sources = spec.get("models")
+    model = spec["model"] if sources is None else sources[0]  # a multi-source job's base fields are unused
+    data, eval_data = spec["data"], spec.get("eval_data")
     pre = spec.get("preprocess") or {}
     opts = spec.get("options") or {}
     channels = pre.get("channels", 3)
-    return RunRequest(
+    request = RunRequest(
         method=spec["method"], params=spec.get("params") or {},
         model_path=local(model["upload_id"], "model.bin"), model_format=model.get("format"),
         architecture=model["architecture"], num_classes=model["num_classes"],
@@ -35,3 +38,16 @@ def build_run_request(spec: dict, workdir: Path, fetch: Callable[[str, Path], Pa
         device=opts.get("device", "auto"), precision=opts.get("precision", "auto"),
         output_dir=workdir / "out",
     )
+    if sources is None:
+        return request
+    student, labelled = spec["student"], spec.get("labelled_data")
+
+    def model_input(m: dict, name: str) -> ModelInput:
+        path = local(m["upload_id"], name) if m.get("upload_id") else None
+        return ModelInput(m["architecture"], m["num_classes"], m.get("arch_kwargs") or {}, path, m.get("format"))
+
+    return DistillRequest(
+        base=request, sources=[model_input(m, f"source{i}.bin") for i, m in enumerate(sources)],
+        student=model_input(student, "student.bin"),
+        labelled_path=local(labelled["upload_id"], "labelled.bin") if labelled else None,
+        labelled_format=labelled.get("format") if labelled else None)

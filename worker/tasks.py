@@ -145,7 +145,7 @@ def _claim_and_run(self, job_id: str, settings, url: str, me: str) -> str:
 def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: Heartbeat) -> str:
     # torch is imported here, in the child that runs the job, never in the prefork parent.
     from worker.adaptation.errors import AdaptationError, JobCancelled
-    from worker.adaptation.runner import run
+    from worker.adaptation.multisource_run import execute
 
     from .spec import build_run_request
 
@@ -153,7 +153,7 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
         tmpdir = Path(tmp)
         try:
             request = build_run_request(spec, tmpdir, lambda upload_id, dest: _fetch(url, upload_id, dest))
-            result = run(request, heartbeat)
+            result = execute(request, heartbeat)
             artifacts = _with_db_retry(lambda: _store_artifacts(url, settings, job_id, tmpdir, result))
             ok = _with_db_retry(lambda: _finish(url, job_id, me, "succeeded", metrics=result.metrics,
                                                 artifacts=artifacts))

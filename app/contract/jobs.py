@@ -35,6 +35,21 @@ class ModelRef(_Strict):
         return v
 
 
+class StudentRef(_Strict):
+    """The model a multi-source job trains and exports: its architecture, and optionally initial weights."""
+
+    upload_id: str | None = Field(None, description="initial weights; omitted: freshly initialised")
+    format: Literal["safetensors", "pt"] | None = None
+    architecture: str = Field(..., min_length=1, max_length=200)
+    num_classes: int = Field(..., ge=1, le=100_000)
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    _known_architecture = field_validator("architecture")(ModelRef._known_architecture.__func__)
+
+
+MAX_SOURCES = 8  # source models per multi-source job: each one's features on the target are held in memory
+
+
 class DataRef(_Strict):
     upload_id: str
     format: Literal["npz", "zip", "tar"] | None = None
@@ -71,13 +86,46 @@ class JobSpec(_Strict):
                        "must support it")
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
-    model: ModelRef
+    model: ModelRef | None = Field(None, description="the model to adapt (every method but the multi-source ones)")
+    models: list[ModelRef] | None = Field(None, min_length=1, max_length=MAX_SOURCES,
+                                          description="source models of a multi-source method (distill_*), in "
+                                          "the order the metrics report them")
+    student: StudentRef | None = Field(None, description="the model a multi-source method trains and exports")
     data: DataRef
     eval_data: DataRef | None = None
+    labelled_data: DataRef | None = Field(None, description="a few labelled target images (multi-source "
+                                          "methods): similarity pseudo-labels and a supervised loss")
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
     options: Options = Field(default_factory=Options)
     notify_url: HttpUrl | None = Field(None, description="POSTed the job's final state (signed, "
                                        "X-Adaptd-Signature) when it succeeds, fails or is cancelled")
+
+    @model_validator(mode="after")
+    def _model_or_sources(self) -> "JobSpec":
+        if (self.model is None) == (self.models is None):
+            raise ValueError("give either `model` (one model to adapt) or `models` (the sources of a "
+                             "multi-source method), not both or neither")
+        if (self.models is None) != (self.student is None):
+            raise ValueError("`models` and `student` go together (multi-source methods)")
+        if self.labelled_data is not None and self.models is None:
+            raise ValueError("`labelled_data` is for multi-source methods (with `models`)")
+        if self.models is not None and self.labelled_data is None:
+            # Without labelled target images, a source's similarity uses its own predictions as
+            # pseudo-labels and its logits are distilled: its classes must be the student's.
+            for i, m in enumerate(self.models):
+                if m.num_classes != self.student.num_classes:
+                    raise ValueError(f"models[{i}].num_classes is {m.num_classes}, the student's is "
+                                     f"{self.student.num_classes}: sources with other classes need "
+                                     "`labelled_data`")
+        return self
+
+    def model_refs(self) -> list[tuple[str, str]]:
+        """(field path, upload id) of every model upload the spec names."""
+        refs = [("model", self.model.upload_id)] if self.model is not None else []
+        refs += [(f"models[{i}]", m.upload_id) for i, m in enumerate(self.models or [])]
+        if self.student is not None and self.student.upload_id is not None:
+            refs.append(("student", self.student.upload_id))
+        return refs
 
 
 class Progress(BaseModel):

@@ -43,14 +43,26 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     if spec.task not in info.tasks:
         raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
                        f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
-    arch_task = task_of(spec.model.architecture)
-    if arch_task is not None and arch_task != spec.task:
-        raise ApiError("task_mismatch", f"model.architecture: {spec.model.architecture} is a {arch_task} "
-                       f"architecture, the job's task is {spec.task!r}",
-                       {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
-    refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
-    if spec.eval_data is not None:
-        refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
+    multisource = info.kind == "multisource"
+    if multisource != (spec.models is not None):
+        field = "model" if multisource else "models"  # the one given that the method does not take
+        raise ApiError("invalid_spec", f"{field}: {spec.method} takes "
+                       + ("`models` (source models) and a `student`, not `model`" if multisource
+                          else "one `model`, not `models`"), {"field": field})
+    architectures = [("model", spec.model)] if spec.model is not None else []
+    architectures += [(f"models[{i}]", m) for i, m in enumerate(spec.models or [])]
+    architectures += [("student", spec.student)] if spec.student is not None else []
+    for field, ref in architectures:
+        arch_task = task_of(ref.architecture)
+        if arch_task is not None and arch_task != spec.task:
+            raise ApiError("task_mismatch", f"{field}.architecture: {ref.architecture} is a {arch_task} "
+                           f"architecture, the job's task is {spec.task!r}",
+                           {"field": f"{field}.architecture", "task": spec.task, "architecture_task": arch_task})
+    refs = [(field, upload_id, "model") for field, upload_id in spec.model_refs()]
+    refs.append(("data", spec.data.upload_id, "dataset"))
+    for field in ("eval_data", "labelled_data"):
+        if getattr(spec, field) is not None:
+            refs.append((field, getattr(spec, field).upload_id, "dataset"))
     with session_scope(settings.resolved_database_url) as s:
         for field, upload_id, kind in refs:
             upload = repo.get_upload(s, upload_id, tenant_id)

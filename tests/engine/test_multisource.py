@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from app.demo_data import load_sklearn_digits, shift_domain, upscale
+from app.contract.catalog.multimodel import DistillWeightedParams
 from worker.adaptation import distill as D
 from worker.adaptation import estimation as E
 from worker.adaptation import transferability as T
@@ -20,6 +21,10 @@ PRE = Preprocess(size=16, channels=1, mean=[0.5], std=[0.5])
 KW = dict(width=8, bottleneck=32)
 N_LABELLED = 100
 CPU = torch.device("cpu")
+
+
+def config(epochs: int) -> D.DistillConfig:
+    return D.DistillConfig.from_params(DistillWeightedParams().model_dump(), epochs=epochs, seed=0)
 
 
 class Pool:
@@ -102,7 +107,7 @@ def test_weights_follow_similarity(pool):
 
 def test_distilled_students_beat_the_best_source(pool):
     scores = pool.similarities(labelled=True)
-    cfg = D.DistillConfig(epochs=40)
+    cfg = config(40)
     nearest = pool.student_accuracy(D.nearest_weights(scores), cfg)
     weighted = pool.student_accuracy(T.similarity_weights(scores), cfg)
     best = max(pool.accuracy)
@@ -116,7 +121,7 @@ def test_feature_distillation_needs_no_shared_label_space(pool):
     seed_everything(0)
     student = build_model("digit_cnn", 10, **KW)
     rows = D.train_student(student, pool.batches, sources, T.similarity_weights(pool.similarities(True)),
-                           pool.labelled, D.DistillConfig(epochs=6), CPU, len(pool.x))
+                           pool.labelled, config(6), CPU, len(pool.x))
     assert all(r["kd_loss"] == 0.0 for r in rows)
     first, last = np.mean([r["feature_loss"] for r in rows[:5]]), np.mean([r["feature_loss"] for r in rows[-5:]])
     assert last < 0.7 * first, (first, last)

@@ -15,7 +15,7 @@ from worker.adaptation.models.loading import load_model
 from worker.adaptation.multisource_run import DistillRequest, ModelInput, run_auto, run_distill
 from worker.adaptation.runner import RunRequest
 
-from .test_multisource import KW, N_LABELLED, Pool
+from .test_multisource import KW, N_LABELLED, Pool, config
 
 PRE = Preprocess(size=16, channels=1, mean=[0.5], std=[0.5])
 
@@ -47,7 +47,7 @@ def test_distill_weighted_run(files, tmp_path):
                          sources=[ModelInput("digit_cnn", 10, KW, p) for p in files["sources"]],
                          student=ModelInput("digit_cnn", 10, {"width": 8, "bottleneck": 32}),
                          labelled_path=files["dir"] / "labelled.npz")
-    result = run_distill(req, {"temperature": 1.0}, D.DistillConfig(epochs=3))
+    result = run_distill(req, {"temperature": 1.0}, config(3))
     m = result.metrics
     assert [s["index"] for s in m["sources"]] == [0, 1, 2]
     assert sum(s["weight"] for s in m["sources"]) == pytest.approx(1.0)

@@ -29,15 +29,23 @@ Batches = Callable[[np.ndarray | None], Iterator[tuple[torch.Tensor, torch.Tenso
 
 @dataclass(frozen=True)
 class DistillConfig:
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    feature_weight: float = 1.0
-    kd_weight: float = 1.0
-    kd_temperature: float = 4.0      # Hinton et al.'s τ
-    labelled_batch_size: int = 32
-    labelled_shift: int = 2          # labelled images are randomly translated by up to this many pixels
-    seed: int = 0
+    """Training settings: the method's catalogue params (app/contract/catalog/multimodel.py, where the
+    defaults and their meaning live) plus the job's epochs and seed."""
+
+    epochs: int
+    seed: int
+    lr: float
+    weight_decay: float
+    feature_weight: float
+    kd_weight: float
+    kd_temperature: float
+    labelled_batch_size: int
+    labelled_shift: int
+
+    @classmethod
+    def from_params(cls, params: dict, epochs: int, seed: int) -> "DistillConfig":
+        names = {f for f in cls.__dataclass_fields__} - {"epochs", "seed"}
+        return cls(epochs=epochs, seed=seed, **{k: params[k] for k in names})
 
 
 @dataclass

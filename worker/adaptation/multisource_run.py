@@ -218,6 +218,21 @@ def run_auto(base: RunRequest, candidates: list[str], criterion: str, budget_s: 
     return RunResult(metrics=metrics, history=result.history, model_path=model_path)
 
 
+def execute(request: RunRequest | DistillRequest, hooks: Hooks | None = None) -> RunResult:
+    """Any job: multi-source requests to `run_distill`, `auto` to `run_auto`, the rest to the runner."""
+    from app.contract.catalog import get_method_info
+
+    if isinstance(request, DistillRequest):
+        base = request.base
+        params = get_method_info(base.method).params_model.model_validate(base.params).model_dump()
+        cfg = D.DistillConfig.from_params(params, epochs=base.epochs, seed=base.seed)
+        return run_distill(request, params, cfg, hooks)
+    if request.method == "auto":
+        p = get_method_info("auto").params_model.model_validate(request.params)
+        return run_auto(request, p.candidates, p.criterion, p.budget_s, {}, hooks)
+    return run(request, hooks)
+
+
 class _Prefixed:
     def __init__(self, hooks: Hooks, prefix: str):
         self.hooks, self.prefix = hooks, prefix
