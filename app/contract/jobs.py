@@ -86,11 +86,13 @@ class JobSpec(_Strict):
                        "must support it")
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
-    model: ModelRef | None = Field(None, description="the model to adapt (every method but the multi-source ones)")
+    # `models` is declared before `model` so that `model`'s validator sees it.
     models: list[ModelRef] | None = Field(None, min_length=1, max_length=MAX_SOURCES,
                                           description="source models of a multi-source method (distill_*), in "
                                           "the order the metrics report them")
     student: StudentRef | None = Field(None, description="the model a multi-source method trains and exports")
+    model: ModelRef | None = Field(None, validate_default=True,
+                                   description="the model to adapt (every method but the multi-source ones)")
     data: DataRef
     eval_data: DataRef | None = None
     labelled_data: DataRef | None = Field(None, description="a few labelled target images (multi-source "
@@ -100,11 +102,19 @@ class JobSpec(_Strict):
     notify_url: HttpUrl | None = Field(None, description="POSTed the job's final state (signed, "
                                        "X-Adaptd-Signature) when it succeeds, fails or is cancelled")
 
-    @model_validator(mode="after")
-    def _model_or_sources(self) -> "JobSpec":
-        if (self.model is None) == (self.models is None):
+    @field_validator("model")
+    @classmethod
+    def _model_or_sources(cls, v: ModelRef | None, info) -> ModelRef | None:
+        has_sources = info.data.get("models") is not None
+        if v is None and not has_sources:
+            raise ValueError("Field required (`model`, or `models` for a multi-source method)")
+        if v is not None and has_sources:
             raise ValueError("give either `model` (one model to adapt) or `models` (the sources of a "
-                             "multi-source method), not both or neither")
+                             "multi-source method), not both")
+        return v
+
+    @model_validator(mode="after")
+    def _sources_and_student(self) -> "JobSpec":
         if (self.models is None) != (self.student is None):
             raise ValueError("`models` and `student` go together (multi-source methods)")
         if self.labelled_data is not None and self.models is None:
