@@ -218,6 +218,7 @@ def run_pool(args, doms) -> list[dict]:
         for name, p in models:
             t = E.atc_threshold(p[lab], y[lab])
             row["estimates"].append({"model": name, "accuracy": accuracy(p, y), "confidence": E.average_confidence(p),
+                                     "bounded_confidence": E.bounded_confidence(p),
                                      "agreement": E.ensemble_agreement(p, ensemble), "atc_labelled": E.atc(p, t)})
         rows.append(row)
         save_partial(args, "pool", rows)
@@ -278,6 +279,7 @@ def run_auto(args) -> list[dict]:
         for c in cands:
             row["estimates"].append({"model": c["method"], "accuracy": c["accuracy"],
                                      "confidence": E.average_confidence(c["probs"]),
+                                     "bounded_confidence": E.bounded_confidence(c["probs"]),
                                      "agreement": E.ensemble_agreement(c["probs"], probs)})
         rows.append(row)
         save_partial(args, "auto", rows)
@@ -339,7 +341,7 @@ def estimator_table(points: list[dict]) -> str:
         rest = [q for q in points if q["group"] != p["group"]]
         a, b = np.polyfit([q["confidence"] for q in rest], [q["accuracy"] for q in rest], 1)
         p["confidence_calibrated"] = float(np.clip(a * p["confidence"] + b, 0, 1))
-    names = ["confidence", "confidence_calibrated", "agreement", "atc_labelled"]
+    names = ["confidence", "confidence_calibrated", "bounded_confidence", "agreement", "atc_labelled"]
     out = ["| estimator | points | MAE (pts) | max error (pts) | mean signed error (pts) |", "|---|---:|---:|---:|---:|"]
     for n in names:
         pts = [p for p in points if n in p]

@@ -169,3 +169,14 @@ def test_choose_picks_the_highest_score(pool):
     assert out["selected_method"] == "abc"[int(np.argmax(scores))] and out["criterion"] == "agreement"
     tie = E.choose(["x", "y"], [probs[0], probs[0]], "confidence")
     assert tie["selected_method"] == "x"
+
+
+def test_class_balance_bound():
+    collapsed = torch.nn.functional.one_hot(torch.full((50,), 8), 10).float()
+    assert E.class_balance_bound(collapsed) == pytest.approx(0.1)
+    assert E.bounded_confidence(collapsed) == pytest.approx(0.1)  # confidence 1.0, capped
+    balanced = torch.nn.functional.one_hot(torch.arange(50) % 10, 10).float() * 0.5 + 0.05
+    assert E.class_balance_bound(balanced) == pytest.approx(1.0)
+    assert E.bounded_confidence(balanced) == pytest.approx(0.55)
+    prior = torch.tensor([0.5] + [0.5 / 9] * 9)
+    assert E.class_balance_bound(torch.nn.functional.one_hot(torch.zeros(10, dtype=torch.long), 10).float(), prior) == pytest.approx(0.5)

@@ -25,6 +25,22 @@ def average_confidence(probs: torch.Tensor) -> float:
     return float(probs.max(1).values.mean())
 
 
+def class_balance_bound(probs: torch.Tensor, prior: torch.Tensor | None = None) -> float:
+    """An upper bound on accuracy from the predicted-class histogram alone: a class predicted for a
+    fraction p_c of the images can be right on at most min(p_c, q_c) of them, q the true class
+    frequencies; q is `prior`, or uniform when unknown (an assumption: roughly balanced targets). A model
+    that predicts one class for everything (a collapsed source under a corruption) is bounded by 1/C."""
+    num_classes = probs.shape[1]
+    p = torch.bincount(probs.argmax(1), minlength=num_classes)[:num_classes].double() / len(probs)
+    q = torch.full_like(p, 1.0 / num_classes) if prior is None else prior.double()
+    return float(torch.minimum(p, q).sum())
+
+
+def bounded_confidence(probs: torch.Tensor, prior: torch.Tensor | None = None) -> float:
+    """The mean confidence, capped by `class_balance_bound`."""
+    return min(average_confidence(probs), class_balance_bound(probs, prior))
+
+
 def atc_threshold(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """The confidence t at which the fraction of `probs` above t equals their accuracy on `labels`
     (ATC with the max-confidence score function)."""
