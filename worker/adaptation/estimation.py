@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import torch
 
+from .metrics import mean_max_probability
+
 SND_TEMPERATURE = 0.05   # Saito et al.'s τ
 SND_MAX_IMAGES = 2_000   # the N×N similarity matrix is computed on a fixed subsample
 
 
 def average_confidence(probs: torch.Tensor) -> float:
-    return float(probs.max(1).values.mean())
+    return mean_max_probability(probs)
 
 
 def class_balance_bound(probs: torch.Tensor, prior: torch.Tensor | None = None) -> float:
@@ -96,3 +98,31 @@ def choose(methods: list[str], probs_list: list[torch.Tensor], criterion: str) -
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     return {"candidates": [{"method": m, "score": s} for m, s in zip(methods, scores)],
             "selected_method": methods[best], "selected_index": best, "criterion": criterion}
+
+
+# The label-free accuracy estimate every job reports, and its typical error: the mean absolute error
+# measured over the digit benchmark's (model, target) pairs (BENCHMARKS.md, "Label-free accuracy
+# estimates"; benchmarks/multisource_benchmark.py). A fraction, like the accuracy.
+ESTIMATOR = "bounded_confidence"
+ESTIMATOR_MEAN_ABS_ERROR = None
+
+
+def accuracy_estimate(probs: torch.Tensor) -> dict:
+    return {"estimated_accuracy_after": bounded_confidence(probs), "estimator": ESTIMATOR,
+            "estimated_accuracy_error": ESTIMATOR_MEAN_ABS_ERROR}
+
+
+def entropy_note(entropy_before: float, entropy_after: float, recalibrated_batches: int) -> str | None:
+    """Why the reported entropy can rise after an entropy-minimising method: both numbers are of models
+    in eval mode; the adapted one with BatchNorm statistics re-estimated over the whole target, which
+    the method never saw while it minimised entropy on batch statistics (the per-step entropy in
+    history.json is that one)."""
+    if entropy_after <= entropy_before:
+        return None
+    if recalibrated_batches:
+        return ("entropy_after > entropy_before: entropy_after is the exported model's in eval mode, with "
+                "BatchNorm statistics re-estimated on the whole target; the method minimised the entropy of "
+                "batch-statistics predictions (history.json, per step). Re-normalising changes confidence "
+                "as well as accuracy; compare accuracies (eval_data) or estimated_accuracy_after instead.")
+    return ("entropy_after > entropy_before: the adapted model is less confident on the target than the "
+            "source model; lower entropy is not higher accuracy (a collapsed model is confident and wrong).")

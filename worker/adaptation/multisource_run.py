@@ -156,7 +156,7 @@ def run_distill(req: DistillRequest, params: dict, cfg: D.DistillConfig, hooks: 
         "entropy_before": M.mean_entropy(source_target) if source_target is not None else None,
         "entropy_after": after_summary["mean_entropy"],
         "predicted_class_entropy_after": after_summary["predicted_class_entropy"],
-        "estimated_accuracy_after": E.average_confidence(after_target), "estimator": "average_confidence",
+        **E.accuracy_estimate(after_target),
         "images_per_second": len(rows) * base.batch_size / seconds if seconds > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device), "num_images": len(data), "device": str(device),
         "precision": precision, "num_labelled": 0 if labelled is None else len(labelled[1]),

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import estimation as E
 from . import metrics as M
 from app.contract.catalog import get_method_info
 from .collapse import CollapseGuard
@@ -146,7 +147,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         "entropy_after": after_summary["mean_entropy"],
         "predicted_class_entropy_after": after_summary["predicted_class_entropy"],
         "agreement_with_source": M.agreement(after_target, source_target),
-        "estimated_accuracy_after": M.average_confidence(after_target),
+        **E.accuracy_estimate(after_target),
         "images_per_second": loop.images_per_second,
         "peak_memory_bytes": peak_memory_bytes(device),
         "collapse_detected": bool(guard.events),
@@ -159,7 +160,8 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         "target": {"before": source_summary, "after": after_summary},
         "collapse": {"enabled": guard.enabled, "threshold": guard.threshold, "events": guard.events},
         "batchnorm_recalibration_batches": recalibrated,
-        "estimator": "average_confidence",
+        "notes": [n for n in [E.entropy_note(source_summary["mean_entropy"], after_summary["mean_entropy"],
+                                             recalibrated)] if n],
         "model_load": load_report,
         "timing": {"adapt_seconds": loop.seconds, "steps": loop.done},
         "method_report": method_report,
