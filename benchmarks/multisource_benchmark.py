@@ -47,7 +47,7 @@ CACHE = DB.CACHE
 TARGETS = ["usps_fill", "mnist_thick", "mnist_small", "sklearn_fill"]
 AUTO_SHIFTS = ["usps", "gaussian_noise", "defocus_blur", "contrast", "fog"]
 AUTO_CANDIDATES = ["bn_adapt", "tent", "eata", "shot", "nrc"]
-CRITERIA = ["confidence", "agreement", "snd"]
+CRITERIA = ["bounded_confidence", "confidence", "agreement", "snd"]
 MEAN, STD = [0.5], [0.5]
 SOURCE_KW = {"width": 32}
 STUDENT_KW = {"width": 16, "bottleneck": 64}
@@ -170,7 +170,9 @@ def run_pool(args, doms) -> list[dict]:
                train_source("sklearn", *doms["sklearn"], 25, args.seed)]
     from app.contract.catalog.multimodel import DistillWeightedParams
 
-    cfg = D.DistillConfig.from_params(DistillWeightedParams().model_dump(), epochs=args.distill_epochs, seed=args.seed)
+    params = DistillWeightedParams().model_dump()
+    params.update(args.param)
+    cfg = D.DistillConfig.from_params(params, epochs=args.distill_epochs, seed=args.seed)
     rows = []
     for target in args.targets:
         t0 = time.perf_counter()
@@ -359,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parts", default="pool,auto")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--n-labelled", type=int, default=10, help="labelled target images per class (pool)")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a distillation param (catalogue defaults otherwise), e.g. kd_weight=0")
     ap.add_argument("--n-target", type=int, default=1000, help="target images per pool target (a fixed subsample)")
     ap.add_argument("--distill-epochs", type=int, default=12)
     ap.add_argument("--auto-shifts", default=",".join(AUTO_SHIFTS))
@@ -374,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     args.auto_shifts = [t for t in args.auto_shifts.split(",") if t]
     args.candidates = [t for t in args.candidates.split(",") if t]
     parts = args.parts.split(",")
+    args.param = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (p.split("=", 1) for p in args.param)}
 
     if args.rows:
         result = json.loads(Path(args.rows).read_text())

@@ -95,7 +95,7 @@ def test_auto_three_candidates(c, up):
     m = job["metrics"]
     assert [x["method"] for x in m["candidates"]] == ["source", "bn_adapt", "tent"]
     assert all(0 <= x["score"] <= 1 and 0 <= x["accuracy_after"] <= 1 for x in m["candidates"])
-    assert m["criterion"] == "agreement"
+    assert m["criterion"] == "bounded_confidence"
     picked = max(m["candidates"], key=lambda x: x["score"])
     assert m["selected_method"] == picked["method"] and m["accuracy_after"] == picked["accuracy_after"]
 

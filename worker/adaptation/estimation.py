@@ -87,6 +87,8 @@ def selection_scores(probs_list: list[torch.Tensor], criterion: str) -> list[flo
         return [ensemble_agreement(p, probs_list) for p in probs_list]
     if criterion == "confidence":
         return [average_confidence(p) for p in probs_list]
+    if criterion == "bounded_confidence":
+        return [bounded_confidence(p) for p in probs_list]
     if criterion == "snd":
         return [soft_neighborhood_density(p) for p in probs_list]
     raise ValueError(f"unknown selection criterion {criterion!r}")

@@ -61,10 +61,12 @@ MAX_CANDIDATES = 6
 class AutoParams(MethodParams):
     candidates: list[str] = Field(list(DEFAULT_CANDIDATES), min_length=1, max_length=MAX_CANDIDATES,
                                   description="Method names, each run with its default params.")
-    criterion: Literal["agreement", "confidence", "snd"] = Field(
-        "agreement", description="agreement: agreement with the candidates' majority vote (Jiang et al. "
-        "2022, Chen et al. 2021); confidence: mean max-probability; snd: soft neighbourhood density "
-        "(Saito et al. 2021).")
+    criterion: Literal["bounded_confidence", "confidence", "agreement", "snd"] = Field(
+        "bounded_confidence", description="bounded_confidence: mean max-probability capped by the "
+        "predicted-class histogram (a collapsed candidate scores at most 1/C); confidence: mean "
+        "max-probability (Hendrycks & Gimpel 2017); agreement: agreement with the candidates' majority vote "
+        "(Jiang et al. 2022, Chen et al. 2021); snd: soft neighbourhood density (Saito et al. 2021). "
+        "BENCHMARKS.md measures how far each one's pick falls from the best candidate.")
     budget_s: float | None = Field(None, gt=0, description="No candidate starts after this many seconds "
                                    "(the first always runs); skipped ones are listed in the metrics.")
 
