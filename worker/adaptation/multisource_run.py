@@ -208,7 +208,7 @@ def run_auto(base: RunRequest, candidates: list[str], criterion: str, budget_s: 
     method, result, _ = done[pick["selected_index"]]
     for entry, (_, r, p) in zip(pick["candidates"], done):
         entry["accuracy_after"] = r.metrics.get("accuracy_after")
-        entry["estimated_accuracy_after"] = E.ensemble_agreement(p, [q for _, _, q in done])
+        entry["estimated_accuracy_after"] = E.accuracy_estimate(p)["estimated_accuracy_after"]
     metrics = dict(result.metrics)
     metrics.update(method="auto", selected_method=method, candidates=pick["candidates"], criterion=criterion,
                    skipped_candidates=skipped, selected_params=result.metrics.get("params"))
