@@ -18,8 +18,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelRef(_Strict):
-    upload_id: str
+class _Architecture(_Strict):
+    """A network to build: what a model to adapt, a source and a student have in common."""
+
     format: Literal["safetensors", "pt"] | None = None
     architecture: str = Field(..., min_length=1, max_length=200,
                               description=f"built in: {', '.join(BUILTIN_ARCHITECTURES)}; or timm:<name>; "
@@ -35,16 +36,14 @@ class ModelRef(_Strict):
         return v
 
 
-class StudentRef(_Strict):
-    """The model a multi-source job trains and exports: its architecture, and optionally initial weights."""
+class ModelRef(_Architecture):
+    upload_id: str
+
+
+class StudentRef(_Architecture):
+    """The model a multi-source job trains and exports, optionally from initial weights."""
 
     upload_id: str | None = Field(None, description="initial weights; omitted: freshly initialised")
-    format: Literal["safetensors", "pt"] | None = None
-    architecture: str = Field(..., min_length=1, max_length=200)
-    num_classes: int = Field(..., ge=1, le=100_000)
-    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
-
-    _known_architecture = field_validator("architecture")(ModelRef._known_architecture.__func__)
 
 
 MAX_SOURCES = 8  # source models per multi-source job: each one's features on the target are held in memory
