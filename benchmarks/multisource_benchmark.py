@@ -339,7 +339,7 @@ def estimator_table(points: list[dict]) -> str:
     """points: {group, accuracy, confidence, agreement, [atc_labelled]}; calibrated = linear fit of accuracy
     on confidence, fitted on every other group (leave one target out)."""
     groups = sorted({p["group"] for p in points})
-    for p in points:
+    for p in points if len(groups) > 1 else []:
         rest = [q for q in points if q["group"] != p["group"]]
         a, b = np.polyfit([q["confidence"] for q in rest], [q["accuracy"] for q in rest], 1)
         p["confidence_calibrated"] = float(np.clip(a * p["confidence"] + b, 0, 1))

@@ -7,9 +7,10 @@ Losses per step (unlabelled target batch U, labelled batch L):
     feature_weight · Σ_s w_s ‖norm(P_s f(U)) − norm(φ_s(U))‖²      feature distillation: a linear projection
                                                                    P_s per source maps the student's features
                                                                    onto source s's (any label space, any width)
-  + kd_weight · Σ_s w_s τ² KL(softmax(z_s(U)/τ) ‖ softmax(g(U)/τ))  logit distillation, only for sources whose
-                                                                   classes are the target's
   + CE(g(L), y_L)                                                  the few labels, when given
+  + kd_weight · Σ_s w_s τ² KL(softmax(z_s(U)/τ) ‖ softmax(g(U)/τ))  optional logit distillation (off by
+                                                                   default), only for sources whose classes
+                                                                   are the target's
 Source outputs are computed once, in eval mode, on un-augmented target images and cached: one teacher
 forward per image instead of one per epoch."""
 from __future__ import annotations
