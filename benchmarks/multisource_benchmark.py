@@ -318,20 +318,21 @@ def pool_tables(rows: list[dict]) -> str:
 
 def auto_table(rows: list[dict]) -> str:
     cands = [c["method"] for c in rows[0]["candidates"]]
-    head = ["shift", "source"] + cands + ["best"] + [f"pick: {k}" for k in CRITERIA]
+    criteria = [k for k in CRITERIA if k in rows[0]["scores"]]  # rows saved by older runs may lack some
+    head = ["shift", "source"] + cands + ["best"] + [f"pick: {k}" for k in criteria]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    gaps = {k: [] for k in CRITERIA}
+    gaps = {k: [] for k in criteria}
     for r in rows:
         accs = [c["accuracy"] for c in r["candidates"]]
         best = max(accs)
         cells = [r["shift"], pct(r["source_accuracy"])] + [pct(a) for a in accs] + [pct(best)]
-        for k in CRITERIA:
+        for k in criteria:
             i = int(np.argmax(r["scores"][k]))
             gaps[k].append(best - accs[i])
             cells.append(f"{cands[i]} {pct(accs[i])}")
         out.append("| " + " | ".join(cells) + " |")
     out.append("| mean gap to best (pts) | | " + " | " * len(cands) + " | "
-               + " | ".join(f"{100 * np.mean(gaps[k]):.1f}" for k in CRITERIA) + " |")
+               + " | ".join(f"{100 * np.mean(gaps[k]):.1f}" for k in criteria) + " |")
     return "\n".join(out)
 
 
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=str(CACHE / "multisource_results.json"))
-    ap.add_argument("--rows", help="print the tables from a saved --json file instead of running")
+    ap.add_argument("--rows", help="print the tables from saved --json files (comma-separated) instead of running")
     args = ap.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
     args.auto_shifts = [t for t in args.auto_shifts.split(",") if t]
@@ -380,8 +381,14 @@ def main(argv: list[str] | None = None) -> None:
     parts = args.parts.split(",")
     args.param = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (p.split("=", 1) for p in args.param)}
 
-    if args.rows:
-        result = json.loads(Path(args.rows).read_text())
+    if args.rows:  # several files (e.g. one run per part): their rows are concatenated per part
+        result = {"machine": "", "seconds": 0.0}
+        for f in args.rows.split(","):
+            saved = json.loads(Path(f).read_text())
+            result["machine"] = saved["machine"]
+            result["seconds"] += saved.get("seconds", 0.0)
+            for part in ("pool", "auto"):
+                result[part] = result.get(part, []) + saved.get(part, [])
     else:
         import torch
 
