@@ -61,11 +61,20 @@ def test_distill_weighted_run(files, tmp_path):
 
 def test_auto_run(files, tmp_path):
     best = files["sources"][int(np.argmax(files["accuracy"]))]
-    result = run_auto(base(files, tmp_path, "auto", best), ["source", "bn_adapt", "tent"], "agreement", None, {})
+    params = {"candidates": ["source", "bn_adapt", "tent"], "criterion": "agreement", "budget_s": None}
+    result = run_auto(base(files, tmp_path, "auto", best), params)
     m = result.metrics
     assert [c["method"] for c in m["candidates"]] == ["source", "bn_adapt", "tent"]
     assert all(0 <= c["score"] <= 1 and 0 <= c["accuracy_after"] <= 1 for c in m["candidates"])
     scores = [c["score"] for c in m["candidates"]]
     assert m["selected_method"] == m["candidates"][int(np.argmax(scores))]["method"]
     assert m["accuracy_after"] == next(c["accuracy_after"] for c in m["candidates"] if c["method"] == m["selected_method"])
+    assert m["params"] == params and m["skipped_candidates"] == []
     assert result.model_path.read_bytes() == (tmp_path / "candidates" / m["selected_method"] / "model.safetensors").read_bytes()
+
+
+def test_auto_budget_runs_the_first_candidate_only(files, tmp_path):
+    params = {"candidates": ["source", "bn_adapt"], "criterion": "bounded_confidence", "budget_s": 1e-9}
+    m = run_auto(base(files, tmp_path, "auto"), params).metrics
+    assert [c["method"] for c in m["candidates"]] == ["source"] and m["skipped_candidates"] == ["bn_adapt"]
+    assert m["selected_method"] == "source"

@@ -188,11 +188,12 @@ class _Ctx:
         return contextlib.nullcontext()
 
 
-def run_auto(base: RunRequest, candidates: list[str], criterion: str, budget_s: float | None,
-             candidate_params: dict[str, dict], hooks: Hooks | None = None) -> RunResult:
-    """Run each candidate method through the runner (within `budget_s`: no candidate starts after it, the
-    first always runs), pick one by `criterion` on the unlabelled target, export the pick."""
+def run_auto(base: RunRequest, params: dict, hooks: Hooks | None = None) -> RunResult:
+    """`params`: the validated `auto` params, dumped. Run each candidate method (its default params) through
+    the runner (within `budget_s`: no candidate starts after it, the first always runs), pick one by
+    `criterion` on the unlabelled target, export the pick."""
     hooks = hooks or NoHooks()
+    candidates, criterion, budget_s = params["candidates"], params["criterion"], params["budget_s"]
     t0 = time.perf_counter()
     done: list[tuple[str, RunResult, torch.Tensor]] = []
     skipped = []
@@ -200,7 +201,7 @@ def run_auto(base: RunRequest, candidates: list[str], criterion: str, budget_s: 
         if done and budget_s is not None and time.perf_counter() - t0 > budget_s:
             skipped.append(method)
             continue
-        sub = replace(base, method=method, params=candidate_params.get(method, {}),
+        sub = replace(base, method=method, params={},
                       output_dir=base.output_dir / "candidates" / method)
         result = run(sub, _Prefixed(hooks, f"candidate {i + 1}/{len(candidates)} {method}: "))
         done.append((method, result, _target_probs(sub, result.model_path)))
@@ -210,8 +211,8 @@ def run_auto(base: RunRequest, candidates: list[str], criterion: str, budget_s: 
         entry["accuracy_after"] = r.metrics.get("accuracy_after")
         entry["estimated_accuracy_after"] = E.accuracy_estimate(p)["estimated_accuracy_after"]
     metrics = dict(result.metrics)
-    metrics.update(method="auto", selected_method=method, candidates=pick["candidates"], criterion=criterion,
-                   skipped_candidates=skipped, selected_params=result.metrics.get("params"))
+    metrics.update(method="auto", params=params, selected_method=method, candidates=pick["candidates"],
+                   criterion=criterion, skipped_candidates=skipped, selected_params=result.metrics.get("params"))
     base.output_dir.mkdir(parents=True, exist_ok=True)
     model_path = base.output_dir / "model.safetensors"
     shutil.copyfile(result.model_path, model_path)
@@ -228,8 +229,8 @@ def execute(request: RunRequest | DistillRequest, hooks: Hooks | None = None) ->
         cfg = D.DistillConfig.from_params(params, epochs=base.epochs, seed=base.seed)
         return run_distill(request, params, cfg, hooks)
     if request.method == "auto":
-        p = get_method_info("auto").params_model.model_validate(request.params)
-        return run_auto(request, p.candidates, p.criterion, p.budget_s, {}, hooks)
+        return run_auto(request, get_method_info("auto").params_model.model_validate(request.params).model_dump(),
+                        hooks)
     return run(request, hooks)
 
 
