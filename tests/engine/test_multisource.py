@@ -110,8 +110,12 @@ def test_distilled_students_beat_the_best_source(pool):
     cfg = config(40)
     nearest = pool.student_accuracy(D.nearest_weights(scores), cfg)
     weighted = pool.student_accuracy(T.similarity_weights(scores), cfg)
+    labels_only = pool.student_accuracy(torch.zeros(3), cfg)
     best = max(pool.accuracy)
     assert nearest > best + 0.05 and weighted > best + 0.05, (nearest, weighted, pool.accuracy)
+    # Distilling every source beats the same student trained on the 100 labelled images alone (here
+    # DistillNearest does not: 71 % against 77 %).
+    assert weighted > labels_only + 0.03, (weighted, labels_only)
 
 
 def test_feature_distillation_needs_no_shared_label_space(pool):
