@@ -243,7 +243,6 @@ def run_auto(args) -> list[dict]:
 
     from worker.adaptation import estimation as E
     from app.contract.catalog import get_method_info
-    from worker.adaptation.data import Preprocess
     from worker.adaptation.models.loading import load_model
     from worker.adaptation.runner import RunRequest, run
 
@@ -262,12 +261,12 @@ def run_auto(args) -> list[dict]:
             info = get_method_info(method)
             params = {k: v for k, v in DB.DIGITS_PARAMS.items() if k in info.params_model.model_fields}
             with tempfile.TemporaryDirectory() as tmp:
-                res = run(RunRequest(method=method, model_path=Path(model_path), architecture="digit_cnn",
-                                     arch_kwargs=DB.ARCH_KWARGS, num_classes=10, data_path=Path(adapt_path),
-                                     output_dir=Path(tmp), params=params,
-                                     preprocess=Preprocess(size=None, channels=1, mean=MEAN, std=STD),
-                                     batch_size=64, epochs=args.sfda_epochs if info.kind == "sfda" else 1,
-                                     seed=args.seed))
+                res = run(RunRequest.for_files(
+                    model_path, adapt_path, tmp, method=method, params=params,
+                    model={"architecture": "digit_cnn", "arch_kwargs": DB.ARCH_KWARGS, "num_classes": 10},
+                    preprocess={"size": None, "channels": 1, "mean": MEAN, "std": STD},
+                    options={"batch_size": 64, "epochs": args.sfda_epochs if info.kind == "sfda" else 1,
+                             "seed": args.seed}))
                 model, _ = load_model("digit_cnn", 10, DB.ARCH_KWARGS, Path(tmp) / "model.safetensors", None)
             p = predict(model, x)
             cands.append({"method": method, "probs": p, "accuracy": accuracy(p, y),

@@ -1,16 +1,18 @@
-"""The stored job spec (DESIGN §4, validated by the API) -> the engine's RunRequest."""
+"""The stored job spec -> the engine's request: re-validated with the API's JobSpec (app/contract), inputs
+fetched to local files."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-from worker.adaptation.data import Preprocess
-from worker.adaptation.multisource_run import DistillRequest, ModelInput
+from app.contract.jobs import JobSpec
+from worker.adaptation.multisource_run import DistillRequest
 from worker.adaptation.runner import RunRequest
 
 
-def build_run_request(spec: dict, workdir: Path, fetch: Callable[[str, Path], Path]) -> RunRequest | DistillRequest:
+def build_run_request(stored: dict, workdir: Path, fetch: Callable[[str, Path], Path]) -> RunRequest | DistillRequest:
     """`fetch(upload_id, destination)` copies an upload's bytes to a local file (streamed)."""
+    spec = JobSpec.model_validate(stored)
     inputs: dict[str, Path] = {}
 
     def local(upload_id: str, name: str) -> Path:
@@ -18,36 +20,14 @@ def build_run_request(spec: dict, workdir: Path, fetch: Callable[[str, Path], Pa
             inputs[upload_id] = fetch(upload_id, workdir / name)
         return inputs[upload_id]
 
-    sources = spec.get("models")
-    model = spec["model"] if sources is None else sources[0]  # a multi-source job's base fields are unused
-    data, eval_data = spec["data"], spec.get("eval_data")
-    pre = spec.get("preprocess") or {}
-    opts = spec.get("options") or {}
-    channels = pre.get("channels", 3)
-    request = RunRequest(
-        method=spec["method"], params=spec.get("params") or {},
-        model_path=local(model["upload_id"], "model.bin"), model_format=model.get("format"),
-        architecture=model["architecture"], num_classes=model["num_classes"],
-        arch_kwargs=model.get("arch_kwargs") or {},
-        data_path=local(data["upload_id"], "data.bin"), data_format=data.get("format"),
-        eval_path=local(eval_data["upload_id"], "eval.bin") if eval_data else None,
-        eval_format=eval_data.get("format") if eval_data else None,
-        preprocess=Preprocess(size=pre.get("size"), channels=channels,
-                              mean=pre.get("mean") or [0.0] * channels, std=pre.get("std") or [1.0] * channels),
-        batch_size=opts.get("batch_size", 128), epochs=opts.get("epochs", 1), seed=opts.get("seed", 0),
-        device=opts.get("device", "auto"), precision=opts.get("precision", "auto"),
-        output_dir=workdir / "out",
-    )
-    if sources is None:
-        return request
-    student, labelled = spec["student"], spec.get("labelled_data")
-
-    def model_input(m: dict, name: str) -> ModelInput:
-        path = local(m["upload_id"], name) if m.get("upload_id") else None
-        return ModelInput(m["architecture"], m["num_classes"], m.get("arch_kwargs") or {}, path, m.get("format"))
-
-    return DistillRequest(
-        base=request, sources=[model_input(m, f"source{i}.bin") for i, m in enumerate(sources)],
-        student=model_input(student, "student.bin"),
-        labelled_path=local(labelled["upload_id"], "labelled.bin") if labelled else None,
-        labelled_format=labelled.get("format") if labelled else None)
+    data_path = local(spec.data.upload_id, "data.bin")
+    eval_path = local(spec.eval_data.upload_id, "eval.bin") if spec.eval_data else None
+    if spec.models is not None:
+        student = spec.student
+        return DistillRequest(
+            spec, source_paths=[local(m.upload_id, f"source{i}.bin") for i, m in enumerate(spec.models)],
+            student_path=local(student.upload_id, "student.bin") if student.upload_id else None,
+            data_path=data_path, output_dir=workdir / "out", eval_path=eval_path,
+            labelled_path=local(spec.labelled_data.upload_id, "labelled.bin") if spec.labelled_data else None)
+    return RunRequest(spec, model_path=local(spec.model.upload_id, "model.bin"), data_path=data_path,
+                      output_dir=workdir / "out", eval_path=eval_path)

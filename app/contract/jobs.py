@@ -128,6 +128,12 @@ class JobSpec(_Strict):
                                      "`labelled_data`")
         return self
 
+    def architectures(self) -> list[tuple[str, "_Architecture"]]:
+        """(field path, reference) of every network the spec names: the model, or the sources and student."""
+        out: list[tuple[str, _Architecture]] = [("model", self.model)] if self.model is not None else []
+        out += [(f"models[{i}]", m) for i, m in enumerate(self.models or [])]
+        return out + ([("student", self.student)] if self.student is not None else [])
+
     def model_refs(self) -> list[tuple[str, str]]:
         """(field path, upload id) of every model upload the spec names."""
         refs = [("model", self.model.upload_id)] if self.model is not None else []

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from ..contract.architectures import task_of
-from ..contract.catalog import CATALOG
+from ..contract.catalog import CATALOG, MethodInfo
 
 from ..config import Settings
 from ..db import repo
@@ -40,24 +40,8 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
                        {"errors": errors, "schema": info.params_schema()}) from None
-    if spec.task not in info.tasks:
-        raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
-                       f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
-    multisource = info.kind == "multisource"
-    if multisource != (spec.models is not None):
-        field = "model" if multisource else "models"  # the one given that the method does not take
-        raise ApiError("invalid_spec", f"{field}: {spec.method} takes "
-                       + ("`models` (source models) and a `student`, not `model`" if multisource
-                          else "one `model`, not `models`"), {"field": field})
-    architectures = [("model", spec.model)] if spec.model is not None else []
-    architectures += [(f"models[{i}]", m) for i, m in enumerate(spec.models or [])]
-    architectures += [("student", spec.student)] if spec.student is not None else []
-    for field, ref in architectures:
-        arch_task = task_of(ref.architecture)
-        if arch_task is not None and arch_task != spec.task:
-            raise ApiError("task_mismatch", f"{field}.architecture: {ref.architecture} is a {arch_task} "
-                           f"architecture, the job's task is {spec.task!r}",
-                           {"field": f"{field}.architecture", "task": spec.task, "architecture_task": arch_task})
+    check_models(spec, info)
+    check_task(spec, info)
     refs = [(field, upload_id, "model") for field, upload_id in spec.model_refs()]
     refs.append(("data", spec.data.upload_id, "dataset"))
     for field in ("eval_data", "labelled_data"):
@@ -73,6 +57,30 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
     return params
+
+
+def check_models(spec: JobSpec, info: MethodInfo) -> None:
+    """Multi-source methods take `models` (and a `student`), every other method one `model`."""
+    multisource = info.kind == "multisource"
+    if multisource != (spec.models is not None):
+        field = "model" if multisource else "models"  # the one given that the method does not take
+        raise ApiError("invalid_spec", f"{field}: {spec.method} takes "
+                       + ("`models` (source models) and a `student`, not `model`" if multisource
+                          else "one `model`, not `models`"), {"field": field})
+
+
+def check_task(spec: JobSpec, info: MethodInfo) -> None:
+    """The job's task must be one the method supports and the one every built-in architecture of the
+    spec (model, sources, student) declares."""
+    if spec.task not in info.tasks:
+        raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
+                       f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
+    for field, ref in spec.architectures():
+        arch_task = task_of(ref.architecture)
+        if arch_task is not None and arch_task != spec.task:
+            raise ApiError("task_mismatch", f"{field}.architecture: {ref.architecture} is a {arch_task} "
+                           f"architecture, the job's task is {spec.task!r}",
+                           {"field": f"{field}.architecture", "task": spec.task, "architecture_task": arch_task})
 
 
 def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_key: str | None

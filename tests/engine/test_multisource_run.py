@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from worker.adaptation import distill as D
-from worker.adaptation.data import Preprocess
 from worker.adaptation.models.export import save_safetensors
 from worker.adaptation.models.loading import load_model
-from worker.adaptation.multisource_run import DistillRequest, ModelInput, run_auto, run_distill
+from worker.adaptation.multisource_run import DistillRequest, execute, run_distill
 from worker.adaptation.runner import RunRequest
 
-from .test_multisource import KW, N_LABELLED, Pool, config
+from .test_multisource import KW, N_LABELLED, Pool
 
-PRE = Preprocess(size=16, channels=1, mean=[0.5], std=[0.5])
+PRE = {"size": 16, "channels": 1, "mean": [0.5], "std": [0.5]}
+STUDENT_KW = {"width": 8, "bottleneck": 32}
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +34,22 @@ def files(tmp_path_factory):
     return {"dir": d, "sources": paths, "accuracy": pool.accuracy}
 
 
-def base(files, out: Path, method: str, model: Path | None = None) -> RunRequest:
+def auto_request(files, out: Path, params: dict, model: Path | None = None) -> RunRequest:
     d = files["dir"]
-    return RunRequest(method=method, model_path=model or files["sources"][0], architecture="digit_cnn",
-                      num_classes=10, arch_kwargs=KW, data_path=d / "target.npz", eval_path=d / "target.npz",
-                      output_dir=out, preprocess=PRE, batch_size=64, epochs=1, device="cpu")
+    return RunRequest.for_files(model or files["sources"][0], d / "target.npz", out, eval_path=d / "target.npz",
+                                method="auto", params=params,
+                                model={"architecture": "digit_cnn", "num_classes": 10, "arch_kwargs": KW},
+                                preprocess=PRE, options={"batch_size": 64, "device": "cpu"})
 
 
 def test_distill_weighted_run(files, tmp_path):
-    req = DistillRequest(base=base(files, tmp_path, "distill_weighted"),
-                         sources=[ModelInput("digit_cnn", 10, KW, p) for p in files["sources"]],
-                         student=ModelInput("digit_cnn", 10, {"width": 8, "bottleneck": 32}),
-                         labelled_path=files["dir"] / "labelled.npz")
-    result = run_distill(req, {"temperature": 1.0}, config(3))
+    d = files["dir"]
+    req = DistillRequest.for_files(
+        files["sources"], d / "target.npz", tmp_path, eval_path=d / "target.npz", labelled_path=d / "labelled.npz",
+        method="distill_weighted", models=[{"architecture": "digit_cnn", "num_classes": 10, "arch_kwargs": KW}] * 3,
+        student={"architecture": "digit_cnn", "num_classes": 10, "arch_kwargs": STUDENT_KW}, preprocess=PRE,
+        options={"batch_size": 64, "epochs": 3, "device": "cpu"})
+    result = run_distill(req)
     m = result.metrics
     assert [s["index"] for s in m["sources"]] == [0, 1, 2]
     assert sum(s["weight"] for s in m["sources"]) == pytest.approx(1.0)
@@ -55,14 +57,15 @@ def test_distill_weighted_run(files, tmp_path):
     assert [s["accuracy"] for s in m["sources"]] == pytest.approx(files["accuracy"])
     assert m["accuracy_before"] == pytest.approx(max(files["accuracy"]))
     assert 0.0 <= m["accuracy_after"] <= 1.0 and m["pseudo_labels"] == "labelled_centroids"
-    student, _ = load_model("digit_cnn", 10, {"width": 8, "bottleneck": 32}, result.model_path)
+    assert m["params"]["temperature"] == 1.0 and m["estimator"] == "bounded_confidence"
+    student, _ = load_model("digit_cnn", 10, STUDENT_KW, result.model_path)
     assert student(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
 
 
 def test_auto_run(files, tmp_path):
     best = files["sources"][int(np.argmax(files["accuracy"]))]
     params = {"candidates": ["source", "bn_adapt", "tent"], "criterion": "agreement", "budget_s": None}
-    result = run_auto(base(files, tmp_path, "auto", best), params)
+    result = execute(auto_request(files, tmp_path, params, best))
     m = result.metrics
     assert [c["method"] for c in m["candidates"]] == ["source", "bn_adapt", "tent"]
     assert all(0 <= c["score"] <= 1 and 0 <= c["accuracy_after"] <= 1 for c in m["candidates"])
@@ -75,6 +78,6 @@ def test_auto_run(files, tmp_path):
 
 def test_auto_budget_runs_the_first_candidate_only(files, tmp_path):
     params = {"candidates": ["source", "bn_adapt"], "criterion": "bounded_confidence", "budget_s": 1e-9}
-    m = run_auto(base(files, tmp_path, "auto"), params).metrics
+    m = execute(auto_request(files, tmp_path, params)).metrics
     assert [c["method"] for c in m["candidates"]] == ["source"] and m["skipped_candidates"] == ["bn_adapt"]
     assert m["selected_method"] == "source"

@@ -114,12 +114,12 @@ def accuracy_estimate(probs: torch.Tensor) -> dict:
             "estimated_accuracy_error": ESTIMATOR_MEAN_ABS_ERROR}
 
 
-def entropy_note(entropy_before: float, entropy_after: float, recalibrated_batches: int) -> str | None:
+def entropy_note(entropy_before: float | None, entropy_after: float | None, recalibrated_batches: int) -> str | None:
     """Why the reported entropy can rise after an entropy-minimising method: both numbers are of models
     in eval mode; the adapted one with BatchNorm statistics re-estimated over the whole target, which
     the method never saw while it minimised entropy on batch statistics (the per-step entropy in
     history.json is that one)."""
-    if entropy_after <= entropy_before:
+    if entropy_before is None or entropy_after is None or entropy_after <= entropy_before:
         return None
     if recalibrated_batches:
         return ("entropy_after > entropy_before: entropy_after is the exported model's in eval mode, with "

@@ -1,112 +1,135 @@
 """Jobs over several models, built on the runner's pieces:
 - `run_distill`: DistillNearest / DistillWeighted, several source models -> one student (`distill`);
 - `run_auto`: several adaptation methods on one model, one picked without labels (`estimation.choose`).
-Both return the runner's `RunResult`; the exported model is the student / the pick."""
+Both return the runner's `RunResult`; the exported model is the student / the pick. `execute` sends any
+job to the right one. Classification only (the task interface's other tasks are not wired here)."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from app.contract.catalog import get_method_info
+from app.contract.jobs import JobSpec
+
 from . import distill as D
 from . import estimation as E
-from . import metrics as M
-from .data import open_image_set
+from .data import Preprocess, open_image_set
 from .device import peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision, seed_everything
 from .errors import AdaptationError
 from .methods.norm import has_batch_norm
 from .models import build_model
-from .models.export import recalibrate_batch_norm, save_safetensors
+from .models.export import save_safetensors
 from .models.loading import load_model
-from .runner import (RECALIBRATION_BATCHES, Hooks, NoHooks, RunRequest, RunResult, _check_input_shape, _open_eval,
-                     _Prep, _take, predict, run)
+from .runner import (RECALIBRATION_BATCHES, Hooks, NoHooks, RunRequest, RunResult, _check_input_shape, _Prep, _take,
+                     predict, run)
+from .tasks import get_task
 
 MAX_LABELLED = 10_000  # the labelled target set is held in memory, preprocessed
 
 
-@dataclass
-class ModelInput:
-    architecture: str
-    num_classes: int
-    arch_kwargs: dict = field(default_factory=dict)
-    path: Path | None = None      # None: a freshly initialised student
-    format: str | None = None
-
-
-@dataclass
+@dataclass(frozen=True)
 class DistillRequest:
-    """`base` carries the method, params, data, eval data, preprocessing and options; its own model
-    fields are unused. `labelled_path`: the optional small labelled target set."""
+    """A multi-source job's validated spec (`models`, `student`) and where its inputs lie."""
 
-    base: RunRequest
-    sources: list[ModelInput]
-    student: ModelInput
+    spec: JobSpec
+    source_paths: list[Path]
+    student_path: Path | None      # None: a freshly initialised student
+    data_path: Path
+    output_dir: Path
+    eval_path: Path | None = None
     labelled_path: Path | None = None
-    labelled_format: str | None = None
+
+    @classmethod
+    def for_files(cls, source_paths: list[Path], data_path: Path, output_dir: Path, eval_path: Path | None = None,
+                  labelled_path: Path | None = None, **spec) -> "DistillRequest":
+        """Local files instead of uploads (tests, benchmarks): `spec` holds JobSpec's fields, `models`
+        without upload ids."""
+        refs = {"models": [{**m, "upload_id": "local"} for m in spec.pop("models")], "data": {"upload_id": "local"}}
+        if eval_path is not None:
+            refs["eval_data"] = {"upload_id": "local-eval"}
+        if labelled_path is not None:
+            refs["labelled_data"] = {"upload_id": "local-labelled"}
+        return cls(JobSpec.model_validate({**spec, **refs}), [Path(p) for p in source_paths], None, Path(data_path),
+                   Path(output_dir), eval_path, labelled_path)
 
 
-def _labelled(req: DistillRequest, prep: _Prep, num_classes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if req.labelled_path is None:
+class _Fp32:
+    """What `predict` needs of a method context: fp32 (students are small; sources are only read)."""
+
+    @staticmethod
+    def autocast():
+        return contextlib.nullcontext()
+
+
+def _open_labelled(path: Path | None, fmt: str | None, spec: JobSpec, prep: _Prep, task, field: str,
+                   limit: int | None = None):
+    """A labelled set (labelled_data or eval_data): (ImageSet, labels checked against the student's classes)."""
+    if path is None:
         return None
-    ds = open_image_set(req.labelled_path, req.labelled_format, preprocess_size=req.base.preprocess.size)
+    ds = open_image_set(path, fmt, preprocess_size=spec.preprocess.size)
     if ds.labels is None:
-        raise AdaptationError("labelled_data_unlabelled", "labelled_data must carry labels ('y' in npz, class "
-                              "folders in archives)")
-    if len(ds) > MAX_LABELLED:
-        raise AdaptationError("labelled_data_too_large", f"labelled_data holds {len(ds)} images; at most "
-                              f"{MAX_LABELLED} (it is the few labelled target images)", {"limit": MAX_LABELLED})
-    if ds.labels.min() < 0 or ds.labels.max() >= num_classes:
-        raise AdaptationError("label_out_of_range", f"labelled_data labels must lie in 0..{num_classes - 1}")
-    xs = torch.cat([x for x, _ in prep.iterate(ds, 256)])
-    return xs, torch.from_numpy(ds.labels.astype(np.int64)).to(xs.device)
+        raise AdaptationError(f"{field}_unlabelled", f"{field} must carry labels ('y' in npz, class folders in "
+                              "archives)")
+    if limit is not None and len(ds) > limit:
+        raise AdaptationError("labelled_data_too_large", f"{field} holds {len(ds)} images; at most {limit} (it "
+                              "is the few labelled target images)", {"limit": limit})
+    task.check_labels(ds.labels, spec.student.num_classes)
+    return ds
 
 
-def run_distill(req: DistillRequest, params: dict, cfg: D.DistillConfig, hooks: Hooks | None = None) -> RunResult:
-    """`params`: the method's validated catalogue params, dumped (`temperature` for distill_weighted); `cfg`:
-    the training settings (from the same params and the job's options)."""
+def run_distill(req: DistillRequest, hooks: Hooks | None = None) -> RunResult:
     hooks = hooks or NoHooks()
-    base = req.base
-    mode = "nearest" if base.method == "distill_nearest" else "weighted"
-    device = resolve_device(base.device)
-    precision = resolve_precision(base.precision, device)
-    seed_everything(base.seed)
+    spec, opts = req.spec, req.spec.options
+    st = spec.student
+    task = get_task(spec.task)
+    params = get_method_info(spec.method).params_model.model_validate(spec.params).model_dump()
+    cfg = D.DistillConfig.from_params(params, epochs=opts.epochs, seed=opts.seed)
+    mode = "nearest" if spec.method == "distill_nearest" else "weighted"
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision, device)
+    seed_everything(opts.seed)
     reset_peak_memory(device)
+
     hooks.progress(0, 0, "loading")
     sources, reports = [], []
-    for s in req.sources:
-        model, report = load_model(s.architecture, s.num_classes, s.arch_kwargs, s.path, s.format)
+    for ref, path in zip(spec.models, req.source_paths):
+        model, report = load_model(ref.architecture, ref.num_classes, ref.arch_kwargs, path, ref.format)
         sources.append(model.to(device).eval())
         reports.append(report)
-    st = req.student
-    if st.path is not None:
-        student, _ = load_model(st.architecture, st.num_classes, st.arch_kwargs, st.path, st.format)
+    if req.student_path is not None:
+        student, _ = load_model(st.architecture, st.num_classes, st.arch_kwargs, req.student_path, st.format)
     else:
         try:
             student = build_model(st.architecture, st.num_classes, **st.arch_kwargs)
         except (TypeError, ValueError) as exc:
             raise AdaptationError("invalid_arch_kwargs", f"student: {exc}") from None
     student = student.to(device)
-    data = open_image_set(base.data_path, base.data_format, preprocess_size=base.preprocess.size)
-    eval_req = replace(base, num_classes=st.num_classes)
-    eval_data = _open_eval(eval_req, data)
-    prep = _Prep(base.preprocess, device, False, hooks)
-    for model, s in zip(sources, req.sources):
-        _check_input_shape(model, data, prep, s.num_classes)
-    _check_input_shape(student, data, prep, st.num_classes)
-    same = [s.num_classes == st.num_classes for s in req.sources]
-    labelled = _labelled(req, prep, st.num_classes)
-    if labelled is None and not all(same):
-        raise AdaptationError("num_classes_mismatch", "sources whose class count differs from the student's "
-                              "need a labelled target set (labelled_data) to be compared with the target task")
+    pre = spec.preprocess
+    prep = _Prep(Preprocess(size=pre.size, channels=pre.channels, mean=pre.mean, std=pre.std), device, False, hooks)
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size)
+    eval_data = _open_labelled(req.eval_path, spec.eval_data.format if spec.eval_data else None, spec, prep, task,
+                               "eval_data")
+    for model, ref in zip(sources, spec.models):
+        _check_input_shape(model, data, prep, ref.num_classes, task)
+    _check_input_shape(student, data, prep, st.num_classes, task)
+    same = [ref.num_classes == st.num_classes for ref in spec.models]
+    lab_set = _open_labelled(req.labelled_path, spec.labelled_data.format if spec.labelled_data else None, spec,
+                             prep, task, "labelled_data", MAX_LABELLED)
+    labelled = None
+    if lab_set is not None:
+        xs = torch.cat([x for x, _ in prep.iterate(lab_set, 256)])
+        labelled = (xs, torch.from_numpy(lab_set.labels.astype(np.int64)).to(device))
 
     def batches(order):
-        return prep.iterate(data, base.batch_size, order)
+        return prep.iterate(data, opts.batch_size, order)
 
-    total = cfg.epochs * -(-len(data) // base.batch_size)
+    total = cfg.epochs * -(-len(data) // opts.batch_size)
     hooks.progress(0, total, "scoring_sources")
     rows: list[dict] = []
 
@@ -125,74 +148,58 @@ def run_distill(req: DistillRequest, params: dict, cfg: D.DistillConfig, hooks: 
     hooks.progress(len(rows), total, "recalibrating")
     recalibrated = 0
     if has_batch_norm(student):
-        recalibrated = recalibrate_batch_norm(student, (x for x, _ in _take(batches(None), RECALIBRATION_BATCHES)))
+        recalibrated = task.recalibrate(student, (x for x, _ in _take(batches(None), RECALIBRATION_BATCHES)), None)
     hooks.progress(len(rows), total, "evaluating")
-    ctx = _Ctx()
-    after_target = predict(student, data, prep, base.batch_size, ctx)
+    after_target = predict(student, data, prep, opts.batch_size, _Fp32(), task)
     selected = report["selected_source"]
-    source_target = report["source_probs"][selected]
     entries = report["sources"]
-    labels = None if eval_data is None else torch.from_numpy(eval_data.labels)
     source_eval = []
-    for model, s, entry in zip(sources, req.sources, entries):
-        if labels is not None and s.num_classes == st.num_classes:
-            p = predict(model, eval_data, prep, base.batch_size, ctx)
-            source_eval.append(p)
-            entry["accuracy"] = M.accuracy(p, labels)
-        else:
-            source_eval.append(None)
-            entry["accuracy"] = None
+    for model, ref, entry in zip(sources, spec.models, entries):
+        p = None
+        if eval_data is not None and ref.num_classes == st.num_classes:
+            p = predict(model, eval_data, prep, opts.batch_size, _Fp32(), task)
+        source_eval.append(p)
+        entry["accuracy"] = None if p is None else task.evaluate(p, eval_data.labels, st.num_classes)["accuracy"]
 
     hooks.progress(len(rows), total, "exporting")
-    base.output_dir.mkdir(parents=True, exist_ok=True)
-    model_path = base.output_dir / "model.safetensors"
+    req.output_dir.mkdir(parents=True, exist_ok=True)
+    model_path = req.output_dir / "model.safetensors"
     save_safetensors(student, model_path, {"architecture": st.architecture, "num_classes": str(st.num_classes),
-                                           "method": base.method})
-    after_summary = M.prediction_summary(after_target, st.num_classes)
+                                           "method": spec.method})
+    source_target = report["source_probs"][selected]
+    after_summary = task.summary(after_target, st.num_classes)
     metrics = {
-        "method": base.method, "params": params,
-        "sources": entries, "selected_source": selected, "similarity_metric": report["similarity_metric"],
-        "pseudo_labels": report["pseudo_labels"],
-        "entropy_before": M.mean_entropy(source_target) if source_target is not None else None,
+        "method": spec.method, "params": params, "sources": entries, "selected_source": selected,
+        "similarity_metric": report["similarity_metric"], "pseudo_labels": report["pseudo_labels"],
+        "entropy_before": None if source_target is None else task.summary(source_target, st.num_classes)["mean_entropy"],
         "entropy_after": after_summary["mean_entropy"],
         "predicted_class_entropy_after": after_summary["predicted_class_entropy"],
         **E.accuracy_estimate(after_target),
-        "images_per_second": len(rows) * base.batch_size / seconds if seconds > 0 else 0.0,
+        "images_per_second": len(rows) * opts.batch_size / seconds if seconds > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device), "num_images": len(data), "device": str(device),
         "precision": precision, "num_labelled": 0 if labelled is None else len(labelled[1]),
         "target": {"after": after_summary}, "batchnorm_recalibration_batches": recalibrated,
         "model_load": {"sources": reports}, "timing": {"adapt_seconds": seconds, "steps": len(rows)},
         "collapse_detected": False,
     }
-    if labels is not None:
-        after_eval = predict(student, eval_data, prep, base.batch_size, ctx)
-        after = M.labelled_summary(after_eval, labels, st.num_classes)
+    if eval_data is not None:
+        after = task.evaluate(predict(student, eval_data, prep, opts.batch_size, _Fp32(), task), eval_data.labels,
+                              st.num_classes)
         metrics["accuracy_after"] = after["accuracy"]
+        ev = {"num_images": len(eval_data), "after": after, "class_names": eval_data.class_names}
         if source_eval[selected] is not None:
-            before = M.labelled_summary(source_eval[selected], labels, st.num_classes)
-            metrics["accuracy_before"] = before["accuracy"]
-            metrics["eval"] = {"num_images": len(eval_data), "before": before, "after": after,
-                               "class_names": eval_data.class_names}
-        else:
-            metrics["eval"] = {"num_images": len(eval_data), "after": after, "class_names": eval_data.class_names}
+            ev["before"] = task.evaluate(source_eval[selected], eval_data.labels, st.num_classes)
+            metrics["accuracy_before"] = ev["before"]["accuracy"]
+        metrics["eval"] = ev
     return RunResult(metrics=metrics, history={"steps": rows, "collapse_events": []}, model_path=model_path)
 
 
-class _Ctx:
-    """What `predict` needs of a method context: fp32 on any device (students are small)."""
-
-    @staticmethod
-    def autocast():
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
-def run_auto(base: RunRequest, params: dict, hooks: Hooks | None = None) -> RunResult:
-    """`params`: the validated `auto` params, dumped. Run each candidate method (its default params) through
-    the runner (within `budget_s`: no candidate starts after it, the first always runs), pick one by
-    `criterion` on the unlabelled target, export the pick."""
+def run_auto(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
+    """Run each candidate method (its default params) through the runner (within `budget_s`: no candidate
+    starts after it, the first always runs), pick one by `criterion` on the unlabelled target, export the
+    pick."""
     hooks = hooks or NoHooks()
+    params = get_method_info("auto").params_model.model_validate(req.spec.params).model_dump()
     candidates, criterion, budget_s = params["candidates"], params["criterion"], params["budget_s"]
     t0 = time.perf_counter()
     done: list[tuple[str, RunResult, torch.Tensor]] = []
@@ -201,8 +208,8 @@ def run_auto(base: RunRequest, params: dict, hooks: Hooks | None = None) -> RunR
         if done and budget_s is not None and time.perf_counter() - t0 > budget_s:
             skipped.append(method)
             continue
-        sub = replace(base, method=method, params={},
-                      output_dir=base.output_dir / "candidates" / method)
+        sub = replace(req, spec=req.spec.model_copy(update={"method": method, "params": {}}),
+                      output_dir=req.output_dir / "candidates" / method)
         result = run(sub, _Prefixed(hooks, f"candidate {i + 1}/{len(candidates)} {method}: "))
         done.append((method, result, _target_probs(sub, result.model_path)))
     pick = E.choose([m for m, _, _ in done], [p for _, _, p in done], criterion)
@@ -213,24 +220,18 @@ def run_auto(base: RunRequest, params: dict, hooks: Hooks | None = None) -> RunR
     metrics = dict(result.metrics)
     metrics.update(method="auto", params=params, selected_method=method, candidates=pick["candidates"],
                    criterion=criterion, skipped_candidates=skipped, selected_params=result.metrics.get("params"))
-    base.output_dir.mkdir(parents=True, exist_ok=True)
-    model_path = base.output_dir / "model.safetensors"
+    req.output_dir.mkdir(parents=True, exist_ok=True)
+    model_path = req.output_dir / "model.safetensors"
     shutil.copyfile(result.model_path, model_path)
     return RunResult(metrics=metrics, history=result.history, model_path=model_path)
 
 
 def execute(request: RunRequest | DistillRequest, hooks: Hooks | None = None) -> RunResult:
     """Any job: multi-source requests to `run_distill`, `auto` to `run_auto`, the rest to the runner."""
-    from app.contract.catalog import get_method_info
-
     if isinstance(request, DistillRequest):
-        base = request.base
-        params = get_method_info(base.method).params_model.model_validate(base.params).model_dump()
-        cfg = D.DistillConfig.from_params(params, epochs=base.epochs, seed=base.seed)
-        return run_distill(request, params, cfg, hooks)
-    if request.method == "auto":
-        return run_auto(request, get_method_info("auto").params_model.model_validate(request.params).model_dump(),
-                        hooks)
+        return run_distill(request, hooks)
+    if get_method_info(request.spec.method).kind == "auto":
+        return run_auto(request, hooks)
     return run(request, hooks)
 
 
@@ -250,8 +251,11 @@ class _Prefixed:
 
 def _target_probs(req: RunRequest, model_path: Path) -> torch.Tensor:
     """The exported candidate's predictions on the target, in eval mode (what a user downloads)."""
-    device = resolve_device(req.device)
-    model, _ = load_model(req.architecture, req.num_classes, req.arch_kwargs, model_path, None)
-    model = model.to(device)
-    data = open_image_set(req.data_path, req.data_format, preprocess_size=req.preprocess.size)
-    return predict(model, data, _Prep(req.preprocess, device, False, NoHooks()), req.batch_size, _Ctx())
+    spec = req.spec
+    device = resolve_device(spec.options.device)
+    model, _ = load_model(spec.model.architecture, spec.model.num_classes, spec.model.arch_kwargs, model_path, None)
+    pre = spec.preprocess
+    prep = _Prep(Preprocess(size=pre.size, channels=pre.channels, mean=pre.mean, std=pre.std), device, False,
+                 NoHooks())
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size)
+    return predict(model.to(device), data, prep, spec.options.batch_size, _Fp32(), get_task(spec.task))
