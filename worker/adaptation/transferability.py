@@ -31,22 +31,26 @@ def gbc(features: torch.Tensor, labels: torch.Tensor, num_classes: int, eps: flo
     them) so that scores over different class counts compare. A class with fewer than two members (a
     source that predicts it for no target image, e.g. a collapsed one) overlaps every other class fully."""
     x = pca(features)
-    stats = []
-    for c in range(num_classes):
+    counts = torch.bincount(labels, minlength=num_classes)[:num_classes]
+    present = counts >= MIN_PER_CLASS
+    if num_classes < 2:
+        return -1.0
+    means = torch.zeros(num_classes, x.shape[1], dtype=x.dtype)
+    variances = torch.ones(num_classes, x.shape[1], dtype=x.dtype)
+    for c in torch.nonzero(present).flatten().tolist():
         xc = x[labels == c]
-        stats.append((xc.mean(0), xc.var(0, unbiased=False) + eps) if len(xc) >= MIN_PER_CLASS else None)
-    total, pairs = 0.0, 0
-    for i in range(num_classes):
-        for j in range(i + 1, num_classes):
-            pairs += 1
-            if stats[i] is None or stats[j] is None:
-                total += 1.0
-                continue
-            (mi, vi), (mj, vj) = stats[i], stats[j]
-            v = (vi + vj) / 2
-            distance = 0.125 * ((mi - mj) ** 2 / v).sum() + 0.5 * (v.log().sum() - 0.5 * (vi.log().sum() + vj.log().sum()))
-            total += float(torch.exp(-distance))
-    return -max(total / max(pairs, 1), 1e-300)
+        means[c], variances[c] = xc.mean(0), xc.var(0, unbiased=False) + eps
+    log_var = variances.log().sum(1)
+    total = 0.0
+    for i in range(num_classes - 1):  # one row of class pairs at a time: memory O(C·d)
+        j = slice(i + 1, num_classes)
+        v = (variances[i] + variances[j]) / 2
+        distance = 0.125 * ((means[i] - means[j]) ** 2 / v).sum(1) + 0.5 * (v.log().sum(1) - 0.5 * (log_var[i] + log_var[j]))
+        bc = torch.exp(-distance)
+        bc[~(present[i] & present[j])] = 1.0
+        total += float(bc.sum())
+    pairs = num_classes * (num_classes - 1) // 2
+    return -max(total / pairs, 1e-300)
 
 
 def centroid_labels(features: torch.Tensor, labelled_features: torch.Tensor, labelled_y: torch.Tensor,
