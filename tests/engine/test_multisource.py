@@ -184,3 +184,14 @@ def test_class_balance_bound():
     assert E.bounded_confidence(balanced) == pytest.approx(0.55)
     prior = torch.tensor([0.5] + [0.5 / 9] * 9)
     assert E.class_balance_bound(torch.nn.functional.one_hot(torch.zeros(10, dtype=torch.long), 10).float(), prior) == pytest.approx(0.5)
+
+
+def test_job_estimate_and_entropy_note(pool):
+    probs = pool.outputs[1].probs
+    est = E.accuracy_estimate(probs)
+    assert est["estimator"] == E.ESTIMATOR and est["estimated_accuracy_error"] == E.ESTIMATOR_MEAN_ABS_ERROR
+    assert est["estimated_accuracy_after"] == E.bounded_confidence(probs) <= E.average_confidence(probs)
+    assert E.entropy_note(0.6, 0.5, 10) is None
+    assert "BatchNorm" in E.entropy_note(0.6, 0.99, 10)
+    assert "BatchNorm" not in E.entropy_note(0.6, 0.99, 0)
+    assert E.entropy_note(None, 0.99, 10) is None
