@@ -1,6 +1,8 @@
 """Task similarity between a source model and the target data, from the source's features and pseudo-labels
 on the target (no source data): the score DistillNearest ranks sources by and DistillWeighted weights them
-with (Borup, Phoo, Hariharan, ICCV 2023, who rank sources with transferability metrics of this family).
+with (Borup, Phoo, Hariharan, ICCV 2023). Only the paper's abstract could be read when this was written:
+which similarity metric and which weighting the authors settled on is not checked against their text or
+code. GBC and a softmax of -ln(overlap) are this implementation's choices, measured in BENCHMARKS.md.
 
 The metric is the Gaussian Bhattacharyya Coefficient (GBC; Pandy et al., CVPR 2022): fit one diagonal
 Gaussian per (pseudo-)class to the source's features of the target images and sum the pairwise
