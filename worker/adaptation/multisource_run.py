@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ class DistillRequest:
     output_dir: Path
     eval_path: Path | None = None
     labelled_path: Path | None = None
+    data_options: dict = field(default_factory=dict)  # dataset reader limits (the worker's max_pixels)
 
     @classmethod
     def for_files(cls, source_paths: list[Path], data_path: Path, output_dir: Path, eval_path: Path | None = None,
@@ -67,17 +68,18 @@ class _Fp32:
         return contextlib.nullcontext()
 
 
-def _open_labelled(path: Path | None, fmt: str | None, spec: JobSpec, prep: _Prep, task, field: str,
+def _open_labelled(req: DistillRequest, path: Path | None, fmt: str | None, task, name: str,
                    limit: int | None = None):
-    """A labelled set (labelled_data or eval_data): (ImageSet, labels checked against the student's classes)."""
+    """A labelled set (labelled_data or eval_data), its labels checked against the student's classes."""
     if path is None:
         return None
-    ds = open_image_set(path, fmt, preprocess_size=spec.preprocess.size)
+    spec = req.spec
+    ds = open_image_set(path, fmt, preprocess_size=spec.preprocess.size, **req.data_options)
     if ds.labels is None:
-        raise AdaptationError(f"{field}_unlabelled", f"{field} must carry labels ('y' in npz, class folders in "
+        raise AdaptationError(f"{name}_unlabelled", f"{name} must carry labels ('y' in npz, class folders in "
                               "archives)")
     if limit is not None and len(ds) > limit:
-        raise AdaptationError("labelled_data_too_large", f"{field} holds {len(ds)} images; at most {limit} (it "
+        raise AdaptationError("labelled_data_too_large", f"{name} holds {len(ds)} images; at most {limit} (it "
                               "is the few labelled target images)", {"limit": limit})
     task.check_labels(ds.labels, spec.student.num_classes)
     return ds
@@ -112,15 +114,15 @@ def run_distill(req: DistillRequest, hooks: Hooks | None = None) -> RunResult:
     student = student.to(device)
     pre = spec.preprocess
     prep = _Prep(Preprocess(size=pre.size, channels=pre.channels, mean=pre.mean, std=pre.std), device, False, hooks)
-    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size)
-    eval_data = _open_labelled(req.eval_path, spec.eval_data.format if spec.eval_data else None, spec, prep, task,
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size, **req.data_options)
+    eval_data = _open_labelled(req, req.eval_path, spec.eval_data.format if spec.eval_data else None, task,
                                "eval_data")
     for model, ref in zip(sources, spec.models):
         _check_input_shape(model, data, prep, ref.num_classes, task)
     _check_input_shape(student, data, prep, st.num_classes, task)
     same = [ref.num_classes == st.num_classes for ref in spec.models]
-    lab_set = _open_labelled(req.labelled_path, spec.labelled_data.format if spec.labelled_data else None, spec,
-                             prep, task, "labelled_data", MAX_LABELLED)
+    lab_set = _open_labelled(req, req.labelled_path, spec.labelled_data.format if spec.labelled_data else None,
+                             task, "labelled_data", MAX_LABELLED)
     labelled = None
     if lab_set is not None:
         xs = torch.cat([x for x, _ in prep.iterate(lab_set, 256)])
@@ -257,5 +259,5 @@ def _target_probs(req: RunRequest, model_path: Path) -> torch.Tensor:
     pre = spec.preprocess
     prep = _Prep(Preprocess(size=pre.size, channels=pre.channels, mean=pre.mean, std=pre.std), device, False,
                  NoHooks())
-    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size)
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size, **req.data_options)
     return predict(model.to(device), data, prep, spec.options.batch_size, _Fp32(), get_task(spec.task))
