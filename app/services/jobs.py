@@ -31,7 +31,8 @@ log = logging.getLogger("adaptd.jobs")
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     """Method, params against the method's schema, the task against method and architecture, upload ids
     and kinds. Returns the validated params (authors' defaults filled in)."""
-    _check_numbers({"params": spec.params, "model": {"arch_kwargs": spec.model.arch_kwargs}})
+    _check_numbers({"params": spec.params, **{field: {"arch_kwargs": ref.arch_kwargs}
+                                              for field, ref in spec.architectures()}})
     size = spec.preprocess.size
     if size is not None and size > settings.max_preprocess_size:
         raise ApiError("validation_error", f"preprocess.size: at most {settings.max_preprocess_size} "
@@ -53,10 +54,13 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
                        {"errors": errors, "schema": info.params_schema()}) from None
+    check_models(spec, info)
     check_task(spec, info)
-    refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
-    if spec.eval_data is not None:
-        refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
+    refs = [(field, upload_id, "model") for field, upload_id in spec.model_refs()]
+    refs.append(("data", spec.data.upload_id, "dataset"))
+    for field in ("eval_data", "labelled_data"):
+        if getattr(spec, field) is not None:
+            refs.append((field, getattr(spec, field).upload_id, "dataset"))
     with session_scope(settings.resolved_database_url) as s:
         for field, upload_id, kind in refs:
             upload = repo.get_upload(s, upload_id, tenant_id)
@@ -67,6 +71,16 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
     return params
+
+
+def check_models(spec: JobSpec, info: MethodInfo) -> None:
+    """Multi-source methods take `models` (and a `student`), every other method one `model`."""
+    multisource = info.kind == "multisource"
+    if multisource != (spec.models is not None):
+        field = "model" if multisource else "models"  # the one given that the method does not take
+        raise ApiError("invalid_spec", f"{field}: {spec.method} takes "
+                       + ("`models` (source models) and a `student`, not `model`" if multisource
+                          else "one `model`, not `models`"), {"field": field})
 
 
 MAX_ABS_NUMBER = 1e12  # no parameter of any method is sanely larger; keeps overflow out of the engine
@@ -88,15 +102,17 @@ def _check_numbers(value, path: str = "") -> None:
 
 
 def check_task(spec: JobSpec, info: MethodInfo) -> None:
-    """The job's task must be one the method supports and the one a built-in architecture declares."""
+    """The job's task must be one the method supports and the one every built-in architecture of the
+    spec (model, sources, student) declares."""
     if spec.task not in info.tasks:
         raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
                        f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
-    arch_task = task_of(spec.model.architecture)
-    if arch_task is not None and arch_task != spec.task:
-        raise ApiError("task_mismatch", f"model.architecture: {spec.model.architecture} is a {arch_task} "
-                       f"architecture, the job's task is {spec.task!r}",
-                       {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
+    for field, ref in spec.architectures():
+        arch_task = task_of(ref.architecture)
+        if arch_task is not None and arch_task != spec.task:
+            raise ApiError("task_mismatch", f"{field}.architecture: {ref.architecture} is a {arch_task} "
+                           f"architecture, the job's task is {spec.task!r}",
+                           {"field": f"{field}.architecture", "task": spec.task, "architecture_task": arch_task})
 
 
 def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_key: str | None
