@@ -66,7 +66,10 @@ def resolve(settings: Settings, key: str | None) -> Principal:
 
 
 async def principal_of(request: Request, settings: Settings) -> Principal:
-    return await run_in_threadpool(resolve, settings, presented_key(request))
+    key = presented_key(request)
+    if key is None:  # no database involved: answered here, without a trip through the threadpool
+        return resolve(settings, None)
+    return await run_in_threadpool(resolve, settings, key)
 
 
 def require_admin(principal: Principal) -> None:

@@ -118,3 +118,23 @@ def test_job_list_pagination_and_filter(pg_service, uploaded, assets):
         for job_id in ids:
             c.wait(job_id, timeout=300)
         assert all(j["status"] == "succeeded" for j in c.jobs(status="succeeded", limit=500)["items"])
+
+
+def test_job_list_rows_are_summaries_unless_full_is_asked(pg_service, uploaded, assets):
+    """List rows leave out the spec, params, artifacts and nested metric reports; view=full lists the
+    jobs exactly as GET /v1/jobs/{id} returns them."""
+    from app.client import Client
+
+    with Client(pg_service.url) as c:
+        job = c.wait(c.submit(tent_spec(uploaded, assets, method="source", options={"seed": 7}))["id"],
+                     timeout=300)
+        assert job["status"] == "succeeded" and job["artifacts"] and isinstance(job["metrics"]["target"], dict)
+        row = next(j for j in c.jobs(limit=500)["items"] if j["id"] == job["id"])
+        assert not {"spec", "params", "artifacts"} & set(row)
+        assert row["metrics"] == {k: v for k, v in job["metrics"].items() if not isinstance(v, (dict, list))}
+        assert {k: row[k] for k in ("status", "progress", "created_at", "finished_at")} == \
+            {k: job[k] for k in ("status", "progress", "created_at", "finished_at")}
+        full = next(j for j in c.jobs(limit=500, view="full")["items"] if j["id"] == job["id"])
+        assert full == c.job(job["id"])
+        r = httpx.get(f"{pg_service.url}/v1/jobs", params={"view": "everything"})
+        assert_error(r, 422, "validation_error")
