@@ -7,9 +7,8 @@ from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import Session
 
+from ..contract.jobs import TERMINAL  # noqa: F401  (callers use repo.TERMINAL)
 from .models import ApiKey, Artifact, Job, Tenant, Upload, utcnow
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 # --- uploads ---------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ..config import Settings
 from ..db import repo
 from ..db.session import read
 from ..errors import ApiError
-from ..schemas.jobs import JobOut
+from ..contract.jobs import JobOut
 from .jobs import views_out
 
 RETRY_MS = 2000
