@@ -84,3 +84,27 @@ async def read(url: str, fn: Callable[..., T], *args: Any) -> T:
             return fn(conn, *args)
     async with get_async_read_engine(url).connect() as conn:
         return await conn.run_sync(fn, *args)
+
+
+@contextmanager
+def deferred_durability_scope(url: str) -> Iterator[Connection]:
+    """A transaction whose commit does not wait for the disk (PostgreSQL: synchronous_commit off for
+    it; SQLite in WAL mode: synchronous=NORMAL while it commits). Only for rows that count once a later
+    ordinary commit refers to them, such as blob chunks before their blob is sealed: the log is
+    written in order, so that later commit's flush makes them durable too, and a crash before it
+    leaves an unsealed blob that nothing refers to."""
+    engine = get_engine(url)
+    with engine.connect() as conn:
+        sqlite = engine.dialect.name == "sqlite"
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+            conn.commit()  # ends SQLAlchemy's autobegun transaction (SQLite opened none for a PRAGMA)
+        try:
+            with conn.begin():
+                if not sqlite:
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                yield conn
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA synchronous=FULL")
+                conn.commit()
