@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from app.contract.catalog.tta import EATAParams
 
-from ._tta import eval_prediction, masked_mean, needs_eval_fallback, tta_optimizer
+from ._tta import eval_prediction, masked_mean, needs_eval_fallback, nothing_selected, tta_optimizer
 from .base import Method, StepOutput, softmax_entropy
 from .norm import freeze_all_but, use_batch_statistics
 from .registry import implements
@@ -67,15 +67,16 @@ class EATA(Method):
             used = reliable & novel
             coeff = torch.exp(-(ent.detach() - self.e0))  # 1 / exp(H − E0)
         loss, n_used = masked_mean(ent * coeff, used)
-
-        before = [q.detach().clone() for q in self.norm_params]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        keep = n_used > 0
+        if not nothing_selected(used):
+            before = [q.detach().clone() for q in self.norm_params]
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            with torch.no_grad():
+                for q, old in zip(self.norm_params, before):
+                    q.copy_(torch.where(keep, q, old))
         with torch.no_grad():
-            keep = n_used > 0
-            for q, old in zip(self.norm_params, before):
-                q.copy_(torch.where(keep, q, old))
             # EMA of the mean softmax of the used samples (initialised by the first non-empty batch)
             sel_mean = (probs.detach() * used.unsqueeze(1)).sum(0) / n_used.clamp_min(1.0)
             mixed = torch.where(self.probs_ema_valid,
