@@ -49,7 +49,7 @@ def list_jobs(s: Session, status: str | None, limit: int, before: tuple[datetime
 
 
 # The read path of the API (GET /v1/jobs, /v1/jobs/{id}, the event streams): Core statements on an
-# autocommit connection (app.db.session.read_scope), one round trip each. Rows carry the attributes
+# autocommit connection (app.db.session.read / read_scope), one round trip each. Rows carry the attributes
 # app.services.jobs.to_out reads, under the same names as the ORM's.
 _SUMMARY = (Job.id, Job.tenant_id, Job.status, Job.method, Job.created_at, Job.started_at, Job.finished_at,
             Job.heartbeat_at, Job.attempts, Job.cancel_requested, Job.progress_done, Job.progress_total,
