@@ -147,8 +147,8 @@ def time_ours(name, base, pool, batch, classes, warmup, timed) -> float:
     method.begin_epoch(0)
     batches = list(iterate())
     for i in range(warmup):
-        method.step(*batches[i % len(batches)])
-    return timed_rates(lambda i: method.step(*batches[(warmup + i) % len(batches)]), batch, timed)
+        method.adapt(*batches[i % len(batches)])
+    return timed_rates(lambda i: method.adapt(*batches[(warmup + i) % len(batches)]), batch, timed)
 
 
 def time_reference(cls, name, base, pool, batch, classes, warmup, timed, scratch) -> float:
