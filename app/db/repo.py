@@ -35,19 +35,6 @@ def get_job_by_idempotency_key(s: Session, key: str) -> Job | None:
     return s.scalar(select(Job).where(Job.idempotency_key == key))
 
 
-def list_jobs(s: Session, status: str | None, limit: int, before: tuple[datetime, str] | None,
-              tenant_id: str | None = None) -> list[Job]:
-    q = select(Job)
-    if tenant_id is not None:
-        q = q.where(Job.tenant_id == tenant_id)
-    if status:
-        q = q.where(Job.status == status)
-    if before:
-        created, job_id = before
-        q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    return list(s.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
-
-
 # The read path of the API (GET /v1/jobs, /v1/jobs/{id}, the event streams): Core statements on an
 # autocommit connection (app.db.session.read / read_scope), one round trip each. Rows carry the attributes
 # app.services.jobs.to_out reads, under the same names as the ORM's.
