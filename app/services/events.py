@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import time
-import weakref
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +32,7 @@ from ..db import repo
 from ..db.session import read
 from ..errors import ApiError
 from ..contract.jobs import JobOut
-from .jobs import views_out
+from .jobs import per_loop, views_out
 
 RETRY_MS = 2000
 log = logging.getLogger("adaptd.events")
@@ -129,15 +128,9 @@ class Watcher:
         return out
 
 
-_watchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Watcher]]" = weakref.WeakKeyDictionary()
-
-
 def watcher(settings: Settings) -> Watcher:
-    by_url = _watchers.setdefault(asyncio.get_running_loop(), {})
     url = settings.resolved_database_url
-    if url not in by_url:
-        by_url[url] = Watcher(url, settings.events_poll_s)
-    return by_url[url]
+    return per_loop(("events", url), lambda: Watcher(url, settings.events_poll_s))
 
 
 def format_event(event: str | None, data: dict | str | None = None, event_id: int | None = None) -> str:

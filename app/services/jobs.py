@@ -10,6 +10,7 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -27,6 +28,7 @@ from ..storage import delete_blob_if_unreferenced
 from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, JobSummary, Progress
 
 log = logging.getLogger("adaptd.jobs")
+T = TypeVar("T")
 
 
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
@@ -199,16 +201,20 @@ def _read_views(c, job_ids: list[str]) -> dict[str, View]:
             for job_id, job in views_out(rows).items()}
 
 
-_readers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, ViewReader]]" = \
-    weakref.WeakKeyDictionary()
+_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
+
+
+def per_loop(key: tuple, make: Callable[[], T]) -> T:
+    """One object per event loop and key (its futures and tasks belong to that loop)."""
+    objects = _per_loop.setdefault(asyncio.get_running_loop(), {})
+    if key not in objects:
+        objects[key] = make()
+    return objects[key]
 
 
 def view_reader(settings: Settings) -> ViewReader:
-    by_url = _readers.setdefault(asyncio.get_running_loop(), {})
     url = settings.resolved_database_url
-    if url not in by_url:
-        by_url[url] = ViewReader(url)
-    return by_url[url]
+    return per_loop(("views", url), lambda: ViewReader(url))
 
 
 def job_page(c, tenant_id: str, status: str | None, limit: int, cursor: str | None, full: bool = False
