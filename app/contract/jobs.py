@@ -177,12 +177,12 @@ class ArtifactOut(BaseModel):
     sha256: str
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A row of `GET /v1/jobs`: the job without its spec, params and artifacts, and only the scalar
+    metrics (the nested reports stay in `GET /v1/jobs/{id}`). `?view=full` lists JobOut rows."""
     id: str
     status: JobStatus
     method: str
-    params: dict
-    spec: dict
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -192,9 +192,14 @@ class JobOut(BaseModel):
     progress: Progress
     metrics: dict | None
     error: JobError | None
+
+
+class JobOut(JobSummary):
+    params: dict
+    spec: dict
     artifacts: list[ArtifactOut]
 
 
 class JobList(BaseModel):
-    items: list[JobOut]
+    items: list[JobOut | JobSummary]
     next_cursor: str | None
