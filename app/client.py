@@ -344,10 +344,11 @@ class Client:
         return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
 
     def jobs(self, status: str | None = None, limit: int = 50, cursor: str | None = None,
-             name: str | None = None, tags: list[str] | None = None) -> JobList:
-        """Newest first; `name` matches exactly, `tags` all of them."""
-        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor, "name": name,
-                                    "tag": list(tags) if tags else None}.items() if v is not None}
+             view: str | None = None, name: str | None = None, tags: list[str] | None = None) -> JobList:
+        """A page of jobs, newest first: summary rows (no spec, params, artifacts; scalar metrics), or
+        with view="full" whole jobs as job() returns them. `name` matches exactly, `tags` all of them."""
+        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor, "view": view,
+                                    "name": name, "tag": list(tags) if tags else None}.items() if v is not None}
         return self._check(self.http.get("/v1/jobs", params=params)).json()
 
     def logs(self, job_id: str, follow: bool = False, after: int = 0, poll: float = 1.0) -> Iterator[LogLine]:

@@ -96,8 +96,10 @@ class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
-    # The spec's `name`, as a column so that GET /v1/jobs?name= is an indexed lookup (tags: JobTag).
+    # The spec's `name` and `tags`, as columns for the job lists (which never read the spec); the tags are
+    # filtered through JobTag (GET /v1/jobs?name=&tag=).
     name: Mapped[str | None] = mapped_column(String(200), index=True)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
     status: Mapped[str] = mapped_column(String(16), index=True)
     method: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict] = mapped_column(JSON)

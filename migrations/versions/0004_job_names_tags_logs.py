@@ -15,6 +15,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch_op:
         batch_op.add_column(sa.Column("name", sa.String(length=200), nullable=True))
+        batch_op.add_column(sa.Column("tags", sa.JSON(), nullable=False, server_default="[]"))
         batch_op.create_index(batch_op.f("ix_jobs_name"), ["name"], unique=False)
     op.create_table(
         "job_tags",
@@ -45,4 +46,5 @@ def downgrade() -> None:
     op.drop_table("job_tags")
     with op.batch_alter_table("jobs") as batch_op:
         batch_op.drop_index(batch_op.f("ix_jobs_name"))
+        batch_op.drop_column("tags")
         batch_op.drop_column("name")
