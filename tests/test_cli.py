@@ -276,7 +276,7 @@ def test_piped_watch_prints_each_state_once_and_logs_follow(embedded_service, as
     states = [tuple(t.split()[:2]) if not t.startswith("queued") else ("queued",) for t in progress]
     assert len(states) == len(set(states)), err  # each state once
     assert len(lines) == len(set(lines)), err
-    assert ("running", "adapting") in states and states[-1] == ("succeeded", "done"), err
+    assert states[-1] == ("succeeded", "done"), err  # which phases it sees depends on the job's speed
     assert "0/0" not in err
     n_batches = -(-len(assets["x"]) // 16)
     # Counts from the first phase that knows them on (the watcher may see any subset of the phases).
