@@ -143,3 +143,22 @@ def test_a_torchvision_segmentation_checkpoint_loads_as_is(tmp_path):
         assert torch.equal(model(x), original(x)["out"])
     assert report["tensors"] == len(original.state_dict())
     assert set(model.state_dict()) == set(original.state_dict())
+
+
+def test_per_image_priors_need_one_row_per_target_image(seg_files):
+    root, prior = seg_files
+    with pytest.raises(AdaptationError) as err:
+        _run(root, "sfda_prior", {"class_ratio_prior": [prior, prior, prior]})
+    assert err.value.code == "invalid_params" and "one per target image" in err.value.message
+
+
+def test_per_image_priors_from_tags(seg_files, source_miou):
+    """The authors' setting: each image's prior is a typical size per class times the image's tags."""
+    root, prior = seg_files
+    with np.load(root / "target.npz") as f:
+        masks = f["y"]
+    tags = np.stack([(masks == c).any(axis=(1, 2)) for c in range(NUM_CLASSES)], 1).astype(float)
+    rows = tags * np.asarray(prior)[None] * 10
+    rows[:, 0] = 1 - rows[:, 1:].sum(1)
+    m = _run(root, "sfda_prior", {"class_ratio_prior": rows.tolist(), "lr": 1e-4}, 2).metrics
+    assert m["miou_after"] > source_miou + 0.01 and m["method_report"]["prior"] == "per_image"

@@ -14,10 +14,12 @@ from . import CollapseGuard, describe
           "1e-6, 100 epochs, λ = 1 for both terms, entropy weights [0.1, 0.9] (2 classes).",
           updates="all", tasks=("segmentation",))
 class SFDAPriorParams(CollapseGuard):
-    class_ratio_prior: list[float] = Field(
-        ..., min_length=2, max_length=1000,
-        description="Expected proportion of each class's pixels in an image, class 0 first (e.g. from "
-        "one typical size per class); normalised to sum 1. A class with proportion 0 is pushed out.")
+    class_ratio_prior: list[float] | list[list[float]] = Field(
+        ..., min_length=1,
+        description="Expected proportion of each class's pixels, class 0 first, normalised to sum 1: one list "
+        "of K numbers for every image, or one such list per target image in stored order (the authors' "
+        "setting: one typical size per class times the image's tags, 0 for a class the image does not hold). "
+        "A class with proportion 0 is pushed out of that image.")
     class_weights: list[float] | None = Field(
         None, description="Per-class weights of the entropy term; default: 0.1 for class 0 (background) "
         "and 0.9 split evenly over the others (the authors' [0.1, 0.9] for two classes).")
@@ -27,11 +29,20 @@ class SFDAPriorParams(CollapseGuard):
                       "canvases from a small UNet take 1e-4).")
     weight_decay: float = Field(0.0, ge=0, le=1.0)
 
+    @property
+    def prior_rows(self) -> list[list[float]]:
+        p = self.class_ratio_prior
+        return p if p and isinstance(p[0], list) else [p]  # type: ignore[list-item]
+
     @model_validator(mode="after")
     def _check(self):
-        if any(not (0 <= v <= 1e9) for v in self.class_ratio_prior) or sum(self.class_ratio_prior) <= 0:
-            raise ValueError("class_ratio_prior must hold non-negative numbers with a positive sum")
-        if self.class_weights is not None and (len(self.class_weights) != len(self.class_ratio_prior)
+        rows = self.prior_rows
+        k = len(rows[0])
+        if k < 2 or any(len(r) != k for r in rows):
+            raise ValueError("class_ratio_prior: every row needs the same number (≥ 2) of class proportions")
+        if any(not (0 <= v <= 1e9) for r in rows for v in r) or any(sum(r) <= 0 for r in rows):
+            raise ValueError("class_ratio_prior must hold non-negative numbers with a positive sum per row")
+        if self.class_weights is not None and (len(self.class_weights) != k
                                                or any(not (0 <= v <= 1e3) for v in self.class_weights)):
             raise ValueError("class_weights must have one non-negative weight per class of class_ratio_prior")
         return self

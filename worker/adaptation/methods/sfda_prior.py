@@ -18,10 +18,13 @@ class SFDAPrior(Method):
     state_attrs = ("kl_sum", "kl_count")
 
     def check_compatible(self) -> None:
-        k = self.ctx.num_classes
-        if len(self.params.class_ratio_prior) != k:
-            raise AdaptationError("invalid_params", f"class_ratio_prior has {len(self.params.class_ratio_prior)} "
-                                  f"entries, the model predicts {k} classes", {"field": "params.class_ratio_prior"})
+        rows, k = self.params.prior_rows, self.ctx.num_classes
+        if len(rows[0]) != k:
+            raise AdaptationError("invalid_params", f"class_ratio_prior has {len(rows[0])} classes, the model "
+                                  f"predicts {k}", {"field": "params.class_ratio_prior"})
+        if len(rows) not in (1, self.ctx.dataset_size):
+            raise AdaptationError("invalid_params", f"class_ratio_prior has {len(rows)} rows: give one, or one per "
+                                  f"target image ({self.ctx.dataset_size})", {"field": "params.class_ratio_prior"})
         super().check_compatible()
 
     def configure(self) -> None:
@@ -29,8 +32,8 @@ class SFDAPrior(Method):
         for p in self.model.parameters():
             p.requires_grad_(True)
         k, dev = self.ctx.num_classes, self.ctx.device
-        prior = torch.tensor(self.params.class_ratio_prior, dtype=torch.float32, device=dev)
-        self.prior = prior / prior.sum()
+        prior = torch.tensor(self.params.prior_rows, dtype=torch.float32, device=dev)
+        self.prior = prior / prior.sum(1, keepdim=True)  # 1×K for every image, or N×K per image
         weights = self.params.class_weights or [0.1] + [0.9 / (k - 1)] * (k - 1)
         self.weights = torch.tensor(weights, dtype=torch.float32, device=dev)
         self.kl_sum = torch.zeros((), device=dev)
@@ -50,7 +53,8 @@ class SFDAPrior(Method):
             logits = self.model(x)
         probs = logits.float().softmax(1)
         entropy = S.weighted_entropy(probs, self.weights)
-        kl = S.kl_to_prior(S.soft_proportions(probs), self.prior.expand(len(x), -1))
+        prior = self.prior.expand(len(x), -1) if len(self.prior) == 1 else self.prior[index]
+        kl = S.kl_to_prior(S.soft_proportions(probs), prior)
         loss = self.params.lambda_entropy * entropy + self.params.lambda_prior * kl
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -62,4 +66,4 @@ class SFDAPrior(Method):
 
     def report(self) -> dict:
         return {"kl_to_prior_last_epoch": float(self.kl_sum) / max(self.kl_count, 1),
-                "prior": self.prior.tolist()}
+                "prior": "per_image" if len(self.prior) > 1 else self.prior[0].tolist()}
