@@ -91,6 +91,7 @@ class MethodInfo(TypedDict):
     needs_labels: bool
     needs_source_statistics: bool
     updates_weights: bool
+    cost: dict  # default schedule: epochs, training_passes, forward_only_passes over the target data
     params_schema: dict
 
 

@@ -31,7 +31,7 @@ def build_run_request(spec: dict, workdir: Path, fetch: Callable[[str, Path], Pa
         eval_format=eval_data.get("format") if eval_data else None,
         preprocess=Preprocess(size=pre.get("size"), channels=channels,
                               mean=pre.get("mean") or [0.0] * channels, std=pre.get("std") or [1.0] * channels),
-        batch_size=opts.get("batch_size", 128), epochs=opts.get("epochs", 1), seed=opts.get("seed", 0),
+        batch_size=opts.get("batch_size", 128), epochs=opts.get("epochs"), seed=opts.get("seed", 0),
         device=opts.get("device", "auto"), precision=opts.get("precision", "auto"),
         output_dir=workdir / "out",
     )

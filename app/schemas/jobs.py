@@ -55,7 +55,8 @@ class PreprocessSpec(_Strict):
 
 class Options(_Strict):
     batch_size: int = Field(128, ge=1, le=8192)
-    epochs: int = Field(1, ge=1, le=1000, description="passes over the target data (SFDA methods)")
+    epochs: int | None = Field(None, ge=1, le=1000, description="passes over the target data (SFDA methods); "
+                               "default: the method's own schedule (`cost.epochs` in GET /v1/methods)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = "auto"

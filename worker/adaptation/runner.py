@@ -44,7 +44,7 @@ class RunRequest:
     eval_format: str | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
     batch_size: int = 128
-    epochs: int = 1
+    epochs: int | None = None  # SFDA passes over the target; None: the method's schedule (catalogue)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -91,7 +91,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     _check_input_shape(model, data, prep, req.num_classes)
 
     ctx = MethodContext(num_classes=req.num_classes, device=device, batch_size=req.batch_size,
-                        epochs=req.epochs if info.kind == "sfda" else 1, dataset_size=len(data),
+                        epochs=info.cost(req.epochs)["epochs"], dataset_size=len(data),
                         seed=req.seed, precision=precision,
                         iterate_target=lambda: prep.iterate(data, req.batch_size),
                         input_mean=tuple(req.preprocess.mean), input_std=tuple(req.preprocess.std))
@@ -161,7 +161,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         "batchnorm_recalibration_batches": recalibrated,
         "estimator": "average_confidence",
         "model_load": load_report,
-        "timing": {"adapt_seconds": loop.seconds, "steps": loop.done},
+        "timing": {"adapt_seconds": loop.seconds, "steps": loop.done, "epochs": ctx.epochs},
         "method_report": method_report,
     }
     if eval_data is not None:

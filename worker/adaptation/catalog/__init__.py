@@ -55,9 +55,23 @@ class MethodInfo:
     needs_labels: bool = False
     needs_source_statistics: bool = False
     updates_weights: bool = True
+    # Default schedule: passes over the target set a job makes when `options.epochs` is not given (the
+    # authors' for SFDA methods; test-time methods always make one), plus forward-only passes over the
+    # whole target set (pseudo-labels each epoch, memory banks once).
+    epochs: int = 1
+    forward_passes_per_epoch: int = 0
+    forward_passes_once: int = 0
 
     def params_schema(self) -> dict:
         return self.params_model.model_json_schema()
+
+    def cost(self, epochs: int | None = None) -> dict:
+        """Expected cost in passes over the target data, for `epochs` (default: the method's schedule).
+        Every job adds its evaluation passes (source and adapted model) on top."""
+        epochs = (epochs or self.epochs) if self.kind == "sfda" else 1
+        return {"epochs": epochs,
+                "training_passes": epochs if self.updates_weights else 0,
+                "forward_only_passes": self.forward_passes_per_epoch * epochs + self.forward_passes_once}
 
 
 CATALOG: dict[str, MethodInfo] = {}

@@ -43,7 +43,7 @@ class NRC(NeighbourhoodMethod):
             if p.KK > 0:
                 near_near = self.nearest(self.feature_bank[near], p.KK)           # B×K×KK
                 reciprocal = (near_near == index[:, None, None]).any(-1)          # B×K
-                affinity = torch.where(reciprocal, torch.ones_like(affinity), affinity)
+                affinity = torch.where(reciprocal, torch.full_like(affinity, p.reciprocal_affinity), affinity)
                 score_expanded = self.score_bank[near_near].flatten(1, 2)         # B×(K·KK)×C
 
         # neighbours: -sum_k A_ik <p_i, s_k>
