@@ -429,6 +429,9 @@ def cmd_methods(args) -> int:
         flags = [f for f, on in (("needs labels", m["needs_labels"]),
                                  ("needs source statistics", m["needs_source_statistics"]),
                                  ("updates weights", m["updates_weights"])) if on]
+        cost = m.get("cost") or {}
+        if m["kind"] == "sfda" and cost:
+            flags.append(f"{cost['epochs']} epochs by default (--epochs)")
         print(f"{m['name']}  ({m['kind']}{'; ' + ', '.join(flags) if flags else ''})")
         for text in textwrap.wrap(m["description"], 96):
             print(f"    {text}")
