@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.adaptation.catalog import get_method_info
+from app.contract.catalog import get_method_info
 from worker.adaptation.data import Preprocess
 from worker.adaptation.device import seed_everything
 from worker.adaptation.models import build_model
@@ -79,10 +79,11 @@ def shift(tmp_path_factory):
 
 def adapt(folder: Path, method: str):
     """A job with no options and no params: the method's defaults."""
-    return run(RunRequest(method=method, model_path=folder / "source.safetensors", architecture="digit_cnn",
-                          arch_kwargs=ARCH_KWARGS, num_classes=10, data_path=folder / "target.npz",
-                          eval_path=folder / "target.npz", output_dir=folder / method, preprocess=PRE,
-                          batch_size=BATCH, seed=0, device="cpu"))
+    return run(RunRequest.for_files(
+        folder / "source.safetensors", folder / "target.npz", folder / method, eval_path=folder / "target.npz",
+        method=method, model={"architecture": "digit_cnn", "arch_kwargs": ARCH_KWARGS, "num_classes": 10},
+        preprocess={"size": None, "channels": 1, "mean": [0.5], "std": [0.5]},
+        options={"batch_size": BATCH, "seed": 0, "device": "cpu"}))
 
 
 @pytest.fixture(scope="module")

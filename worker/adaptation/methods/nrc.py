@@ -9,26 +9,26 @@ solution. The pull is a dot product with the (constant) stored scores: the refer
 kl_div(prob, score) differs from it only by a constant.
 
 The authors' VisDA script also trains the classifier (a second SGD optimizer at the base lr); here the
-classifier stays frozen, as in every SFDA method of this service (DESIGN §6), and only the feature
+classifier stays frozen, as in every SFDA method of this service (docs/ARCHITECTURE.md §4), and only the feature
 extractor adapts."""
 from __future__ import annotations
 
 import torch
 
+from app.contract.catalog.sfda import NRCParams
+
 from ._sfda import NeighbourhoodMethod
 from .base import StepOutput
-from .registry import register_method
+from .registry import implements
 
 
-@register_method("nrc")
+@implements(NRCParams)
 class NRC(NeighbourhoodMethod):
     def check_compatible(self) -> None:
         self.min_dataset_size = max(self.params.K, self.params.KK) + 1
         super().check_compatible()
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if x.shape[0] < 2:
-            return self.predict_only(x)
         p = self.params
         self.ensure_banks()
         self.advance_schedule()

@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from app.contract.catalog.sfda import ShotParams
+
 from ._sfda import SFDAMethod, information_maximisation
 from .base import StepOutput
-from .registry import register_method
+from .registry import implements
 
 
 @torch.no_grad()
@@ -46,7 +48,7 @@ def centroid_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, threshol
     return labels
 
 
-@register_method("shot")
+@implements(ShotParams)
 class Shot(SFDAMethod):
     state_attrs = ("pseudo_labels", "pseudo_label_agreement")
 
@@ -57,7 +59,7 @@ class Shot(SFDAMethod):
 
     @property
     def beta(self) -> float:
-        return getattr(self.params, "beta", 0.0)
+        return self.params.beta
 
     def begin_epoch(self, epoch: int) -> None:
         if self.beta > 0:
@@ -78,8 +80,6 @@ class Shot(SFDAMethod):
         return out
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if x.shape[0] < 2:
-            return self.predict_only(x)
         p = self.params
         if self.beta > 0 and self.pseudo_labels is None:  # restored to a state from before epoch 0 began
             self.refresh_pseudo_labels()

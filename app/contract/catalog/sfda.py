@@ -44,7 +44,8 @@ class _InformationMaximisation(SFDAParams):
 @describe("shot_im", "sfda", "SHOT-IM (Liang et al., ICML 2020): SHOT without pseudo-labels: information "
           "maximisation only (mean per-sample entropy minus the entropy of the mean prediction), updating "
           "the feature extractor with the classifier frozen. Default schedule: 15 epochs (the authors' on "
-          "Office/VisDA; 30 on digits, where 15 reach the same accuracy here).", epochs=15)
+          "Office/VisDA; 30 on digits, where 15 reach the same accuracy here).", epochs=15,
+          updates="all_but_classifier")
 class ShotIMParams(_InformationMaximisation):
     pass
 
@@ -55,7 +56,8 @@ class ShotIMParams(_InformationMaximisation):
           "of every epoch; updates the feature extractor with the classifier frozen. beta 0.1 digits / 0.3 "
           "objects. Default schedule: 15 epochs (the authors' on Office/VisDA; 30 on digits, where 15 reach "
           "the same accuracy here), plus one forward pass over the target per epoch for the pseudo-labels.",
-          epochs=15, forward_passes_per_epoch=1)
+          epochs=15, forward_passes_per_epoch=1,
+          updates="all_but_classifier")
 class ShotParams(_InformationMaximisation):
     beta: float = Field(0.1, ge=0, description="Weight of the pseudo-label cross-entropy (cls_par): 0.1 "
                         "digits, 0.3 Office/VisDA. 0 is SHOT-IM.")
@@ -69,8 +71,9 @@ class ShotParams(_InformationMaximisation):
           "nearest neighbours' (weight 1 if the neighbour has it among its own KK nearest, else r) and its "
           "expanded KK-neighbours' (weight r), plus a diversity term on the batch-mean prediction. Updates "
           "the feature extractor, classifier frozen. Defaults: the authors' VisDA values (no digits "
-          "experiments in the paper), 15 epochs, plus one forward pass over the target to fill the banks.",
-          epochs=15, forward_passes_once=1)
+          "experiments in the paper) but lr (see lr), 15 epochs, plus one forward pass over the target to fill the banks.",
+          epochs=15, forward_passes_once=1,
+          updates="all_but_classifier")
 class NRCParams(SFDAParams):
     lr: float = Field(0.01, gt=0, description="Base learning rate (bottleneck layers). 0.01 with backbone × 1 "
                       "(SHOT's digits schedule) measured better than the authors' VisDA 1e-3 × 0.1 on digits "
@@ -91,7 +94,8 @@ class NRCParams(SFDAParams):
           "neighbours (feature and score memory banks over the target set) and disperse the predictions of "
           "the other samples of the batch, with weight alpha·(1 + 10·t/T)^-beta. Updates the feature "
           "extractor, classifier frozen. Defaults: the authors' VisDA values, 15 epochs, plus one forward "
-          "pass over the target to fill the banks.", epochs=15, forward_passes_once=1)
+          "pass over the target to fill the banks.", epochs=15, forward_passes_once=1,
+          updates="all_but_classifier")
 class AaDParams(SFDAParams):
     lr: float = Field(1e-3, gt=0, description="Base learning rate (bottleneck layers); VisDA reference 1e-3.")
     backbone_lr_mult: float = Field(0.1, ge=0, le=1, description="Backbone lr = lr × this (reference: 0.1).")
