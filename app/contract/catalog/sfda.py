@@ -26,8 +26,8 @@ class SFDAParams(CollapseGuard):
     backbone_lr_mult: float = Field(
         1.0, ge=0, le=1,
         description="Backbone lr = lr × this. The authors use 1.0 on digits (LeNet trained from scratch) and "
-        "0.1 on ImageNet-pretrained backbones (Office, VisDA). Models without a `bottleneck` module (between "
-        "backbone and classifier) train every feature-extractor weight at lr.")
+        "0.1 on ImageNet-pretrained backbones (Office, VisDA). Models without a `bottleneck` module have "
+        "every feature-extractor weight in the backbone.")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-3, ge=0, description="1e-3: what the reference scripts' lr scheduler sets.")
     nesterov: bool = True
