@@ -68,7 +68,7 @@ class ShotParams(_InformationMaximisation):
 
 @describe("nrc", "sfda", "NRC (Yang et al., NeurIPS 2021): neighbourhood reciprocity clustering. Feature and "
           "score memory banks over the whole target set; each sample's prediction is pulled towards its K "
-          "nearest neighbours' (weight 1 if the neighbour has it among its own KK nearest, else r) and its "
+          "nearest neighbours' (weight reciprocal_affinity if the neighbour has it among its own KK nearest, else r) and its "
           "expanded KK-neighbours' (weight r), plus a diversity term on the batch-mean prediction. Updates "
           "the feature extractor, classifier frozen. Defaults: the authors' VisDA values (no digits "
           "experiments in the paper) but lr (see lr), 15 epochs, plus one forward pass over the target to fill the banks.",
