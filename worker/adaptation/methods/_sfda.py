@@ -126,7 +126,7 @@ class SFDAMethod(Method):
 
         The authors' scripts run this pass in eval mode, with the source's running statistics. On a shift
         that moves the input statistics that model predicts one class for nearly every image (MNIST-C fog:
-        10 % accuracy in eval mode, 41 % with batch statistics), and NRC/AaD's first-epoch neighbours
+        10 % accuracy in eval mode, 40 % with batch statistics), and NRC/AaD's first-epoch neighbours
         and SHOT's first pseudo-labels would start from it."""
         feats = logits = None
         try:
