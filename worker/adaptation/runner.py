@@ -179,7 +179,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     if eval_data is not None:
         before = task.evaluate(source_eval, eval_data.labels, num_classes)
         after = task.evaluate(after_eval, eval_data.labels, num_classes)
-        metrics.update(accuracy_before=before["accuracy"], accuracy_after=after["accuracy"],
+        metrics.update(**task.eval_headline(before, after),
                        eval={"num_images": len(eval_data), "before": before, "after": after,
                              "class_names": eval_data.class_names})
     if loop.online_predictions is not None and data.labels is not None:
@@ -220,8 +220,8 @@ def _take(it, n: int):
 
 @torch.no_grad()
 def predict(model: nn.Module, data: ImageSet, prep: _Prep, batch_size: int, ctx: MethodContext,
-            task: TaskEngine) -> torch.Tensor:
-    """The task's predictions of `model` in eval mode over `data`, in stored order (float32, on the CPU)."""
+            task: TaskEngine) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The task's predictions of `model` in eval mode over `data`, in stored order, on the CPU."""
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     out = []
@@ -230,6 +230,8 @@ def predict(model: nn.Module, data: ImageSet, prep: _Prep, batch_size: int, ctx:
             out.append(task.prediction(model(x)))
     for m, t in was_training.items():
         m.train(t)
+    if isinstance(out[0], dict):
+        return {k: torch.cat([o[k] for o in out]).cpu() for k in out[0]}
     return torch.cat(out).cpu()
 
 
