@@ -3,7 +3,7 @@ stores a spec, and the worker, which re-validates the stored spec with the same 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
@@ -15,16 +15,24 @@ TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No NaN/Infinity anywhere; numbers are numbers (`"64"` and `true` are not a batch size).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class ModelRef(_Strict):
-    upload_id: str
+StrictCount = Annotated[int, Field(strict=True)]
+MeanValue = Annotated[float, Field(ge=-1000.0, le=1000.0)]
+StdValue = Annotated[float, Field(ge=1e-4, le=1000.0, description="at least 1e-4: a tiny std only "
+                                  "amplifies noise into overflow")]
+
+
+class _Architecture(_Strict):
+    """A network to build: what a model to adapt, a source and a student have in common."""
+
     format: Literal["safetensors", "pt"] | None = None
     architecture: str = Field(..., min_length=1, max_length=200,
                               description=f"built in: {', '.join(BUILTIN_ARCHITECTURES)}; or timm:<name>; "
                               "or an operator-allow-listed module.path:factory")
-    num_classes: int = Field(..., ge=1, le=100_000)
+    num_classes: StrictCount = Field(..., ge=1, le=100_000)
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("architecture")
@@ -35,16 +43,37 @@ class ModelRef(_Strict):
         return v
 
 
+class ModelRef(_Architecture):
+    upload_id: str
+
+
+class StudentRef(_Architecture):
+    """The model a multi-source job trains and exports, optionally from initial weights."""
+
+    upload_id: str | None = Field(None, description="initial weights; omitted: freshly initialised")
+
+
+MAX_SOURCES = 8  # source models per multi-source job: each one's features on the target are held in memory
+
+
 class DataRef(_Strict):
     upload_id: str
     format: Literal["npz", "zip", "tar"] | None = None
 
 
 class PreprocessSpec(_Strict):
-    size: int | None = Field(None, ge=4, le=1024, description="square resize; omitted keeps the input size")
+    size: StrictCount | None = Field(None, ge=4, le=4096, description="square resize; omitted keeps the "
+                                     "input size; at most ADAPTD_MAX_PREPROCESS_SIZE")
     channels: Literal[1, 3] = 3
-    mean: list[float] | None = Field(None, description="per channel (or one value); default 0")
-    std: list[float] | None = Field(None, description="per channel (or one value); default 1")
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _no_bool(cls, v):  # True == 1 in Python: a JSON boolean is not a channel count
+        if isinstance(v, bool):
+            raise ValueError("channels must be 1 or 3, not a boolean")
+        return v
+    mean: list[MeanValue] | None = Field(None, max_length=3, description="per channel (or one value); default 0")
+    std: list[StdValue] | None = Field(None, max_length=3, description="per channel (or one value); default 1")
 
     @model_validator(mode="after")
     def _lengths(self) -> "PreprocessSpec":
@@ -53,16 +82,15 @@ class PreprocessSpec(_Strict):
         for name in ("mean", "std"):
             if len(getattr(self, name)) not in (1, self.channels):
                 raise ValueError(f"{name} must have 1 or {self.channels} values (one per channel)")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std values must be positive")
         return self
 
 
 class Options(_Strict):
-    batch_size: int = Field(128, ge=1, le=8192)
-    epochs: int | None = Field(None, ge=1, le=1000, description="passes over the target data (SFDA methods); "
-                               "default: the method's own schedule (`cost.epochs` in GET /v1/methods)")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    batch_size: StrictCount = Field(128, ge=1, le=8192)
+    epochs: StrictCount | None = Field(None, ge=1, le=1000, description="passes over the target data (SFDA "
+                                       "methods); default: the method's own schedule (`cost.epochs` in "
+                                       "GET /v1/methods)")
+    seed: StrictCount = Field(0, ge=0, le=2**31 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
@@ -72,13 +100,62 @@ class JobSpec(_Strict):
                        "must support it")
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
-    model: ModelRef
+    # `models` is declared before `model` so that `model`'s validator sees it.
+    models: list[ModelRef] | None = Field(None, min_length=1, max_length=MAX_SOURCES,
+                                          description="source models of a multi-source method (distill_*), in "
+                                          "the order the metrics report them")
+    student: StudentRef | None = Field(None, description="the model a multi-source method trains and exports")
+    model: ModelRef | None = Field(None, validate_default=True,
+                                   description="the model to adapt (every method but the multi-source ones)")
     data: DataRef
     eval_data: DataRef | None = None
+    labelled_data: DataRef | None = Field(None, description="a few labelled target images (multi-source "
+                                          "methods): similarity pseudo-labels and a supervised loss")
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
     options: Options = Field(default_factory=Options)
     notify_url: HttpUrl | None = Field(None, description="POSTed the job's final state (signed, "
                                        "X-Adaptd-Signature) when it succeeds, fails or is cancelled")
+
+    @field_validator("model")
+    @classmethod
+    def _model_or_sources(cls, v: ModelRef | None, info) -> ModelRef | None:
+        has_sources = info.data.get("models") is not None
+        if v is None and not has_sources:
+            raise ValueError("Field required (`model`, or `models` for a multi-source method)")
+        if v is not None and has_sources:
+            raise ValueError("give either `model` (one model to adapt) or `models` (the sources of a "
+                             "multi-source method), not both")
+        return v
+
+    @model_validator(mode="after")
+    def _sources_and_student(self) -> "JobSpec":
+        if (self.models is None) != (self.student is None):
+            raise ValueError("`models` and `student` go together (multi-source methods)")
+        if self.labelled_data is not None and self.models is None:
+            raise ValueError("`labelled_data` is for multi-source methods (with `models`)")
+        if self.models is not None and self.labelled_data is None:
+            # Without labelled target images, a source's similarity uses its own predictions as
+            # pseudo-labels and its logits are distilled: its classes must be the student's.
+            for i, m in enumerate(self.models):
+                if m.num_classes != self.student.num_classes:
+                    raise ValueError(f"models[{i}].num_classes is {m.num_classes}, the student's is "
+                                     f"{self.student.num_classes}: sources with other classes need "
+                                     "`labelled_data`")
+        return self
+
+    def architectures(self) -> list[tuple[str, "_Architecture"]]:
+        """(field path, reference) of every network the spec names: the model, or the sources and student."""
+        out: list[tuple[str, _Architecture]] = [("model", self.model)] if self.model is not None else []
+        out += [(f"models[{i}]", m) for i, m in enumerate(self.models or [])]
+        return out + ([("student", self.student)] if self.student is not None else [])
+
+    def model_refs(self) -> list[tuple[str, str]]:
+        """(field path, upload id) of every model upload the spec names."""
+        refs = [("model", self.model.upload_id)] if self.model is not None else []
+        refs += [(f"models[{i}]", m.upload_id) for i, m in enumerate(self.models or [])]
+        if self.student is not None and self.student.upload_id is not None:
+            refs.append(("student", self.student.upload_id))
+        return refs
 
 
 class Progress(BaseModel):
@@ -92,6 +169,8 @@ class JobError(BaseModel):
     code: str
     message: str
     detail: dict = Field(default_factory=dict)
+    correlation_id: str | None = Field(None, description="quote it to the operator: the worker's log "
+                                       "holds the details under this id")
 
 
 class ArtifactOut(BaseModel):
@@ -100,12 +179,12 @@ class ArtifactOut(BaseModel):
     sha256: str
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A row of `GET /v1/jobs`: the job without its spec, params and artifacts, and only the scalar
+    metrics (the nested reports stay in `GET /v1/jobs/{id}`). `?view=full` lists JobOut rows."""
     id: str
     status: JobStatus
     method: str
-    params: dict
-    spec: dict
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -115,9 +194,14 @@ class JobOut(BaseModel):
     progress: Progress
     metrics: dict | None
     error: JobError | None
+
+
+class JobOut(JobSummary):
+    params: dict
+    spec: dict
     artifacts: list[ArtifactOut]
 
 
 class JobList(BaseModel):
-    items: list[JobOut]
+    items: list[JobOut | JobSummary]
     next_cursor: str | None

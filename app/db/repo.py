@@ -4,6 +4,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..contract.jobs import TERMINAL  # noqa: F401  (callers use repo.TERMINAL)
@@ -34,9 +36,33 @@ def get_job_by_idempotency_key(s: Session, key: str) -> Job | None:
     return s.scalar(select(Job).where(Job.idempotency_key == key))
 
 
-def list_jobs(s: Session, status: str | None, limit: int, before: tuple[datetime, str] | None,
-              tenant_id: str | None = None) -> list[Job]:
-    q = select(Job)
+# The read path of the API (GET /v1/jobs, /v1/jobs/{id}, the event streams): Core statements on an
+# autocommit connection (app.db.session.read / read_scope), one round trip each. Rows carry the attributes
+# app.services.jobs.to_out reads, under the same names as the ORM's.
+_SUMMARY = (Job.id, Job.tenant_id, Job.status, Job.method, Job.created_at, Job.started_at, Job.finished_at,
+            Job.heartbeat_at, Job.attempts, Job.cancel_requested, Job.progress_done, Job.progress_total,
+            Job.phase, Job.metrics, Job.error_code, Job.error_message, Job.error_detail)
+_FULL = (*_SUMMARY, Job.params, Job.spec)
+_ARTIFACT = (Artifact.name.label("artifact_name"), Artifact.size.label("artifact_size"),
+             Artifact.sha256.label("artifact_sha256"))
+
+
+def job_views(c: Connection | Session, job_ids: list[str], tenant_id: str | None = None) -> list[Row]:
+    """Jobs and their artifacts in one statement: one row per artifact (artifact_* None for a job
+    without any), ordered by job id and artifact name; absent ids (or another tenant's) have no rows.
+    One statement, so a job and its artifacts come from one snapshot."""
+    q = (select(*_FULL, *_ARTIFACT).outerjoin(Artifact, Artifact.job_id == Job.id)
+         .where(Job.id.in_(job_ids)).order_by(Job.id, Artifact.name))
+    if tenant_id is not None:
+        q = q.where(Job.tenant_id == tenant_id)
+    return list(c.execute(q))
+
+
+def job_summaries(c: Connection | Session, status: str | None, limit: int, before: tuple[datetime, str] | None,
+                  tenant_id: str | None = None, full: bool = False) -> list[Row]:
+    """A page of jobs, newest first, as list rows: no spec or params unless `full` (artifacts are not
+    read here; `full` callers read them with artifacts_of_jobs)."""
+    q = select(*(_FULL if full else _SUMMARY))
     if tenant_id is not None:
         q = q.where(Job.tenant_id == tenant_id)
     if status:
@@ -44,7 +70,25 @@ def list_jobs(s: Session, status: str | None, limit: int, before: tuple[datetime
     if before:
         created, job_id = before
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    return list(s.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+    return list(c.execute(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+
+
+def artifacts_of_jobs(c: Connection | Session, job_ids: list[str]) -> dict[str, list[Row]]:
+    """Artifacts (name, size, sha256) of several jobs in one statement, by job id, ordered by name."""
+    out: dict[str, list[Row]] = {j: [] for j in job_ids}
+    if job_ids:
+        q = (select(Artifact.job_id, Artifact.name, Artifact.size, Artifact.sha256)
+             .where(Artifact.job_id.in_(job_ids)).order_by(Artifact.job_id, Artifact.name))
+        for row in c.execute(q):
+            out[row.job_id].append(row)
+    return out
+
+
+def job_beats(c: Connection | Session, job_ids: list[str]) -> dict[str, tuple]:
+    """(status, heartbeat_at, progress_done, phase) of several jobs in one statement: what changes when
+    a worker writes. Missing jobs are absent."""
+    q = select(Job.id, Job.status, Job.heartbeat_at, Job.progress_done, Job.phase).where(Job.id.in_(job_ids))
+    return {row.id: tuple(row[1:]) for row in c.execute(q)}
 
 
 def artifacts_of(s: Session, job_id: str) -> list[Artifact]:
@@ -87,9 +131,10 @@ def heartbeat(s: Session, job_id: str, worker: str, done: int, total: int, phase
 
 
 def finish_job(s: Session, job_id: str, worker: str, status: str, *, metrics: dict | None = None,
-               error: tuple[str, str, dict] | None = None, artifacts: list[Artifact] = ()) -> bool:
-    """Final transition, only by the worker that holds the job. Artifacts replace any earlier ones,
-    so a redelivered job never stores them twice."""
+               error: tuple[str, str, dict] | None = None) -> bool:
+    """Final transition, only by the worker that holds the job. Drops any earlier artifact rows (a
+    redelivered job never stores them twice); the caller adds the new ones (add_artifacts) in the same
+    transaction."""
     values = dict(status=status, finished_at=utcnow(), heartbeat_at=utcnow())
     if metrics is not None:
         values.update(metrics=metrics, images_per_second=metrics.get("images_per_second"))
@@ -102,9 +147,11 @@ def finish_job(s: Session, job_id: str, worker: str, status: str, *, metrics: di
     if res.rowcount != 1:
         return False
     s.execute(delete(Artifact).where(Artifact.job_id == job_id))
-    for a in artifacts:
-        s.add(a)
     return True
+
+
+def add_artifacts(s: Session, artifacts: list[Artifact]) -> None:
+    s.add_all(artifacts)
 
 
 def fail_job(s: Session, job_id: str, code: str, message: str, detail: dict | None = None) -> bool:
@@ -144,7 +191,7 @@ def claim_notification(s: Session, job_id: str) -> bool:
     return res.rowcount == 1
 
 
-def live_steps(s: Session, job_id: str) -> list[dict]:
+def live_steps(s: Connection | Session, job_id: str) -> list[dict]:
     return s.scalar(select(Job.live_steps).where(Job.id == job_id)) or []
 
 
@@ -211,6 +258,21 @@ def revoke_api_key(s: Session, key_id: str) -> ApiKey | None:
     return key
 
 
+def lock_tenant(s: Session, tenant_id: str) -> None:
+    """Serialise a tenant's limit checks until the transaction ends: call it FIRST in the transaction.
+    A no-op UPDATE of the tenant's row: on PostgreSQL a row lock (READ COMMITTED: the count that follows
+    sees every insert committed before the lock was granted); on SQLite it takes the database write lock
+    before anything is read. The row is created when missing (a concurrent creator's insert makes ours
+    fail inside a savepoint; then its row is locked)."""
+    if s.execute(update(Tenant).where(Tenant.id == tenant_id).values(id=Tenant.id)).rowcount == 1:
+        return
+    try:
+        with s.begin_nested():
+            s.add(Tenant(id=tenant_id))
+    except IntegrityError:
+        s.execute(update(Tenant).where(Tenant.id == tenant_id).values(id=Tenant.id))
+
+
 def count_active_jobs(s: Session, tenant_id: str) -> int:
     return s.scalar(select(func.count()).select_from(Job)
                     .where(Job.tenant_id == tenant_id, Job.status.in_(("queued", "running")))) or 0
@@ -232,7 +294,9 @@ def active_jobs_using_upload(s: Session, upload_id: str, tenant_id: str) -> list
 
 
 def _upload_ids(spec: dict) -> set[str]:
-    return {(spec.get(k) or {}).get("upload_id") for k in ("model", "data", "eval_data")} - {None}
+    refs = [spec.get(k) or {} for k in ("model", "student", "data", "eval_data", "labelled_data")]
+    refs += spec.get("models") or []
+    return {r.get("upload_id") for r in refs} - {None}
 
 
 def delete_job(s: Session, job_id: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Uploads: stream bytes into the blob store, enforce the size limit, dedupe by content."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import AsyncIterator
 
@@ -45,33 +46,50 @@ async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: 
         raise _over_quota(quota, used)
     url = settings.resolved_database_url
     writer = await run_in_threadpool(BlobWriter, url)
-    buf = bytearray()
+    buf, received, chunk = bytearray(), 0, settings.chunk_bytes
+    # The previous chunk's insert (and hash) runs in a thread while the next chunk arrives: receiving
+    # and storing overlap, and memory stays at two chunks per upload.
+    writing: asyncio.Future | None = None
     try:
         async for piece in chunks:
-            buf += piece
-            if writer.size + len(buf) > limit:
+            received += len(piece)
+            if received > limit:
                 raise _too_large(limit)
-            if used + writer.size + len(buf) > quota:
+            if used + received > quota:
                 raise _over_quota(quota, used)
-            if len(buf) >= settings.chunk_bytes:
-                data, buf = bytes(buf[:settings.chunk_bytes]), buf[settings.chunk_bytes:]
-                await run_in_threadpool(writer.write, data)
+            buf += piece
+            if len(buf) >= chunk:
+                data = bytes(buf[:chunk])
+                del buf[:chunk]
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(run_in_threadpool(writer.write, data))
+        if writing is not None:
+            await writing
         if buf:
             await run_in_threadpool(writer.write, bytes(buf))
         if writer.size == 0:
             raise ApiError("empty_upload", "the upload has no bytes")
-        blob_id, sha256, size = await run_in_threadpool(writer.finish)
+        size = writer.size
+
+        def within_quota(s) -> None:
+            # Under the tenant's lock: concurrent uploads cannot all pass the quota check.
+            repo.lock_tenant(s, tenant_id)
+            now_used = repo.storage_used(s, tenant_id)
+            if now_used + size > quota:
+                raise _over_quota(quota, now_used)
+
+        def record(s, blob_id: str) -> Upload:
+            return repo.add_upload(s, Upload(id=str(uuid.uuid4()), tenant_id=tenant_id, kind=kind,
+                                             filename=filename, blob_id=blob_id, size=size, sha256=writer.sha256))
+
+        await run_in_threadpool(writer.finish, record, within_quota)
     except BaseException:
+        if writing is not None:
+            await asyncio.wait([writing])  # never two writers on one blob: let it end, then abort
         await run_in_threadpool(writer.abort)
         raise
-    return await run_in_threadpool(_record, url, tenant_id, kind, filename, blob_id, sha256, size)
-
-
-def _record(url: str, tenant_id: str, kind: str, filename: str | None, blob_id: str, sha256: str,
-            size: int) -> Upload:
-    with session_scope(url) as s:
-        return repo.add_upload(s, Upload(id=str(uuid.uuid4()), tenant_id=tenant_id, kind=kind, filename=filename,
-                                         blob_id=blob_id, size=size, sha256=sha256))
+    return writer.recorded
 
 
 def get_upload(settings: Settings, tenant_id: str, upload_id: str) -> Upload:
@@ -86,6 +104,7 @@ def delete_upload(settings: Settings, tenant_id: str, upload_id: str) -> None:
     """Remove the upload and, when nothing else references them, its bytes. Refused while a queued or
     running job uses it."""
     with session_scope(settings.resolved_database_url) as s:
+        repo.lock_tenant(s, tenant_id)  # first: SQLite takes its write lock before reading
         if repo.get_upload(s, upload_id, tenant_id) is None:
             raise ApiError("upload_not_found", f"no upload {upload_id!r}")
         users = repo.active_jobs_using_upload(s, upload_id, tenant_id)

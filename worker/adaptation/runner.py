@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +19,7 @@ from app.contract.catalog import CollapseGuard as GuardParams
 from app.contract.catalog import ProtocolParams, get_method_info
 from app.contract.jobs import JobSpec
 
+from . import estimation as E
 from .collapse import CollapseGuard
 from .data import ImageSet, Preprocess, open_image_set
 from .device import (peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision,
@@ -44,6 +45,7 @@ class RunRequest:
     data_path: Path
     output_dir: Path
     eval_path: Path | None = None
+    data_options: dict = field(default_factory=dict)  # dataset reader limits (the worker's max_pixels)
 
     @classmethod
     def for_files(cls, model_path: Path, data_path: Path, output_dir: Path, eval_path: Path | None = None,
@@ -96,7 +98,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
     pre = spec.preprocess
-    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size)
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size, **req.data_options)
     eval_data = _open_eval(req, data, task)
     prep = _Prep(Preprocess(size=pre.size, channels=pre.channels, mean=pre.mean, std=pre.std), device,
                  channels_last, hooks)
@@ -171,7 +173,8 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         "target": {"before": source_summary, "after": after_summary},
         "collapse": {"enabled": guard.enabled, "threshold": guard.threshold, "events": guard.events},
         "batchnorm_recalibration_batches": recalibrated,
-        "estimator": "average_confidence",
+        "notes": [n for n in [E.entropy_note(source_summary.get("mean_entropy"), after_summary.get("mean_entropy"),
+                                             recalibrated)] if n],
         "model_load": load_report,
         "timing": {"adapt_seconds": loop.seconds, "steps": loop.done, "epochs": ctx.epochs},
         "method_report": method_report,
@@ -324,7 +327,8 @@ def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine) -> ImageSet | 
         return None
     spec = req.spec
     eval_data = data if req.eval_path == req.data_path else open_image_set(
-        req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=spec.preprocess.size)
+        req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=spec.preprocess.size,
+        **req.data_options)
     if eval_data.labels is None:
         raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz, class folders "
                               "in archives)")

@@ -49,8 +49,31 @@ class ArrayImageSet:
             yield torch.from_numpy(np.ascontiguousarray(xb)), torch.from_numpy(idx.astype(np.int64))
 
 
+def check_npz_members(path: Path) -> None:
+    """Refuse an npz whose members would inflate past the archive limits (archives/limits.py), from the
+    zip directory alone, before numpy decompresses anything: a member's declared size bounds what
+    zipfile will inflate for it."""
+    import zipfile
+
+    from .archives.limits import Limits
+
+    limits = Limits()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise AdaptationError("invalid_dataset", f"not a readable npz file: {exc}") from None
+    limits.check_count(len(infos))
+    for info in infos:
+        limits.check_entry(info.filename, info.file_size, info.compress_size)
+    total_u = sum(i.file_size for i in infos)
+    limits.check_total(total_u)
+    limits.check_total_ratio(total_u, sum(i.compress_size for i in infos))
+
+
 def read_npz(path: Path) -> ArrayImageSet:
-    """`x`: uint8 N×H×W[×C]; optional `y`: integer labels. Read without pickle."""
+    """`x`: uint8 N×H×W[×C]; optional `y`: integer labels. Read without pickle, after check_npz_members."""
+    check_npz_members(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive.files:
