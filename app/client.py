@@ -101,6 +101,7 @@ class MethodInfo(TypedDict):
     needs_source_statistics: bool
     updates_weights: bool
     tasks: list[str]
+    cost: dict  # default schedule: epochs, forward_passes and backward_passes over the target data
     params_schema: dict
 
 

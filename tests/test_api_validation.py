@@ -95,6 +95,9 @@ def test_methods_and_health(pg_service):
     assert {"source", "bn_adapt", "tent"} <= set(by_name)
     tent = by_name["tent"]
     assert tent["kind"] == "tta" and tent["params_schema"]["properties"]["lr"]["default"] == 1e-3
+    # expected cost in passes over the target: one for test-time methods, the authors' schedule for SFDA
+    assert tent["cost"] == {"epochs": 1, "forward_passes": 1, "backward_passes": 1}
+    assert by_name["shot"]["cost"] == {"epochs": 15, "forward_passes": 30, "backward_passes": 15}
     assert httpx.get(f"{pg_service.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{pg_service.url}/readyz").json()
     assert ready["checks"] == {"database": "ok", "broker": "ok"}

@@ -197,6 +197,9 @@ def method_listing(methods: list[dict]) -> list[str]:
         flags = [f for f, on in (("needs labels", m.get("needs_labels")),
                                  ("needs source statistics", m.get("needs_source_statistics")),
                                  ("updates weights", m.get("updates_weights"))) if on]
+        cost = m.get("cost") or {}
+        if m["kind"] == "sfda" and cost:
+            flags.append(f"{cost['epochs']} epochs by default (--epochs)")
         out.append(f"{m['name']}  ({m['kind']}{'; ' + ', '.join(flags) if flags else ''})")
         out += [f"    {text}" for text in textwrap.wrap(m["description"], 96)]
         for name, prop in ((m.get("params_schema") or {}).get("properties") or {}).items():

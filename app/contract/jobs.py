@@ -88,7 +88,9 @@ class PreprocessSpec(_Strict):
 
 class Options(_Strict):
     batch_size: StrictCount = Field(128, ge=1, le=8192)
-    epochs: StrictCount = Field(1, ge=1, le=1000, description="passes over the target data (SFDA methods)")
+    epochs: StrictCount | None = Field(None, ge=1, le=1000, description="passes over the target data (SFDA "
+                                       "methods); default: the method's own schedule (`cost.epochs` in "
+                                       "GET /v1/methods)")
     seed: StrictCount = Field(0, ge=0, le=2**31 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = "auto"

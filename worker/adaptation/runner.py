@@ -96,7 +96,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     pre = spec.preprocess
     data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size, **req.data_options)
     eval_data = _open_eval(req, data, task)
-    epochs = opts.epochs if info.kind == "sfda" else 1
+    epochs = info.cost(opts.epochs)["epochs"]  # SFDA: the job's epochs, else the method's schedule
     total = math.ceil(len(data) / opts.batch_size) * epochs
     hooks.progress(0, total, "loading")
     model, load_report = load_model(spec.model.architecture, num_classes, spec.model.arch_kwargs, req.model_path,
@@ -179,7 +179,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         "notes": [n for n in [E.entropy_note(source_summary.get("mean_entropy"), after_summary.get("mean_entropy"),
                                              recalibrated)] if n],
         "model_load": load_report,
-        "timing": {"adapt_seconds": loop.seconds, "steps": loop.done},
+        "timing": {"adapt_seconds": loop.seconds, "steps": loop.done, "epochs": ctx.epochs},
         "method_report": method_report,
     }
     if eval_data is not None:

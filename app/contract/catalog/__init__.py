@@ -68,6 +68,12 @@ class MethodInfo:
     params_model: type[MethodParams]
     updates: UpdateScope
     tasks: tuple[Task, ...] = ("classification",)
+    # Default schedule: passes over the target set a job makes when `options.epochs` is not given (the
+    # authors' for SFDA methods; test-time methods always make one), plus forward-only passes over the
+    # whole target set (pseudo-labels each epoch, memory banks once).
+    epochs: int = 1
+    forward_passes_per_epoch: int = 0
+    forward_passes_once: int = 0
 
     @property
     def updates_weights(self) -> bool:
@@ -76,12 +82,21 @@ class MethodInfo:
     def params_schema(self) -> dict:
         return self.params_model.model_json_schema()
 
+    def cost(self, epochs: int | None = None) -> dict:
+        """Expected cost in passes over the target data, for `epochs` (default: the method's schedule).
+        Every job adds its evaluation passes (source and adapted model) on top."""
+        epochs = (epochs or self.epochs) if self.kind == "sfda" else 1
+        extra = self.forward_passes_per_epoch * epochs + self.forward_passes_once
+        return {"epochs": epochs, "forward_passes": epochs + extra,
+                "backward_passes": epochs if self.updates_weights else 0}
+
 
 CATALOG: dict[str, MethodInfo] = {}
 
 
 def describe(name: str, kind: str, description: str, *, updates: UpdateScope,
-             tasks: tuple[Task, ...] = ("classification",)):
+             tasks: tuple[Task, ...] = ("classification",), epochs: int = 1, forward_passes_per_epoch: int = 0,
+             forward_passes_once: int = 0):
     """Class decorator on a params model: adds the method to the catalogue; duplicates fail loudly."""
 
     def wrap(params_model: type[MethodParams]) -> type[MethodParams]:
@@ -89,7 +104,8 @@ def describe(name: str, kind: str, description: str, *, updates: UpdateScope,
             raise ValueError(f"method {name!r} is described twice")
         if any(info.params_model is params_model for info in CATALOG.values()):
             raise ValueError(f"{params_model.__name__} already describes another method")
-        CATALOG[name] = MethodInfo(name, kind, description, params_model, updates, tasks)
+        CATALOG[name] = MethodInfo(name, kind, description, params_model, updates, tasks, epochs,
+                                   forward_passes_per_epoch, forward_passes_once)
         return params_model
 
     return wrap
@@ -120,4 +136,4 @@ def catalogue_json() -> list[dict]:
     source data, so no method can need them."""
     return [{"name": m.name, "kind": m.kind, "description": m.description, "needs_labels": False,
              "needs_source_statistics": False, "updates_weights": m.updates_weights, "tasks": list(m.tasks),
-             "params_schema": m.params_schema()} for m in CATALOG.values()]
+             "cost": m.cost(), "params_schema": m.params_schema()} for m in CATALOG.values()]

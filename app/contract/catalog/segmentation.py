@@ -12,7 +12,7 @@ from . import CollapseGuard, describe
           "their per-pixel maximum, summed over pixels, normalised over classes); every weight is updated "
           "with Adam, BatchNorm on batch statistics. Authors' setting (prostate/heart MRI, 2-5 classes): lr "
           "1e-6, 100 epochs, λ = 1 for both terms, entropy weights [0.1, 0.9] (2 classes).",
-          updates="all", tasks=("segmentation",))
+          updates="all", tasks=("segmentation",), epochs=100)
 class SFDAPriorParams(CollapseGuard):
     class_ratio_prior: list[float] | list[list[float]] = Field(
         ..., min_length=1,

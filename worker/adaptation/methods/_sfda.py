@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import AdaptationError
 from ..models.registry import classifier_of, forward_features
 from .base import Method
+from .norm import use_batch_statistics
 
 BOTTLENECK_NAME = "bottleneck"  # built-in digit models: backbone -> bottleneck -> classifier
 
@@ -35,7 +36,8 @@ def information_maximisation(probs: torch.Tensor, eps: float, diversity: bool = 
 
 class SFDAMethod(Method):
     """Trains everything but the classifier in train mode (batch statistics, dropout on), as the
-    reference scripts do; whole-target passes (pseudo-labels, banks) run in eval mode."""
+    reference scripts do; whole-target passes (pseudo-labels, banks) run with dropout off and batch
+    statistics (see `target_pass`)."""
 
     state_attrs = ("iteration",)  # subclasses add theirs (pseudo-labels, memory banks)
 
@@ -75,6 +77,8 @@ class SFDAMethod(Method):
             if id(q) in keep:
                 head = name == bottleneck or name.startswith(bottleneck + ".")
                 groups["bottleneck" if head else "backbone"].append(q)
+        # No bottleneck: every weight is backbone. At AaD's lr × 0.1 a ResNet-18 barely moves (BN-1's
+        # accuracy), at the full lr AaD collapsed it (BENCHMARKS.md): the authors' ratio stays.
         param_groups = [{"params": groups["backbone"], "lr": p.lr * p.backbone_lr_mult},
                         {"params": groups["bottleneck"], "lr": p.lr}]
         param_groups = [g for g in param_groups if g["params"] and g["lr"] > 0]
@@ -117,12 +121,20 @@ class SFDAMethod(Method):
 
     @torch.no_grad()
     def target_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and logits (float32, on the device) of the whole target set in eval mode, indexed by
-        dataset index."""
-        self.model.eval()
+        """Features and logits (float32, on the device) of the whole target set, dropout off, indexed by
+        dataset index. BatchNorm normalises with each batch's statistics, as in the training steps.
+
+        The authors' scripts run this pass in eval mode, with the source's running statistics. On a shift
+        that moves the input statistics that model predicts one class for nearly every image (MNIST-C fog:
+        10 % accuracy in eval mode, 40 % with batch statistics), and NRC/AaD's first-epoch neighbours
+        and SHOT's first pseudo-labels would start from it."""
         feats = logits = None
         try:
             for x, idx in self.ctx.iterate_target():
+                if x.shape[0] > 1:
+                    use_batch_statistics(self.model)
+                else:  # a batch of one has no batch statistics: the running ones
+                    self.model.eval()
                 f, z = self.forward(x)
                 if feats is None:
                     n = self.ctx.dataset_size
@@ -150,7 +162,8 @@ class SFDAMethod(Method):
 
 class NeighbourhoodMethod(SFDAMethod):
     """NRC and AaD: a bank of L2-normalised features and one of softmax scores over the whole target
-    set, filled in eval mode before the first epoch and refreshed with each training batch."""
+    set, filled by a whole-target pass (`target_pass`) before the first epoch and refreshed with each
+    training batch."""
 
     state_attrs = ("feature_bank", "score_bank")
     min_dataset_size = 2

@@ -2,8 +2,9 @@
 
 Target features that are close should get the same prediction. Each sample's prediction is pulled
 towards the stored predictions (score bank) of its K nearest neighbours in a bank of normalised
-features: with affinity 1 when the relation is reciprocal (the sample is among its neighbour's own KK
-nearest neighbours), r otherwise; and towards its expanded neighbours (the KK nearest of each
+features: with affinity `reciprocal_affinity` (the paper's 1; 0.1 in the authors' code, the default)
+when the relation is reciprocal (the sample is among its neighbour's own KK nearest neighbours), r
+otherwise; and towards its expanded neighbours (the KK nearest of each
 neighbour) with affinity r. A diversity term on the batch-mean prediction prevents the trivial
 solution. The pull is a dot product with the (constant) stored scores: the reference's
 kl_div(prob, score) differs from it only by a constant.
@@ -43,7 +44,7 @@ class NRC(NeighbourhoodMethod):
             if p.KK > 0:
                 near_near = self.nearest(self.feature_bank[near], p.KK)           # B×K×KK
                 reciprocal = (near_near == index[:, None, None]).any(-1)          # B×K
-                affinity = torch.where(reciprocal, torch.ones_like(affinity), affinity)
+                affinity = torch.where(reciprocal, torch.full_like(affinity, p.reciprocal_affinity), affinity)
                 score_expanded = self.score_bank[near_near].flatten(1, 2)         # B×(K·KK)×C
 
         # neighbours: -sum_k A_ik <p_i, s_k>
