@@ -8,10 +8,13 @@ import signal
 import subprocess
 import sys
 
+from .capabilities import require_server
 from .config import get_settings
+from .spawn import adaptd_command
 
 
 def cmd_api(args) -> int:
+    require_server("api")
     import uvicorn
 
     from .auth import check_bind_allowed
@@ -33,6 +36,15 @@ def worker_argv(concurrency: int, loglevel: str = "info") -> list[str]:
 
 
 def cmd_worker(args) -> int:
+    require_server("worker")
+    from .capabilities import static_capabilities
+
+    capabilities = static_capabilities()
+    if not capabilities["can_run"]:  # registers why, and never takes a job it would fail
+        from worker.presence import serve_without_engine
+
+        print(f"adaptd worker: {capabilities['reason']}", file=sys.stderr, flush=True)
+        return serve_without_engine(get_settings(), capabilities)
     from worker.celery_app import celery_app
 
     celery_app.worker_main(worker_argv(args.concurrency, args.log_level))
@@ -40,6 +52,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_migrate(_args) -> int:
+    require_server("migrate")
     from .db.migrate import upgrade_head
 
     settings = get_settings()
@@ -61,6 +74,7 @@ def _die_with_parent() -> None:
 
 def cmd_up(args) -> int:
     """Embedded: migrate, start one worker process, serve the API; stop the worker on exit."""
+    require_server("up")
     from .auth import check_bind_allowed
 
     settings = get_settings()
@@ -69,8 +83,14 @@ def cmd_up(args) -> int:
     from .db.migrate import upgrade_head
 
     upgrade_head(settings.resolved_database_url)
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", "1",
-                               "--log-level", args.log_level], preexec_fn=_die_with_parent)
+    from .capabilities import WORKER_MODULES, extra_missing_message, missing
+
+    absent = missing(WORKER_MODULES)
+    if absent:
+        print(f"adaptd: {extra_missing_message('worker', absent, 'jobs cannot run here')}", file=sys.stderr,
+              flush=True)
+    worker = subprocess.Popen(adaptd_command("worker", "--concurrency", "1", "--log-level", args.log_level),
+                              preexec_fn=_die_with_parent)
     try:
         import uvicorn
 

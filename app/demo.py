@@ -18,6 +18,7 @@ import numpy as np
 
 from .client import Client
 from .demo_data import make_demo_split
+from .spawn import adaptd_command
 
 PREPROCESS = {"size": 16, "channels": 1, "mean": [0.5], "std": [0.5]}
 ARCH_KWARGS = {"width": 16}
@@ -76,8 +77,7 @@ def run_demo(url: str | None = None, port: int = 8000, keep: bool = False) -> in
     if url is None:
         url = f"http://127.0.0.1:{port}"
         print(f"starting the embedded service (adaptd up --port {port}) ...", flush=True)
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port),
-                                   "--log-level", "warning"])
+        server = subprocess.Popen(adaptd_command("up", "--port", str(port), "--log-level", "warning"))
     try:
         _wait_ready(url, server)
         with tempfile.TemporaryDirectory(prefix="adaptd-demo-") as tmp:

@@ -108,6 +108,8 @@ class JobOut(BaseModel):
     metrics: dict | None
     error: JobError | None
     artifacts: list[ArtifactOut]
+    waiting_reason: str | None = Field(None, description="a queued job: why no worker runs it now (no live "
+                                       "worker, or none that can run jobs); null otherwise")
 
 
 class JobList(BaseModel):

@@ -20,6 +20,7 @@ from ..db.session import session_scope
 from ..errors import ApiError
 from ..queue import enqueue_job, get_celery
 from ..storage import delete_blob_if_unreferenced
+from .workers import fleet_in
 from ..schemas.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
 
 log = logging.getLogger("adaptd.jobs")
@@ -113,7 +114,7 @@ def get_job(settings: Settings, tenant_id: str | None, job_id: str) -> JobOut:
         job = repo.get_job(s, job_id, tenant_id)
         if job is None:
             raise ApiError("job_not_found", f"no job {job_id!r}")
-        return to_out(job, repo.artifacts_of(s, job_id))
+        return _with_reason(to_out(job, repo.artifacts_of(s, job_id)), s, settings)
 
 
 def list_jobs(settings: Settings, tenant_id: str, status: str | None, limit: int, cursor: str | None
@@ -122,6 +123,9 @@ def list_jobs(settings: Settings, tenant_id: str, status: str | None, limit: int
     with session_scope(settings.resolved_database_url) as s:
         jobs = repo.list_jobs(s, status, limit + 1, before, tenant_id)
         items = [to_out(j, repo.artifacts_of(s, j.id)) for j in jobs[:limit]]
+        if any(j.status == "queued" for j in items):
+            reason = fleet_in(s, settings).reason
+            items = [j.model_copy(update={"waiting_reason": reason}) if j.status == "queued" else j for j in items]
     next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return JobList(items=items, next_cursor=next_cursor)
 
@@ -145,6 +149,12 @@ def delete_job(settings: Settings, tenant_id: str, job_id: str) -> None:
                            {"status": job.status})
         for blob_id in repo.delete_job(s, job_id):
             delete_blob_if_unreferenced(s, blob_id)
+
+
+def _with_reason(job: JobOut, s, settings: Settings) -> JobOut:
+    if job.status != "queued":
+        return job
+    return job.model_copy(update={"waiting_reason": fleet_in(s, settings).reason})
 
 
 def _encode_cursor(job: Job) -> str:
