@@ -34,8 +34,8 @@ def _version(dist: str) -> str | None:
 
 
 def static_capabilities() -> dict:
-    """The worker's capabilities as far as they are known without importing torch. `can_run` is False
-    with a `reason` when the worker extra is missing."""
+    """The worker's capabilities as far as they are known without importing torch. `can_run` stays
+    False until the engine probe (worker/probe.py) has imported it for real; `reason` says why."""
     from app.version import __version__
     from worker.adaptation.catalog import CATALOG
 
@@ -48,10 +48,12 @@ def static_capabilities() -> dict:
                                                          for m in CATALOG.values()}),
             "optional_architectures": sorted(p for p, lib in OPTIONAL_ARCHITECTURE_LIBRARIES.items()
                                              if importlib.util.find_spec(lib) is not None),
-            "torch_importable": None, "device": None, "can_run": not absent, "reason": None}
+            "worker_extra": not absent, "torch_importable": None, "device": None, "can_run": False,
+            "reason": "starting: checking that the adaptation engine imports"}
     if absent:
         caps["reason"] = extra_missing_message("worker", absent, "this worker cannot run adaptation jobs")
     return caps
+
 
 
 def require_server(command: str) -> None:

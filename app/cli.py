@@ -40,7 +40,7 @@ def cmd_worker(args) -> int:
     from .capabilities import static_capabilities
 
     capabilities = static_capabilities()
-    if not capabilities["can_run"]:  # registers why, and never takes a job it would fail
+    if not capabilities["worker_extra"]:  # registers why, and never takes a job it would fail
         from worker.presence import serve_without_engine
 
         print(f"adaptd worker: {capabilities['reason']}", file=sys.stderr, flush=True)

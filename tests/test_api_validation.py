@@ -96,8 +96,10 @@ def test_methods_and_health(pg_service):
     tent = by_name["tent"]
     assert tent["kind"] == "tta" and tent["params_schema"]["properties"]["lr"]["default"] == 1e-3
     assert httpx.get(f"{pg_service.url}/healthz").json() == {"status": "ok"}
+    pg_service.wait_ready()  # its worker registers once started
     ready = httpx.get(f"{pg_service.url}/readyz").json()
-    assert ready["checks"] == {"database": "ok", "broker": "ok"}
+    assert ready["checks"] == {"database": "ok", "broker": "ok", "workers": "ok"}
+    assert [w["can_run"] for w in ready["workers"]] == [True] and ready["workers"][0]["device"] == "cpu"
 
 
 def test_job_list_pagination_and_filter(pg_service, uploaded, assets):

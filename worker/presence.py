@@ -44,8 +44,8 @@ class Presence(threading.Thread):
         super().__init__(daemon=True, name="adaptd-presence")
         self.settings, self.worker = settings, worker_name()
         self.capabilities = capabilities or static_capabilities()
-        self.probe = probe and self.capabilities["can_run"]
-        self._stop = threading.Event()
+        self.probe = probe and self.capabilities["worker_extra"]
+        self._halt = threading.Event()
 
     def register(self) -> None:
         c = self.capabilities
@@ -61,7 +61,7 @@ class Presence(threading.Thread):
             if not self.capabilities["can_run"]:
                 log.error("this worker cannot run jobs: %s", self.capabilities["reason"])
             self._safely(self.register)
-        while not self._stop.wait(self.settings.heartbeat_interval_s):
+        while not self._halt.wait(self.settings.heartbeat_interval_s):
             self._safely(self.beat)
 
     def beat(self) -> None:
@@ -78,7 +78,7 @@ class Presence(threading.Thread):
             log.warning("worker presence update failed", exc_info=True)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         try:
             with session_scope(self.settings.resolved_database_url) as s:
                 repo.remove_worker(s, self.worker)
