@@ -284,15 +284,14 @@ def cmd_submit(args) -> int:
                   num_classes=args.num_classes, arch_kwargs=arch_kwargs, model_format=args.model_format,
                   data_format=args.data_format, eval_format=args.eval_format, preprocess=preprocess,
                   options=options, notify_url=args.notify_url)
-    # Check what is required before uploading anything.
+    # Check what is required before uploading anything (--arch and --num-classes may come from the
+    # model's adaptd metadata: the server says so if they cannot).
     placeholder = {"upload_id": "<file>"}
     draft = build_spec(base, **fields, model=placeholder if args.model else None,
                        data=placeholder if args.data else None,
                        eval_data=placeholder if args.eval_data else None)
     missing = [flag for flag, ok in [("--method", draft.get("method")),
                                      ("--model", (draft.get("model") or {}).get("upload_id")),
-                                     ("--arch", (draft.get("model") or {}).get("architecture")),
-                                     ("--num-classes", (draft.get("model") or {}).get("num_classes")),
                                      ("--data", (draft.get("data") or {}).get("upload_id"))] if not ok]
     if missing:
         raise UsageError(f"submit needs {', '.join(missing)} (as flags or in --spec)")

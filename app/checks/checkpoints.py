@@ -17,6 +17,8 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import IO
 
+from . import CheckError
+
 # Shared with the worker's loader (worker/adaptation/models/loading.py): how a checkpoint may wrap its
 # state dict, and the key prefixes that DataParallel/DDP and torch.compile add.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
@@ -25,12 +27,6 @@ MAX_HEADER_BYTES = 100_000_000   # a safetensors header longer than this is not 
 MAX_PICKLE_BYTES = 64 * 1024**2  # a state dict's pickle is kilobytes; bigger ones are left to the worker
 REFUSED_OPCODES = {"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"}  # weights_only refuses these
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's pre-1.6 format starts with this pickled number
-
-
-class CheckpointError(Exception):
-    def __init__(self, code: str, message: str, detail: dict | None = None):
-        super().__init__(message)
-        self.code, self.message, self.detail = code, message, detail or {}
 
 
 @dataclass
@@ -56,10 +52,10 @@ def inspect_checkpoint(f: IO[bytes], size: int, allowed_globals: frozenset[str],
     head = f.read(16)
     fmt = sniff_format(head)
     if fmt is None:
-        raise CheckpointError("unsupported_format", "could not detect the checkpoint format (expected safetensors "
+        raise CheckError("unsupported_format", "could not detect the checkpoint format (expected safetensors "
                               "or a torch.save state dict)" + (f"; the file was declared {declared!r}" if declared else ""))
     if declared is not None and declared != fmt:
-        raise CheckpointError("format_mismatch", f"the checkpoint was declared {declared!r} but is {fmt!r}",
+        raise CheckError("format_mismatch", f"the checkpoint was declared {declared!r} but is {fmt!r}",
                               {"declared": declared, "detected": fmt})
     f.seek(0)
     if fmt == "safetensors":
@@ -70,16 +66,16 @@ def inspect_checkpoint(f: IO[bytes], size: int, allowed_globals: frozenset[str],
 def _safetensors(f: IO[bytes], size: int) -> Checkpoint:
     (n,) = struct.unpack("<Q", f.read(8))
     if n > size - 8:
-        raise CheckpointError("invalid_checkpoint", "not a readable safetensors file: the header is longer than the file")
+        raise CheckError("invalid_checkpoint", "not a readable safetensors file: the header is longer than the file")
     try:
         header = json.loads(f.read(n))
         meta = header.pop("__metadata__", None) or {}
         shapes = {k: [int(d) for d in v["shape"]] for k, v in header.items()}
         ends = [int(v["data_offsets"][1]) for v in header.values()]
     except (ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError("invalid_checkpoint", f"not a readable safetensors file: bad header ({exc})") from None
+        raise CheckError("invalid_checkpoint", f"not a readable safetensors file: bad header ({exc})") from None
     if ends and max(ends) > size - 8 - n:
-        raise CheckpointError("invalid_checkpoint", "not a readable safetensors file: the tensors run past the "
+        raise CheckError("invalid_checkpoint", "not a readable safetensors file: the tensors run past the "
                               "end of the file (truncated upload?)")
     return Checkpoint("safetensors", shapes, {str(k): str(v) for k, v in meta.items()})
 
@@ -90,17 +86,17 @@ def _torch(f: IO[bytes], head: bytes, allowed: frozenset[str]) -> Checkpoint:
             with zipfile.ZipFile(f) as zf:
                 names = zf.namelist()
                 if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-                    raise CheckpointError("unsupported_format", "TorchScript archives are not accepted (loading one "
+                    raise CheckError("unsupported_format", "TorchScript archives are not accepted (loading one "
                                           "runs its code); upload `model.state_dict()` saved with torch.save, or "
                                           "safetensors")
                 pkl = next((n for n in names if n.endswith("data.pkl") and n.count("/") <= 1), None)
                 if pkl is None:
-                    raise CheckpointError("invalid_checkpoint", "a zip file without the data.pkl of torch.save")
+                    raise CheckError("invalid_checkpoint", "a zip file without the data.pkl of torch.save")
                 if zf.getinfo(pkl).file_size > MAX_PICKLE_BYTES:
                     return Checkpoint("pt", None, notes=["pickle too large to inspect at submit"])
                 data = zf.read(pkl)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise CheckpointError("invalid_checkpoint", f"not a readable torch checkpoint: {exc}") from None
+            raise CheckError("invalid_checkpoint", f"not a readable torch checkpoint: {exc}") from None
         return _from_pickles([data], allowed)
     # Before torch 1.6: magic number, protocol, system info, then the object, as consecutive pickles.
     stream = io.BytesIO(f.read(MAX_PICKLE_BYTES))
@@ -116,7 +112,7 @@ def _torch(f: IO[bytes], head: bytes, allowed: frozenset[str]) -> Checkpoint:
         if len(pickles) == 1 and _run(pickles[0], allowed) != LEGACY_MAGIC:
             break  # a bare pickle: the object is this one
     if not pickles:
-        raise CheckpointError("invalid_checkpoint", "not a readable torch checkpoint: the pickle is damaged")
+        raise CheckError("invalid_checkpoint", "not a readable torch checkpoint: the pickle is damaged")
     return _from_pickles(pickles[-1:], allowed)
 
 
@@ -147,8 +143,8 @@ _REBUILD_PARAMETER = {"torch._utils._rebuild_parameter", "torch._utils._rebuild_
 _MARK = object()
 
 
-def _refuse(name: str) -> CheckpointError:
-    return CheckpointError(
+def _refuse(name: str) -> CheckError:
+    return CheckError(
         "unsafe_checkpoint", "the checkpoint needs full unpickling (it contains Python objects, e.g. a pickled "
         "nn.Module), which could run arbitrary code; save `model.state_dict()` with torch.save, or use safetensors",
         {"global": name, "reason": f"GLOBAL {name} is not allowed by torch.load(weights_only=True)"})
@@ -159,7 +155,7 @@ def _run(data: bytes, allowed: frozenset[str]):
     try:
         ops = list(pickletools.genops(data))
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError("invalid_checkpoint", f"not a readable torch checkpoint: {exc}") from None
+        raise CheckError("invalid_checkpoint", f"not a readable torch checkpoint: {exc}") from None
     for op, arg, _pos in ops:
         if op.name in REFUSED_OPCODES:
             raise _refuse(f"<{op.name} opcode>")
@@ -257,8 +253,8 @@ def _run(data: bytes, allowed: frozenset[str]):
         elif op.arg is not None or name in ("BINFLOAT", "FLOAT"):
             stack.append(arg)  # ints, floats, strings, bytes
         else:
-            raise CheckpointError("invalid_checkpoint", f"unexpected pickle opcode {name}")
-    raise CheckpointError("invalid_checkpoint", "the pickle has no STOP")
+            raise CheckError("invalid_checkpoint", f"unexpected pickle opcode {name}")
+    raise CheckError("invalid_checkpoint", "the pickle has no STOP")
 
 
 def _hashable(key):

@@ -14,7 +14,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .checkpoints import STRIP_PREFIXES, CheckpointError
+from . import CheckError
+from .checkpoints import STRIP_PREFIXES
 
 PATH = Path(__file__).with_name("architecture_keys.json")
 STEPS = (1, 2, 3, 4, 6, 8)  # the first step s at which base+s and base+2s both build is used
@@ -166,14 +167,14 @@ def _solve(entry: dict, params: dict, shapes: dict[str, list[int]], mismatched: 
 
 
 def check_keys(architecture: str, num_classes: int, arch_kwargs: dict, shapes: dict[str, list[int]]) -> list[str]:
-    """Raise CheckpointError (`invalid_arch_kwargs`, `num_classes_mismatch`, `shape_mismatch`) when the
+    """Raise CheckError (`invalid_arch_kwargs`, `num_classes_mismatch`, `shape_mismatch`) when the
     checkpoint cannot load into the architecture as specified. Returns notes on what was not checked."""
     entry = load()["architectures"].get(architecture)
     if entry is None:
         return [f"{architecture}: not a built-in architecture, keys are checked by the worker"]
     unknown = sorted(set(arch_kwargs) - set(entry["accepted_kwargs"]) | ({"num_classes"} & set(arch_kwargs)))
     if unknown:
-        raise CheckpointError("invalid_arch_kwargs", f"model.arch_kwargs: {architecture} does not take {unknown}; "
+        raise CheckError("invalid_arch_kwargs", f"model.arch_kwargs: {architecture} does not take {unknown}; "
                               f"it takes {[k for k in entry['accepted_kwargs'] if k != 'num_classes']}",
                               {"field": "model.arch_kwargs", "unknown": unknown,
                                "accepted": [k for k in entry["accepted_kwargs"] if k != "num_classes"]})
@@ -196,7 +197,7 @@ def check_keys(architecture: str, num_classes: int, arch_kwargs: dict, shapes: d
               "counts": {"missing": len(missing), "unexpected": len(unexpected), "shape_mismatch": len(mismatched)}}
     spec = f"{architecture} (num_classes={num_classes}, arch_kwargs={json.dumps(arch_kwargs, sort_keys=True)})"
     if fix is not None and set(fix) == {"num_classes"}:
-        raise CheckpointError("num_classes_mismatch", f"the checkpoint's classifier has {fix['num_classes']} outputs, "
+        raise CheckError("num_classes_mismatch", f"the checkpoint's classifier has {fix['num_classes']} outputs, "
                               f"the spec says num_classes={num_classes}: set model.num_classes to {fix['num_classes']}",
                               {**detail, "checkpoint_num_classes": fix["num_classes"], "num_classes": num_classes,
                                "suggestion": {"num_classes": fix["num_classes"]}})
@@ -212,7 +213,7 @@ def check_keys(architecture: str, num_classes: int, arch_kwargs: dict, shapes: d
             suggestion["arch_kwargs"] = {**arch_kwargs, **fix}
         detail["suggestion"] = suggestion
         message += "; it fits with " + ", ".join(f"model.{k} = {json.dumps(v, sort_keys=True)}" for k, v in suggestion.items())
-    raise CheckpointError("shape_mismatch", message, detail)
+    raise CheckError("shape_mismatch", message, detail)
 
 
 if __name__ == "__main__":

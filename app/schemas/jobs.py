@@ -16,16 +16,18 @@ class _Strict(BaseModel):
 class ModelRef(_Strict):
     upload_id: str
     format: Literal["safetensors", "pt"] | None = None
-    architecture: str = Field(..., min_length=1, max_length=200,
-                              description=f"built in: {', '.join(BUILTIN_ARCHITECTURES)}; or timm:<name>; "
-                              "or an operator-allow-listed module.path:factory")
-    num_classes: int = Field(..., ge=1, le=100_000)
+    architecture: str | None = Field(None, min_length=1, max_length=200,
+                                     description=f"built in: {', '.join(BUILTIN_ARCHITECTURES)}; or timm:<name>; "
+                                     "or an operator-allow-listed module.path:factory. Omitted: taken from the "
+                                     "checkpoint's adaptd metadata (a model adaptd exported)")
+    num_classes: int | None = Field(None, ge=1, le=100_000, description="omitted: from the checkpoint's "
+                                    "adaptd metadata")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("architecture")
     @classmethod
-    def _known_architecture(cls, v: str) -> str:
-        if not is_resolvable_name(v):
+    def _known_architecture(cls, v: str | None) -> str | None:
+        if v is not None and not is_resolvable_name(v):
             raise ValueError(f"unknown architecture {v!r}; built in: {', '.join(BUILTIN_ARCHITECTURES)}")
         return v
 
@@ -36,19 +38,21 @@ class DataRef(_Strict):
 
 
 class PreprocessSpec(_Strict):
-    size: int | None = Field(None, ge=4, le=1024, description="square resize; omitted keeps the input size")
-    channels: Literal[1, 3] = 3
-    mean: list[float] | None = Field(None, description="per channel (or one value); default 0")
-    std: list[float] | None = Field(None, description="per channel (or one value); default 1")
+    """Each field omitted comes from the model's adaptd metadata, else the architecture's default input
+    (app/checks/preprocess.py); the stored spec holds the resolved values."""
+
+    size: int | None = Field(None, ge=4, le=1024, description="square resize; null keeps the input size")
+    channels: Literal[1, 3] | None = None
+    mean: list[float] | None = Field(None, description="per channel (or one value)")
+    std: list[float] | None = Field(None, description="per channel (or one value)")
 
     @model_validator(mode="after")
     def _lengths(self) -> "PreprocessSpec":
-        self.mean = self.mean if self.mean is not None else [0.0] * self.channels
-        self.std = self.std if self.std is not None else [1.0] * self.channels
         for name in ("mean", "std"):
-            if len(getattr(self, name)) not in (1, self.channels):
-                raise ValueError(f"{name} must have 1 or {self.channels} values (one per channel)")
-        if any(s <= 0 for s in self.std):
+            value = getattr(self, name)
+            if value is not None and (not value or (self.channels and len(value) not in (1, self.channels))):
+                raise ValueError(f"{name} must have 1 or {self.channels or 'channels'} values (one per channel)")
+        if any(s <= 0 for s in self.std or []):
             raise ValueError("std values must be positive")
         return self
 

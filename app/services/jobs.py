@@ -20,6 +20,7 @@ from ..db.session import session_scope
 from ..errors import ApiError
 from ..queue import enqueue_job, get_celery
 from ..storage import delete_blob_if_unreferenced
+from .submit_checks import complete_spec
 from .workers import fleet_in
 from ..schemas.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
 
@@ -27,8 +28,9 @@ log = logging.getLogger("adaptd.jobs")
 
 
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
-    """Method, params against the method's schema, upload ids and kinds. Returns the validated params
-    (authors' defaults filled in)."""
+    """Method, params against the method's schema, upload ids and kinds, then the uploads themselves
+    (services/submit_checks.py). Returns the spec to store: params with the authors' defaults, model and
+    preprocess completed."""
     info = CATALOG.get(spec.method)
     if info is None:
         raise ApiError("unknown_method", f"method: unknown method {spec.method!r}",
@@ -43,6 +45,7 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
     if spec.eval_data is not None:
         refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
+    uploads = {}
     with session_scope(settings.resolved_database_url) as s:
         for field, upload_id, kind in refs:
             upload = repo.get_upload(s, upload_id, tenant_id)
@@ -52,7 +55,8 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
             if upload.kind != kind:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
-    return params
+            uploads[field] = upload
+        return {**complete_spec(settings, s, spec, uploads), "params": params}
 
 
 def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_key: str | None
@@ -61,7 +65,7 @@ def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_ke
     job id that isn't in the database; a lost enqueue is repaired by the reaper."""
     # An empty `Idempotency-Key:` header means none; keys are per tenant.
     idempotency_key = f"{tenant_id}:{idempotency_key}" if idempotency_key else None
-    params = validate_spec(settings, tenant_id, spec)
+    stored = validate_spec(settings, tenant_id, spec)
     body = spec.model_dump(mode="json")
     request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     url = settings.resolved_database_url
@@ -70,12 +74,12 @@ def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_ke
         if existing is not None:
             return existing, False
     job_id = str(uuid.uuid4())
-    stored = {**body, "params": params}
     try:
         with session_scope(url) as s:
             _check_concurrency(settings, s, tenant_id)
-            s.add(Job(id=job_id, tenant_id=tenant_id, status="queued", method=spec.method, params=params,
-                      spec=stored, idempotency_key=idempotency_key, request_hash=request_hash))
+            s.add(Job(id=job_id, tenant_id=tenant_id, status="queued", method=spec.method,
+                      params=stored["params"], spec=stored, idempotency_key=idempotency_key,
+                      request_hash=request_hash))
     except IntegrityError:  # the same key, concurrently
         existing = _by_key(url, idempotency_key, request_hash) if idempotency_key else None
         if existing is None:

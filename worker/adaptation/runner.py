@@ -1,6 +1,7 @@
 """Spec -> adapted model + metrics. The one entry point of the engine: a plain Python call."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 from torch import nn
+
+from app.checks.metadata import encode as model_metadata
 
 from . import metrics as M
 from .catalog import get_method_info
@@ -137,9 +140,10 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     hooks.progress(loop.done, loop.total, "exporting")
     req.output_dir.mkdir(parents=True, exist_ok=True)
     model_path = req.output_dir / "model.safetensors"
-    save_safetensors(adapted.to(memory_format=torch.contiguous_format), model_path,
-                     {"architecture": req.architecture, "num_classes": str(req.num_classes),
-                      "method": req.method})
+    # Everything a resubmission needs, so the exported model runs again without flags.
+    save_safetensors(adapted.to(memory_format=torch.contiguous_format), model_path, model_metadata(
+        architecture=req.architecture, num_classes=req.num_classes, arch_kwargs=req.arch_kwargs,
+        preprocess=dataclasses.asdict(req.preprocess), task="classification", method=req.method))
 
     metrics = {
         "entropy_before": source_summary["mean_entropy"],

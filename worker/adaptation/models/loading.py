@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from app.checks.checkpoints import STRIP_PREFIXES, WRAPPER_KEYS
+
 from ..errors import AdaptationError
 from .registry import UnknownArchitecture, classifier_of, resolve_architecture
 
 MODEL_FORMATS = ("safetensors", "pt")
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
-STRIP_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 TRIM = 20  # list at most this many keys in an error
 
 
