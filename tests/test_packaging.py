@@ -1,7 +1,8 @@
 """Installed as a user installs it (tests/clean_venv.py): `pip install adaptd` is the client and the
 CLI without the server or the engine; `adaptd[server]` without torch runs the service but says, at
 start, on /readyz and on each queued job, that no worker can run jobs, and fails such jobs after a
-bounded wait; a folder in the current directory with its own `app/` package shadows nothing."""
+bounded wait; a folder in the current directory with its own `app/` package shadows nothing; a job
+needing an extra no live worker has (timm) is refused at submit."""
 from __future__ import annotations
 
 import os
@@ -122,11 +123,15 @@ def test_a_local_app_package_does_not_shadow_the_worker(wheel, tmp_path):
     proc, url = _start_up(python, tmp_path, log)
     try:
         _poll(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 180, "ready", log)
-        from app.client import Client
+        from app.client import ApiError, Client
         with Client(url) as c:
             job = c.submit(method="source", model=str(model), architecture="digit_cnn", num_classes=10,
-                           data=str(target), preprocess={"channels": 1})
+                           data=str(target))
             final = c.wait(job["id"], timeout=180)
+            with pytest.raises(ApiError) as refused:  # the timm extra is not installed on this worker
+                c.submit(method="source", model=str(model), architecture="timm:resnet18", num_classes=10,
+                         data=str(target))
+            assert refused.value.code == "architecture_unavailable" and "adaptd[timm]" in refused.value.message
         assert final["status"] == "succeeded", (final, log.read_text(errors="replace")[-3000:])
     finally:
         _stop(proc)
