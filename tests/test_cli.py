@@ -82,10 +82,20 @@ def test_methods_lists_params_with_defaults(embedded_service):
     assert adaptd("methods", "no_such", "--url", embedded_service.url).returncode == 2
 
 
-def test_failed_job_exits_1_with_code_and_message(embedded_service, assets):
-    # The checkpoint is a 10-class digit CNN: asking for 7 classes fails the job (input's fault).
+def test_failed_job_exits_1_with_code_and_message(embedded_service, assets, tmp_path):
+    # The checkpoint is a 10-class digit CNN: asking for 7 classes is refused at submit, with the fix.
     args = submit_args(assets, "--data", assets["target"], "--watch", "--url", embedded_service.url)
     args[args.index("--num-classes") + 1] = "7"
+    r = adaptd(*args)
+    assert r.returncode == 4 and "num_classes_mismatch" in r.stderr and "num_classes to 10" in r.stderr, r.stderr
+    # NaN weights pass the submit checks (they read no values) and fail the job (input's fault).
+    import torch
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(assets["model"]))
+    state["classifier.weight"][0, 0] = torch.nan
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    args[args.index("--num-classes") + 1] = "10"
+    args[args.index("--model") + 1] = tmp_path / "nan.safetensors"
     r = adaptd(*args)
     assert r.returncode == 1, r.stderr
     assert "failed" in r.stderr and "error " in r.stderr
