@@ -37,15 +37,14 @@ def static_capabilities() -> dict:
     """The worker's capabilities as far as they are known without importing torch. `can_run` stays
     False until the engine probe (worker/probe.py) has imported it for real; `reason` says why."""
     from app.version import __version__
-    from worker.adaptation.catalog import CATALOG
+    from app.contract.catalog import CATALOG
 
     absent = missing(WORKER_MODULES)
     libraries = {name: _version(dist) for name, dist in
                  (("torch", "torch"), ("torchvision", "torchvision"), ("safetensors", "safetensors"),
                   ("timm", "timm"), ("pillow", "pillow"))}
     caps = {"adaptd": __version__, "python": platform.python_version(), "libraries": libraries,
-            "methods": sorted(CATALOG), "tasks": sorted({getattr(m, "task", "classification")
-                                                         for m in CATALOG.values()}),
+            "methods": sorted(CATALOG), "tasks": sorted({t for m in CATALOG.values() for t in m.tasks}),
             "optional_architectures": sorted(p for p, lib in OPTIONAL_ARCHITECTURE_LIBRARIES.items()
                                              if importlib.util.find_spec(lib) is not None),
             "worker_extra": not absent, "torch_importable": None, "device": None, "can_run": False,

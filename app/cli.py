@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 
-from .capabilities import require_server
+from .capabilities import WORKER_MODULES, extra_missing_message, missing, require_server
 from .config import get_settings
-from .spawn import adaptd_command
+from .spawn import adaptd_command, python_command
 
 
 def cmd_api(args) -> int:
@@ -37,18 +37,18 @@ def worker_argv(concurrency: int, loglevel: str = "info") -> list[str]:
 
 def cmd_worker(args) -> int:
     require_server("worker")
-    from .capabilities import static_capabilities
-
-    capabilities = static_capabilities()
-    if not capabilities["worker_extra"]:  # registers why, and never takes a job it would fail
-        from worker.presence import serve_without_engine
-
-        print(f"adaptd worker: {capabilities['reason']}", file=sys.stderr, flush=True)
-        return serve_without_engine(get_settings(), capabilities)
-    from worker.celery_app import celery_app
-
-    celery_app.worker_main(worker_argv(args.concurrency, args.log_level))
-    return 0
+    # The worker is started by module name: the API package never imports the worker package (the
+    # API image does not even contain it). exec keeps the process id, so signals reach Celery itself.
+    # python_command: our package root first on sys.path, never the current directory (app/spawn.py).
+    if missing(WORKER_MODULES):  # registers why, and never takes a job it would fail (worker/presence.py)
+        print(f"adaptd worker: {extra_missing_message('worker', missing(WORKER_MODULES), 'it cannot run jobs')}",
+              file=sys.stderr, flush=True)
+        argv = python_command("from worker.presence import main; sys.exit(main())")
+    else:
+        argv = python_command("from celery.__main__ import main; sys.exit(main())", "-A", "worker.celery_app",
+                              *worker_argv(args.concurrency, args.log_level))
+    os.execv(sys.executable, argv)
+    return 0  # not reached
 
 
 def cmd_migrate(_args) -> int:
@@ -83,8 +83,6 @@ def cmd_up(args) -> int:
     from .db.migrate import upgrade_head
 
     upgrade_head(settings.resolved_database_url)
-    from .capabilities import WORKER_MODULES, extra_missing_message, missing
-
     absent = missing(WORKER_MODULES)
     if absent:
         print(f"adaptd: {extra_missing_message('worker', absent, 'jobs cannot run here')}", file=sys.stderr,

@@ -33,6 +33,7 @@ STATUS = {
     "invalid_arch_kwargs": 422,
     "invalid_dataset": 422,
     "architecture_unavailable": 422,
+    "task_mismatch": 422,
     "payload_too_large": 413,
     "storage_quota_exceeded": 413,
     "missing_api_key": 401,

@@ -86,10 +86,12 @@ class Presence(threading.Thread):
             pass
 
 
-def serve_without_engine(settings: Settings, capabilities: dict) -> int:
-    """`adaptd worker` where the engine cannot run: register the reason and keep the heartbeat (and the
-    bounded wait of queued jobs) until SIGTERM/SIGINT; never consume the queue."""
-    presence = Presence(settings, capabilities, probe=False)
+def main() -> int:
+    """`adaptd worker` where the worker extra is missing: register the reason and keep the heartbeat (and
+    the bounded wait of queued jobs) until SIGTERM/SIGINT; never consume the queue."""
+    from app.config import get_settings
+
+    presence = Presence(get_settings(), probe=False)
 
     def stop(*_):
         raise SystemExit(0)

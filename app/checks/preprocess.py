@@ -4,21 +4,19 @@ else the input as it is (no resize, 3 channels, mean 0, std 1). The stored spec 
 worker never guesses."""
 from __future__ import annotations
 
-# The architectures' default input (channels, size, mean, std).
-# TODO(contract): read app/contract/architectures.py's InputDefaults once it lands on main.
-DEFAULT_INPUT: dict[str, dict] = {
-    "digit_cnn": {"channels": 1, "size": 32, "mean": [0.5], "std": [0.5]},
-    "resnet18": {"channels": 3, "size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-    "resnet34": {"channels": 3, "size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-    "resnet50": {"channels": 3, "size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-    "vit_small_digits": {"channels": 3, "size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-    "wrn28_10": {"channels": 3, "size": 32, "mean": [0.4914, 0.4822, 0.4465], "std": [0.2471, 0.2435, 0.2616]},
-}
+from ..contract.architectures import ARCHITECTURES
+
 FALLBACK = {"channels": 3, "size": None, "mean": [0.0], "std": [1.0]}
 
 
 def default_input(architecture: str) -> dict | None:
-    return DEFAULT_INPUT.get(architecture)
+    """The architecture manifest's declared input (app/contract/architectures.py); None for timm and
+    user architectures."""
+    info = ARCHITECTURES.get(architecture)
+    if info is None:
+        return None
+    i = info.input
+    return {"channels": i.channels, "size": i.size, "mean": list(i.mean), "std": list(i.std)}
 
 
 def resolve(given: dict, from_model: dict | None, architecture: str) -> tuple[dict, dict[str, str]]:

@@ -11,9 +11,10 @@ from datetime import datetime, timezone
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from worker.adaptation.catalog import CATALOG
-
 from ..config import Settings
+from ..contract.architectures import task_of
+from ..contract.catalog import CATALOG
+from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
 from ..db import repo
 from ..db.models import Job
 from ..db.session import session_scope
@@ -22,15 +23,14 @@ from ..queue import enqueue_job, get_celery
 from ..storage import delete_blob_if_unreferenced
 from .submit_checks import complete_spec
 from .workers import fleet_in
-from ..schemas.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
 
 log = logging.getLogger("adaptd.jobs")
 
 
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
-    """Method, params against the method's schema, upload ids and kinds, then the uploads themselves
-    (services/submit_checks.py). Returns the spec to store: params with the authors' defaults, model and
-    preprocess completed."""
+    """Method, params against the method's schema, the task against method and architecture, upload ids
+    and kinds, then the uploads themselves (services/submit_checks.py). Returns the spec to store: params
+    with the authors' defaults, model and preprocess completed."""
     info = CATALOG.get(spec.method)
     if info is None:
         raise ApiError("unknown_method", f"method: unknown method {spec.method!r}",
@@ -42,6 +42,9 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
                        {"errors": errors, "schema": info.params_schema()}) from None
+    if spec.task not in info.tasks:
+        raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
+                       f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
     refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
     if spec.eval_data is not None:
         refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
@@ -56,7 +59,14 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
             uploads[field] = upload
-        return {**complete_spec(settings, s, spec, uploads), "params": params}
+        stored = complete_spec(settings, s, spec, uploads)  # the architecture may come from the checkpoint
+    architecture = stored["model"]["architecture"]
+    arch_task = task_of(architecture)
+    if arch_task is not None and arch_task != spec.task:
+        raise ApiError("task_mismatch", f"model.architecture: {architecture} is a {arch_task} "
+                       f"architecture, the job's task is {spec.task!r}",
+                       {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
+    return {**stored, "params": params}
 
 
 def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_key: str | None

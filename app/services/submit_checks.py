@@ -13,7 +13,7 @@ from ..checks.metadata import decode
 from ..checks.preprocess import resolve
 from ..config import Settings
 from ..errors import ApiError
-from ..schemas.jobs import JobSpec, ModelRef
+from ..contract.jobs import JobSpec, ModelRef
 from .workers import fleet_in
 
 

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.builders
 from tests import builders as B  # noqa: E402
 from worker.adaptation.data import archives as A  # noqa: E402
+from worker.adaptation.data.archives.reader import Reader  # noqa: E402
 from worker.adaptation.data.images import detect_format, open_image_set  # noqa: E402
 from worker.adaptation.errors import AdaptationError  # noqa: E402
 
@@ -213,8 +214,8 @@ def test_decoding_is_lazy_and_per_batch(tmp_path, monkeypatch):
     """Nothing is decoded while indexing; iterating decodes one batch at a time."""
     path, _ = B.image_archive(tmp_path / "a.zip", per_class=10)
     calls = []
-    real = A._Reader.decode
-    monkeypatch.setattr(A._Reader, "decode", lambda self, i: calls.append(i) or real(self, i))
+    real = Reader.decode
+    monkeypatch.setattr(Reader, "decode", lambda self, i: calls.append(i) or real(self, i))
     s = open_set(path)
     assert calls == []
     it = s.batches(4)

@@ -15,7 +15,8 @@ from torch import nn
 from app.checks.metadata import encode as model_metadata
 
 from . import metrics as M
-from .catalog import get_method_info
+from app.contract.catalog import get_method_info
+from app.contract.tasks import DEFAULT_TASK
 from .collapse import CollapseGuard
 from .data import ImageSet, Preprocess, open_image_set
 from .device import (peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision,
@@ -143,7 +144,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     # Everything a resubmission needs, so the exported model runs again without flags.
     save_safetensors(adapted.to(memory_format=torch.contiguous_format), model_path, model_metadata(
         architecture=req.architecture, num_classes=req.num_classes, arch_kwargs=req.arch_kwargs,
-        preprocess=dataclasses.asdict(req.preprocess), task="classification", method=req.method))
+        preprocess=dataclasses.asdict(req.preprocess), task=DEFAULT_TASK, method=req.method))  # the one task run today
 
     metrics = {
         "entropy_before": source_summary["mean_entropy"],

@@ -1,0 +1,70 @@
+"""What an archive's entry names mean: which are validated paths, which are ignored, and how the
+folder structure turns into labels (flat: unlabelled; one folder per class: labelled). A name is
+never joined onto the filesystem."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ...errors import AdaptationError
+
+IGNORED_DIRS = ("__MACOSX",)
+IGNORED_FILES = ("Thumbs.db", "desktop.ini")
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def normalise(raw: str) -> str:
+    """Validate an archive path and return it as 'a/b/c' (it is never used as a filesystem path)."""
+    name = raw.replace("\\", "/")
+    if "\x00" in name or name.startswith("/") or _WINDOWS_DRIVE.match(name):
+        raise AdaptationError("archive_path_traversal", f"absolute path in the archive: {raw!r}", {"entry": raw})
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise AdaptationError("archive_path_traversal", f"'..' in an archive path: {raw!r}", {"entry": raw})
+    return "/".join(parts)
+
+
+def ignored(name: str) -> bool:
+    parts = name.split("/")
+    return (any(p in IGNORED_DIRS or p.startswith(".") for p in parts) or parts[-1] in IGNORED_FILES)
+
+
+def duplicates(names: list[str]) -> list[str]:
+    seen, dupes = set(), []
+    for n in names:
+        if n in seen:
+            dupes.append(n)
+        seen.add(n)
+    return dupes
+
+
+def folder_labels(names: list[str], notes: list[str]) -> tuple[np.ndarray | None, list[str] | None]:
+    """(labels, class_names) from sorted image paths: flat -> (None, None); one folder per class ->
+    labels in the order of the sorted folder names (as torchvision's ImageFolder). A common top-level
+    folder is a wrapper, not a class."""
+    parts = [n.split("/") for n in names]
+    strip = 0
+    while all(len(p) > strip + 1 for p in parts) and len({p[strip] for p in parts}) == 1:
+        strip += 1
+    if strip:
+        notes.append(f"common top-level folder {'/'.join(parts[0][:strip])!r} treated as a wrapper "
+                     "(a labelled archive has at least two class folders)")
+    depths = {len(p) - strip for p in parts}
+    if depths == {1}:
+        return None, None
+    if depths == {2}:
+        class_names = sorted({p[strip] for p in parts})
+        lookup = {c: k for k, c in enumerate(class_names)}
+        labels = np.fromiter((lookup[p[strip]] for p in parts), np.int64, len(parts))
+        if all(c.isdigit() for c in class_names) and class_names != sorted(class_names, key=int):
+            notes.append("class folders are numbers, ordered as text (like torchvision's ImageFolder): "
+                         f"{class_names[:4]}...; see class_names for the label of each folder")
+        return labels, class_names
+    flat = [n for p, n in zip(parts, names) if len(p) - strip == 1][:3]
+    nested = [n for p, n in zip(parts, names) if len(p) - strip > 2][:3]
+    raise AdaptationError("invalid_archive_layout",
+                          "an image archive is either flat (images at the top level) or holds one folder per "
+                          "class with the images directly inside",
+                          {"top_level_examples": flat, "nested_examples": nested,
+                           "depths": sorted(d for d in depths)})
