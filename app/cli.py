@@ -45,8 +45,9 @@ def cmd_worker(args) -> int:
               file=sys.stderr, flush=True)
         argv = python_command("from worker.presence import main; sys.exit(main())")
     else:
-        argv = python_command("from celery.__main__ import main; sys.exit(main())", "-A", "worker.celery_app",
-                              *worker_argv(args.concurrency, args.log_level))
+        # Imported before Celery, which puts the current directory first on sys.path to find `-A`.
+        argv = python_command("import app, worker; from celery.__main__ import main; sys.exit(main())",
+                              "-A", "worker.celery_app", *worker_argv(args.concurrency, args.log_level))
     os.execv(sys.executable, argv)
     return 0  # not reached
 
