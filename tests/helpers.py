@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import struct
 
 import numpy as np
 
@@ -47,3 +49,22 @@ def eval_accuracy(weights_path, assets: dict) -> float:
 def random_npz(path, n: int, size: int = 16, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     np.savez(path, x=rng.integers(0, 256, size=(n, size, size), dtype=np.uint8))
+
+
+# --- checkpoints written without torch (tests/test_lowest.py runs where torch is absent) ------------
+
+def write_safetensors(path, shapes: dict[str, list[int]]) -> None:
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+
+
+def digit_cnn_shapes(**params) -> dict[str, list[int]]:
+    from app.checks import manifest
+
+    entry = manifest.load()["architectures"]["digit_cnn"]
+    return manifest.shapes_at(entry, {**entry["base"], **params})

@@ -4,31 +4,13 @@ false with the reason, a job accepted and left queued with the reason, a mismatc
 at submit with the fix; the checkpoints are written without torch from the key manifest."""
 from __future__ import annotations
 
-import json
-import struct
-
 import httpx
 import numpy as np
 import pytest
 
-from app.checks import manifest
 from app.client import ApiError, Client
+from tests.helpers import digit_cnn_shapes, write_safetensors
 from tests.services import Service, base_env
-
-
-def write_safetensors(path, shapes: dict[str, list[int]]) -> None:
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = 4 * int(np.prod(shape))
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
-
-
-def digit_cnn_shapes(**params) -> dict[str, list[int]]:
-    entry = manifest.load()["architectures"]["digit_cnn"]
-    return {k: list(v) for k, v in manifest._expected(entry, {**entry["base"], **params}).items()}
 
 
 @pytest.fixture(scope="module")

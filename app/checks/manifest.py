@@ -31,7 +31,7 @@ def allowed_globals() -> frozenset[str]:
     return frozenset(load()["weights_only_globals"])
 
 
-def _expected(entry: dict, params: dict) -> dict[str, list[int | None]]:
+def shapes_at(entry: dict, params: dict) -> dict[str, list[int | None]]:
     """Shapes at `params`; None for a dimension that moves non-linearly with a changed argument."""
     out = {}
     for key, dims in entry["keys"].items():
@@ -100,7 +100,7 @@ def _solve(entry: dict, params: dict, shapes: dict[str, list[int]], mismatched: 
     if not candidate:
         return None
     trial = {**params, **candidate}
-    if any(_differences(_expected(entry, trial), shapes)):
+    if any(_differences(shapes_at(entry, trial), shapes)):
         return None
     return {p: v for p, v in candidate.items() if v != params[p]} or None
 
@@ -125,7 +125,7 @@ def check_keys(architecture: str, num_classes: int, arch_kwargs: dict, shapes: d
             params[k] = v
     if any(k in arch_kwargs for k in entry["structural"] + entry["opaque"]):
         return ["arch_kwargs change the architecture's keys: they are checked by the worker"]
-    expected = _expected(entry, params)
+    expected = shapes_at(entry, params)
     shapes = _align(set(expected), shapes)
     missing, unexpected, mismatched = _differences(expected, shapes)
     if not (missing or unexpected or mismatched):
