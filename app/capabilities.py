@@ -36,8 +36,8 @@ def _version(dist: str) -> str | None:
 def static_capabilities() -> dict:
     """The worker's capabilities as far as they are known without importing torch. `can_run` stays
     False until the engine probe (worker/probe.py) has imported it for real; `reason` says why."""
-    from app.version import __version__
     from app.contract.catalog import CATALOG
+    from app.version import __version__
 
     absent = missing(WORKER_MODULES)
     libraries = {name: _version(dist) for name, dist in
@@ -52,7 +52,6 @@ def static_capabilities() -> dict:
     if absent:
         caps["reason"] = extra_missing_message("worker", absent, "this worker cannot run adaptation jobs")
     return caps
-
 
 
 def require_server(command: str) -> None:

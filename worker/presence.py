@@ -22,6 +22,7 @@ log = logging.getLogger("adaptd.presence")
 
 
 def worker_name() -> str:
+    """host:pid: the worker's row here, and the job claims of its pool processes (worker/tasks.py)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -40,11 +41,10 @@ def fail_unrunnable_jobs(settings: Settings) -> list[str]:
 
 
 class Presence(threading.Thread):
-    def __init__(self, settings: Settings, capabilities: dict | None = None, probe: bool = True):
+    def __init__(self, settings: Settings):
         super().__init__(daemon=True, name="adaptd-presence")
         self.settings, self.worker = settings, worker_name()
-        self.capabilities = capabilities or static_capabilities()
-        self.probe = probe and self.capabilities["worker_extra"]
+        self.capabilities = static_capabilities()
         self._halt = threading.Event()
 
     def register(self) -> None:
@@ -54,7 +54,7 @@ class Presence(threading.Thread):
 
     def run(self) -> None:
         self._safely(self.register)
-        if self.probe:  # the engine imported for real in a child: device, torch importable
+        if self.capabilities["worker_extra"]:  # the engine imported for real in a child: device, torch
             from .probe import probe_in_child
 
             self.capabilities = {**self.capabilities, **probe_in_child()}
@@ -91,7 +91,7 @@ def main() -> int:
     the bounded wait of queued jobs) until SIGTERM/SIGINT; never consume the queue."""
     from app.config import get_settings
 
-    presence = Presence(get_settings(), probe=False)
+    presence = Presence(get_settings())
 
     def stop(*_):
         raise SystemExit(0)

@@ -9,8 +9,6 @@ import collections
 import json
 import math
 import logging
-import os
-import socket
 import tempfile
 import threading
 import time
@@ -29,13 +27,10 @@ from .notify import notify_if_finished
 from app.storage import copy_blob_to_file, store_file
 
 from .celery_app import celery_app
+from .presence import worker_name
 
 log = logging.getLogger("adaptd.worker")
 LIVE_STEPS_KEPT = 500  # per-step rows kept in jobs.live_steps while a job runs
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Heartbeat(threading.Thread):

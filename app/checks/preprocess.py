@@ -19,23 +19,14 @@ def default_input(architecture: str) -> dict | None:
     return {"channels": i.channels, "size": i.size, "mean": list(i.mean), "std": list(i.std)}
 
 
-def resolve(given: dict, from_model: dict | None, architecture: str) -> tuple[dict, dict[str, str]]:
-    """(complete preprocess, where each field came from)."""
-    layers = [("spec", given), ("model metadata", from_model or {}),
-              (f"{architecture} default", default_input(architecture) or {}), ("default", FALLBACK)]
-    out, source = {}, {}
-    for name, layer in layers:
-        if "channels" in layer and layer["channels"] is not None:
-            out["channels"], source["channels"] = layer["channels"], name
-            break
-    for name, layer in layers:  # "size": null in the spec means: keep the input size
-        if "size" in layer and (layer["size"] is not None or name == "spec"):
-            out["size"], source["size"] = layer["size"], name
-            break
-    for field in ("mean", "std"):
-        for name, layer in layers:
-            value = layer.get(field)
-            if value is not None and len(value) in (1, out["channels"]):
-                out[field], source[field] = list(value), name
-                break
-    return out, source
+def resolve(given: dict, from_model: dict | None, architecture: str) -> dict:
+    """The complete preprocess: each field from the first layer that has it (`"size": null` given in
+    the spec means: keep the input size)."""
+    layers = [given, from_model or {}, default_input(architecture) or {}, FALLBACK]
+    channels = next(layer["channels"] for layer in layers if layer.get("channels") is not None)
+    size = given["size"] if "size" in given else next(layer["size"] for layer in layers[1:] if "size" in layer)
+    out = {"channels": channels, "size": size}
+    for field in ("mean", "std"):  # the first that fits the channels (one value, or one per channel)
+        out[field] = next(list(layer[field]) for layer in layers
+                          if layer.get(field) is not None and len(layer[field]) in (1, channels))
+    return out

@@ -57,7 +57,7 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
             manifest.check_keys(model["architecture"], model["num_classes"], model["arch_kwargs"], checkpoint.shapes)
         except CheckError as exc:
             raise _refused("model", exc) from None
-    body["preprocess"], _source = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"),
+    body["preprocess"] = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"),
                                           model["architecture"])
     for field in ("data", "eval_data"):
         if field in uploads:
