@@ -37,6 +37,37 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
 
 
+def align_keys(expected: set[str], keys: list[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """How the worker's loader lines a checkpoint's keys up with the architecture's, and the submit check
+    the same way: the DataParallel/compile prefixes stripped; one wrapper prefix on every key (e.g.
+    'model.', 'net.') stripped when that makes more keys match; BatchNorm `num_batches_tracked` buffers
+    absent from checkpoints saved before PyTorch 0.4 (torchvision's published ResNets) allowed.
+    Returns (checkpoint key -> aligned key, absent num_batches_tracked keys, notes)."""
+    rename, notes = {k: k for k in keys}, []
+    changed = True
+    while changed:  # e.g. "_orig_mod.module." (compiled DDP) or "module._orig_mod."
+        changed = False
+        for prefix in STRIP_PREFIXES:
+            if rename and all(v.startswith(prefix) for v in rename.values()):
+                rename = {k: v[len(prefix):] for k, v in rename.items()}
+                notes.append(f"stripped '{prefix}' prefix")
+                changed = True
+    aligned = set(rename.values())
+    if aligned != expected and aligned and all("." in k for k in aligned):
+        firsts = {k.split(".", 1)[0] for k in aligned}
+        if len(firsts) == 1:
+            prefix = firsts.pop() + "."
+            if sum(k[len(prefix):] in expected for k in aligned) > sum(k in expected for k in aligned):
+                rename = {k: v[len(prefix):] for k, v in rename.items()}
+                notes.append(f"stripped '{prefix}' prefix")
+    aligned = set(rename.values())
+    absent_nbt = [k for k in expected if k.endswith(".num_batches_tracked") and k not in aligned
+                  and f"{k.rsplit('.', 1)[0]}.running_mean" in aligned]
+    if absent_nbt:
+        notes.append(f"{len(absent_nbt)} BatchNorm num_batches_tracked buffers absent from the checkpoint: set to 0")
+    return rename, absent_nbt, notes
+
+
 def sniff_format(head: bytes) -> str | None:
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from . import CheckError
-from .checkpoints import STRIP_PREFIXES
+from .checkpoints import align_keys
 
 PATH = Path(__file__).with_name("architecture_keys.json")
 TRIM = 20  # keys listed in an error
@@ -50,28 +50,6 @@ def shapes_at(entry: dict, params: dict) -> dict[str, list[int | None]]:
             shape.append(None if value is None else int(round(value)))
         out[key] = shape
     return out
-
-
-def _align(expected: set[str], shapes: dict[str, list[int]]) -> dict[str, list[int]]:
-    """The key alignment the worker's loader applies: DataParallel/compile prefixes, one wrapper prefix
-    on every key, BatchNorm `num_batches_tracked` absent from old checkpoints."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in STRIP_PREFIXES:
-            if shapes and all(k.startswith(prefix) for k in shapes):
-                shapes, changed = {k[len(prefix):]: v for k, v in shapes.items()}, True
-    if set(shapes) != expected and shapes and all("." in k for k in shapes):
-        firsts = {k.split(".", 1)[0] for k in shapes}
-        if len(firsts) == 1:
-            prefix = firsts.pop() + "."
-            stripped = {k[len(prefix):]: v for k, v in shapes.items()}
-            if sum(k in expected for k in stripped) > sum(k in expected for k in shapes):
-                shapes = stripped
-    for k in expected:
-        if k.endswith(".num_batches_tracked") and k not in shapes and f"{k.rsplit('.', 1)[0]}.running_mean" in shapes:
-            shapes = {**shapes, k: []}
-    return shapes
 
 
 def _differences(expected: dict[str, list], shapes: dict[str, list[int]]):
@@ -126,7 +104,8 @@ def check_keys(architecture: str, num_classes: int, arch_kwargs: dict, shapes: d
     if any(k in arch_kwargs for k in entry["structural"] + entry["opaque"]):
         return ["arch_kwargs change the architecture's keys: they are checked by the worker"]
     expected = shapes_at(entry, params)
-    shapes = _align(set(expected), shapes)
+    rename, absent_nbt, _notes = align_keys(set(expected), list(shapes))
+    shapes = {rename[k]: v for k, v in shapes.items()} | {k: [] for k in absent_nbt}
     missing, unexpected, mismatched = _differences(expected, shapes)
     if not (missing or unexpected or mismatched):
         return []
