@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..config import Settings
 from ..contract.architectures import task_of
-from ..contract.catalog import CATALOG
+from ..contract.catalog import CATALOG, MethodInfo
 from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
 from ..db import repo
 from ..db.models import Job
@@ -42,9 +42,6 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
                        {"errors": errors, "schema": info.params_schema()}) from None
-    if spec.task not in info.tasks:
-        raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
-                       f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
     refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
     if spec.eval_data is not None:
         refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
@@ -59,14 +56,23 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
             uploads[field] = upload
-        stored = complete_spec(settings, s, spec, uploads)  # the architecture may come from the checkpoint
-    architecture = stored["model"]["architecture"]
-    arch_task = task_of(architecture)
+        stored = complete_spec(settings, s, spec, uploads)
+    check_task(spec, info, stored["model"]["architecture"])  # the architecture may come from the checkpoint
+    return {**stored, "params": params}
+
+
+def check_task(spec: JobSpec, info: MethodInfo, architecture: str | None = None) -> None:
+    """The job's task must be one the method supports and the one a built-in architecture declares
+    (`architecture`: the resolved one, when the spec leaves it to the checkpoint's metadata)."""
+    if spec.task not in info.tasks:
+        raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
+                       f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
+    architecture = architecture or spec.model.architecture
+    arch_task = task_of(architecture) if architecture else None
     if arch_task is not None and arch_task != spec.task:
         raise ApiError("task_mismatch", f"model.architecture: {architecture} is a {arch_task} "
                        f"architecture, the job's task is {spec.task!r}",
                        {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
-    return {**stored, "params": params}
 
 
 def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_key: str | None
