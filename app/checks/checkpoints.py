@@ -148,8 +148,8 @@ def _torch(f: IO[bytes], head: bytes, allowed: frozenset[str]) -> Checkpoint:
 
 
 def _from_pickles(pickles: list[bytes], allowed: frozenset[str]) -> Checkpoint:
-    obj = _run(pickles[-1], allowed)
-    return Checkpoint("pt", *_state_shapes(obj))
+    shapes, notes = _state_shapes(_run(pickles[-1], allowed))
+    return Checkpoint("pt", shapes, notes=notes)
 
 
 # --- the stack machine ------------------------------------------------------------------------------
@@ -303,18 +303,18 @@ def _reduce(fn, args):
     return _Opaque()
 
 
-def _state_shapes(obj) -> tuple[dict[str, list[int]] | None, dict, list[str]]:
+def _state_shapes(obj) -> tuple[dict[str, list[int]] | None, list[str]]:
     """The state dict inside `obj` (unwrapped as the worker's loader does), as key -> shape."""
     notes: list[str] = []
     while isinstance(obj, dict) and not _is_tensor_dict(obj):
         key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if key is None:
-            return None, {}, notes  # not a state dict: the worker reports it precisely
+            return None, notes  # not a state dict: the worker reports it precisely
         notes.append(f"unwrapped '{key}'")
         obj = obj[key]
     if not isinstance(obj, dict):
-        return None, {}, notes
-    return {k: list(v.shape) for k, v in obj.items()}, {}, notes
+        return None, notes
+    return {k: list(v.shape) for k, v in obj.items()}, notes
 
 
 def _is_tensor_dict(d: dict) -> bool:

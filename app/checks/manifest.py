@@ -20,8 +20,6 @@ PATH = Path(__file__).with_name("architecture_keys.json")
 TRIM = 20  # keys listed in an error
 
 
-# --- use (torch-free) --------------------------------------------------------------------------------
-
 @lru_cache
 def load() -> dict:
     return json.loads(PATH.read_text())

@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import struct
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from app.checks.checkpoints import WRAPPER_KEYS, align_keys
+from app.checks.checkpoints import WRAPPER_KEYS, align_keys, sniff_format
 
 from ..errors import AdaptationError
 from .registry import UnknownArchitecture, classifier_of, resolve_architecture
@@ -43,16 +42,7 @@ def detect_model_format(path: Path) -> str:
 
 def _sniff_model_format(path: Path) -> str | None:
     with open(path, "rb") as f:
-        head = f.read(16)
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len < 100_000_000 and head[8:9] == b"{":
-            return "safetensors"
-    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format (also TorchScript, refused later)
-        return "pt"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle protocol 2-5: legacy torch.save
-        return "pt"
-    return None
+        return sniff_format(f.read(16))  # the API sniffs uploads the same way at submit
 
 
 def read_state_dict(path: Path, fmt: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
