@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from .api import admin, dashboard, events, health, jobs, methods, observability, uploads
+from .api import admin, dashboard, events, health, jobs, methods, observability, session, uploads
+from .bodylimit import BodyLimit
 from .errors import install_error_handlers
 
 
@@ -11,6 +12,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="adaptd", version="0.1.0",
                   description="Test-time adaptation and source-free domain adaptation as a service.")
     install_error_handlers(app)
-    for module in (uploads, jobs, events, methods, admin, health, observability, dashboard):
+    app.add_middleware(BodyLimit)
+    for module in (uploads, jobs, events, methods, admin, session, health, observability, dashboard):
         app.include_router(module.router)
     return app
