@@ -88,6 +88,8 @@ def check_keys(architecture: str, num_classes: int, arch_kwargs: dict, shapes: d
     if entry is None:
         return [f"{architecture}: not a built-in architecture, keys are checked by the worker"]
     unknown = sorted(set(arch_kwargs) - set(entry["accepted_kwargs"]) | ({"num_classes"} & set(arch_kwargs)))
+    if unknown and not entry["closed_kwargs"]:
+        return [f"arch_kwargs {unknown} are passed to the library's factory: checked by the worker"]
     if unknown:
         raise CheckError("invalid_arch_kwargs", f"model.arch_kwargs: {architecture} does not take {unknown}; "
                               f"it takes {[k for k in entry['accepted_kwargs'] if k != 'num_classes']}",

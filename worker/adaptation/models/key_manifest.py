@@ -26,13 +26,14 @@ def generate() -> dict:
         try:
             with torch.device("meta"):
                 model = factory(**kwargs)
-        except (ValueError, TypeError, RuntimeError, AssertionError):
+        except Exception:  # noqa: BLE001 - an argument value this architecture refuses, in whatever way
             return None
         return {k: list(v.shape) for k, v in model.state_dict().items()}
 
     out = {}
     for name, factory in sorted(ARCHITECTURES.items()):
-        base_classes = inspect.signature(factory).parameters["num_classes"].default
+        declared = inspect.signature(factory).parameters.get("num_classes")
+        base_classes = declared.default if declared is not None and isinstance(declared.default, int) else 10
         with torch.device("meta"):
             cls = type(factory(num_classes=base_classes))
         defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
@@ -61,7 +62,11 @@ def generate() -> dict:
                     d1, d2 = one[key][i] - v, two[key][i] - v
                     if d1 or d2:
                         dims[key][i][1][param] = d1 / step if d2 == 2 * d1 else None
-        out[name] = {"accepted_kwargs": sorted(set(accepted) | {"num_classes"}), "base": base,
+        # Our own classes take exactly their __init__'s arguments; a wrapped library factory (torchvision's
+        # segmentation models) may take more than its class shows: unknown names are left to the worker.
+        closed = cls.__module__.startswith(__package__) and not any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+        out[name] = {"accepted_kwargs": sorted(set(accepted) | {"num_classes"}), "closed_kwargs": closed, "base": base,
                      "structural": structural, "opaque": opaque,
                      "keys": {k: [v if not deps else [v, deps] for v, deps in d] for k, d in dims.items()}}
     return {"weights_only_globals": sorted(weights_only._get_allowed_globals()), "architectures": out}
