@@ -138,7 +138,7 @@ def test_checkpoint_without_metadata_needs_the_architecture(c, ups):
 def test_bad_npz_is_refused_at_submit(c, ups, tmp_path):
     np.savez(tmp_path / "float.npz", x=np.zeros((4, 8, 8), np.float32))
     np.savez(tmp_path / "labels.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.zeros(3, np.int64))
-    for name, needle in (("float.npz", "uint8"), ("labels.npz", "4 integer labels")):
+    for name, needle in (("float.npz", "uint8"), ("labels.npz", "integer labels for the 4 images")):
         bad = c.upload(tmp_path / name, "dataset")["id"]
         with pytest.raises(ApiError) as refused:
             c.submit(method="source", model=ups["model"], architecture="digit_cnn", num_classes=10,

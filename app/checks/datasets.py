@@ -65,9 +65,11 @@ def check_npz(f: IO[bytes]) -> dict:
     out = {"x": list(x_shape)}
     if y is not None:
         descr, shape = y
-        if shape != (x_shape[0],) or descr.lstrip("|<>=")[:1] not in ("i", "u"):
-            raise CheckError("invalid_dataset", f"'y' must be {x_shape[0]} integer labels, got {descr}{list(shape)}",
-                             {"dtype": descr, "shape": list(shape)})
+        # One integer label per image (classification) or per pixel (segmentation masks): the task's own
+        # check in the worker says which.
+        if shape[:1] != (x_shape[0],) or descr.lstrip("|<>=")[:1] not in ("i", "u"):
+            raise CheckError("invalid_dataset", f"'y' must hold integer labels for the {x_shape[0]} images, got "
+                             f"{descr}{list(shape)}", {"dtype": descr, "shape": list(shape)})
         out["y"] = list(shape)
     return out
 

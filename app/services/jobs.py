@@ -55,6 +55,7 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
                        {"errors": errors, "schema": info.params_schema()}) from None
+    check_task(spec, info)
     refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
     if spec.eval_data is not None:
         refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
@@ -70,7 +71,8 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
             uploads[field] = upload
         stored = complete_spec(settings, s, spec, uploads)
-    check_task(spec, info, stored["model"]["architecture"])  # the architecture may come from the checkpoint
+    if spec.model.architecture is None:  # taken from the checkpoint's metadata: its task is checked now
+        check_task(spec, info, stored["model"]["architecture"])
     return {**stored, "params": params}
 
 
