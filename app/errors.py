@@ -36,6 +36,7 @@ STATUS = {
     "architecture_unavailable": 422,
     "notify_url_not_allowed": 422,
     "task_mismatch": 422,
+    "invalid_spec": 422,
     "payload_too_large": 413,
     "storage_quota_exceeded": 413,
     "missing_api_key": 401,

@@ -251,7 +251,9 @@ def active_jobs_using_upload(s: Session, upload_id: str, tenant_id: str) -> list
 
 
 def _upload_ids(spec: dict) -> set[str]:
-    return {(spec.get(k) or {}).get("upload_id") for k in ("model", "data", "eval_data")} - {None}
+    refs = [spec.get(k) or {} for k in ("model", "student", "data", "eval_data", "labelled_data")]
+    refs += spec.get("models") or []
+    return {r.get("upload_id") for r in refs} - {None}
 
 
 def delete_job(s: Session, job_id: str) -> list[str]:

@@ -33,7 +33,8 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     """Method, params against the method's schema, the task against method and architecture, upload ids
     and kinds, then the uploads themselves (services/submit_checks.py). Returns the spec to store: params
     with the authors' defaults, model and preprocess completed."""
-    _check_numbers({"params": spec.params, "model": {"arch_kwargs": spec.model.arch_kwargs}})
+    _check_numbers({"params": spec.params, **{field: {"arch_kwargs": ref.arch_kwargs}
+                                              for field, ref in spec.architectures()}})
     size = spec.preprocess.size
     if size is not None and size > settings.max_preprocess_size:
         raise ApiError("validation_error", f"preprocess.size: at most {settings.max_preprocess_size} "
@@ -55,10 +56,13 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
                        {"errors": errors, "schema": info.params_schema()}) from None
+    check_models(spec, info)
     check_task(spec, info)
-    refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
-    if spec.eval_data is not None:
-        refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
+    refs = [(field, upload_id, "model") for field, upload_id in spec.model_refs()]
+    refs.append(("data", spec.data.upload_id, "dataset"))
+    for field in ("eval_data", "labelled_data"):
+        if getattr(spec, field) is not None:
+            refs.append((field, getattr(spec, field).upload_id, "dataset"))
     uploads = {}
     with session_scope(settings.resolved_database_url) as s:
         for field, upload_id, kind in refs:
@@ -71,9 +75,19 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
             uploads[field] = upload
         stored = complete_spec(settings, s, spec, uploads)
-    if spec.model.architecture is None:  # taken from the checkpoint's metadata: its task is checked now
+    if spec.model is not None and spec.model.architecture is None:  # taken from the checkpoint's metadata
         check_task(spec, info, stored["model"]["architecture"])
     return {**stored, "params": params}
+
+
+def check_models(spec: JobSpec, info: MethodInfo) -> None:
+    """Multi-source methods take `models` (and a `student`), every other method one `model`."""
+    multisource = info.kind == "multisource"
+    if multisource != (spec.models is not None):
+        field = "model" if multisource else "models"  # the one given that the method does not take
+        raise ApiError("invalid_spec", f"{field}: {spec.method} takes "
+                       + ("`models` (source models) and a `student`, not `model`" if multisource
+                          else "one `model`, not `models`"), {"field": field})
 
 
 MAX_ABS_NUMBER = 1e12  # no parameter of any method is sanely larger; keeps overflow out of the engine
@@ -94,18 +108,20 @@ def _check_numbers(value, path: str = "") -> None:
                        "in magnitude", {"field": path})
 
 
-def check_task(spec: JobSpec, info: MethodInfo, architecture: str | None = None) -> None:
-    """The job's task must be one the method supports and the one a built-in architecture declares
-    (`architecture`: the resolved one, when the spec leaves it to the checkpoint's metadata)."""
+def check_task(spec: JobSpec, info: MethodInfo, resolved: str | None = None) -> None:
+    """The job's task must be one the method supports and the one every built-in architecture of the
+    spec (model, sources, student) declares (`resolved`: the model's architecture when the spec leaves it
+    to the checkpoint's metadata)."""
     if spec.task not in info.tasks:
         raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
                        f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
-    architecture = architecture or spec.model.architecture
-    arch_task = task_of(architecture) if architecture else None
-    if arch_task is not None and arch_task != spec.task:
-        raise ApiError("task_mismatch", f"model.architecture: {architecture} is a {arch_task} "
-                       f"architecture, the job's task is {spec.task!r}",
-                       {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
+    for field, ref in spec.architectures():
+        architecture = ref.architecture or (resolved if field == "model" else None)
+        arch_task = task_of(architecture) if architecture else None
+        if arch_task is not None and arch_task != spec.task:
+            raise ApiError("task_mismatch", f"{field}.architecture: {architecture} is a {arch_task} "
+                           f"architecture, the job's task is {spec.task!r}",
+                           {"field": f"{field}.architecture", "task": spec.task, "architecture_task": arch_task})
 
 
 def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_key: str | None

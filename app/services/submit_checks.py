@@ -25,9 +25,30 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
     """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row."""
     url = settings.resolved_database_url
     body = spec.model_dump(mode="json")
+    for field, ref in spec.architectures():  # sources and student name theirs; only `model` may omit them
+        missing = [k for k in ("architecture", "num_classes") if getattr(ref, k) is None]
+        if field != "model" and missing:
+            raise ApiError("validation_error", f"{field}.{missing[0]}: required", {"field": f"{field}.{missing[0]}"})
+    meta = _complete_model(settings, s, spec, uploads, body) if spec.model is not None else {}
+    architecture = spec.architectures()[-1][1].architecture if spec.model is None else body["model"]["architecture"]
+    body["preprocess"] = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"), architecture)
+    for field in ("data", "eval_data", "labelled_data"):
+        if field in uploads:
+            up = uploads[field]
+            try:
+                with open_blob(url, up.blob_id, up.size) as f:
+                    check_dataset(f, getattr(spec, field).format)
+            except CheckError as exc:
+                raise _refused(field, exc) from None
+    return body
+
+
+def _complete_model(settings: Settings, s, spec: JobSpec, uploads: dict, body: dict) -> dict:
+    """The single `model`: read, completed from its metadata, checked. Returns the decoded metadata.
+    (The sources of a multi-source job are checked by the worker.)"""
     upload = uploads["model"]
     try:
-        with open_blob(url, upload.blob_id, upload.size) as f:
+        with open_blob(settings.resolved_database_url, upload.blob_id, upload.size) as f:
             checkpoint = inspect_checkpoint(f, upload.size, manifest.allowed_globals(), spec.model.format)
     except CheckError as exc:
         raise _refused("model", exc) from None
@@ -57,14 +78,4 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
             manifest.check_keys(model["architecture"], model["num_classes"], model["arch_kwargs"], checkpoint.shapes)
         except CheckError as exc:
             raise _refused("model", exc) from None
-    body["preprocess"] = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"),
-                                          model["architecture"])
-    for field in ("data", "eval_data"):
-        if field in uploads:
-            up = uploads[field]
-            try:
-                with open_blob(url, up.blob_id, up.size) as f:
-                    check_dataset(f, getattr(spec, field).format)
-            except CheckError as exc:
-                raise _refused(field, exc) from None
-    return body
+    return meta

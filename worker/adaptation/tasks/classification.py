@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import estimation as E
 from .. import metrics as M
 from ..errors import AdaptationError
 from ..models.export import recalibrate_batch_norm
@@ -43,7 +44,7 @@ class Classification:
                 "entropy_after": after_summary["mean_entropy"],
                 "predicted_class_entropy_after": after_summary["predicted_class_entropy"],
                 "agreement_with_source": M.agreement(after, source),
-                "estimated_accuracy_after": M.average_confidence(after)}
+                **E.accuracy_estimate(after)}
 
     def evaluate(self, predictions: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict:
         return M.labelled_summary(predictions, torch.from_numpy(labels), num_classes)
