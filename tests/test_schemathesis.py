@@ -88,6 +88,7 @@ def _make_job(c: httpx.Client, model: str, dataset: str) -> str:
 @pytest.fixture(scope="module")
 def known(pg_service):
     """Real ids for the generator to hit besides random ones (random ids only ever get 404s)."""
+    pg_service.wait_ready()  # its worker registered: /readyz is 200, not the 503 of a starting worker
     c = httpx.Client(base_url=pg_service.url, timeout=30)
     model, dataset = _make_upload(c, "model"), _make_upload(c, "dataset")
     yield {"client": c, "model": model, "dataset": dataset, "job": _make_job(c, model, dataset)}
