@@ -63,6 +63,8 @@ class ArtifactInfo(TypedDict):
 
 class Job(TypedDict):
     id: str
+    name: str | None
+    tags: list[str]
     status: JobStatus
     method: str
     params: dict
@@ -77,6 +79,13 @@ class Job(TypedDict):
     metrics: dict | None
     error: JobErrorInfo | None
     artifacts: list[ArtifactInfo]
+
+
+class LogLine(TypedDict):
+    seq: int
+    at: str
+    level: str
+    message: str
 
 
 class JobList(TypedDict):
@@ -169,9 +178,10 @@ def build_spec(base: Mapping | None = None, *, method: str | None = None, params
                data: Mapping | None = None, data_format: str | None = None,
                eval_data: Mapping | None = None, eval_format: str | None = None,
                preprocess: Mapping | None = None, options: Mapping | None = None,
-               notify_url: str | None = None) -> dict:
-    """A job spec (`app/contract/jobs.py:JobSpec`): `base` (e.g. a spec file) overlaid with the given fields. `model`,
-    `data`, `eval_data` are refs `{"upload_id": ...}`; None leaves a field as `base` has it."""
+               notify_url: str | None = None, name: str | None = None, tags: list[str] | None = None) -> dict:
+    """A job spec (`app/contract/jobs.py:JobSpec`): `base` (e.g. a spec file) overlaid with the given
+    fields. `model`, `data`, `eval_data` are refs `{"upload_id": ...}`; None leaves a field as `base` has
+    it. `name` and `tags` label the run so that `jobs(name=..., tags=[...])` finds it again."""
     spec = json.loads(json.dumps(base or {}))  # deep copy
     if method is not None:
         spec["method"] = method
@@ -200,6 +210,10 @@ def build_spec(base: Mapping | None = None, *, method: str | None = None, params
         spec["options"] = {**spec.get("options", {}), **options}
     if notify_url is not None:
         spec["notify_url"] = notify_url
+    if name is not None:
+        spec["name"] = name
+    if tags is not None:
+        spec["tags"] = list(tags)
     return spec
 
 
@@ -307,13 +321,15 @@ class Client:
                arch_kwargs: Mapping | None = None, model_format: str | None = None, data: Ref | None = None,
                data_format: str | None = None, eval_data: Ref | None = None, eval_format: str | None = None,
                preprocess: Mapping | None = None, options: Mapping | None = None, notify_url: str | None = None,
+               name: str | None = None, tags: list[str] | None = None,
                on_upload: Callable[[Path, str], ProgressFn | None] | None = None) -> Job:
         """`submit(spec)` posts a complete spec; keyword fields build or override one. `model`, `data`,
         `eval_data`: local paths (streamed up first), upload ids or upload dicts. `on_upload(path, kind)`
         may return an `on_progress(sent, total)` callback per file."""
         fields = dict(method=method, params=params, architecture=architecture, num_classes=num_classes,
                       arch_kwargs=arch_kwargs, model_format=model_format, data_format=data_format,
-                      eval_format=eval_format, preprocess=preprocess, options=options, notify_url=notify_url)
+                      eval_format=eval_format, preprocess=preprocess, options=options, notify_url=notify_url,
+                      name=name, tags=tags)
         refs = {name: self.upload_ref(ref, "model" if name == "model" else "dataset", on_upload)
                 for name, ref in (("model", model), ("data", data), ("eval_data", eval_data)) if ref is not None}
         if refs or any(v is not None for v in fields.values()):
@@ -325,11 +341,29 @@ class Client:
         return self._check(self.http.post("/v1/jobs", json=dict(spec), headers=headers)).json()
 
     def job(self, job_id: str) -> Job:
+        """A job by its id or any unique prefix of it (at least 6 characters)."""
         return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
 
-    def jobs(self, status: str | None = None, limit: int = 50, cursor: str | None = None) -> JobList:
-        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
+    def jobs(self, status: str | None = None, limit: int = 50, cursor: str | None = None,
+             view: str | None = None, name: str | None = None, tags: list[str] | None = None) -> JobList:
+        """A page of jobs, newest first: summary rows (no spec, params, artifacts; scalar metrics), or
+        with view="full" whole jobs as job() returns them. `name` matches exactly, `tags` all of them."""
+        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor, "view": view,
+                                    "name": name, "tag": list(tags) if tags else None}.items() if v is not None}
         return self._check(self.http.get("/v1/jobs", params=params)).json()
+
+    def logs(self, job_id: str, follow: bool = False, after: int = 0, poll: float = 1.0) -> Iterator[LogLine]:
+        """The job's own log lines, oldest first. `follow`: keep polling until the job has ended (its
+        last lines are stored with its final status, so nothing is missed)."""
+        while True:
+            page = self._check(self.http.get(f"/v1/jobs/{job_id}/logs", params={"after": after})).json()
+            job_id, after = page["job_id"], page["next_after"]  # a prefix is resolved once
+            yield from page["items"]
+            if page["more"]:
+                continue
+            if not follow or page["status"] in TERMINAL:
+                return
+            time.sleep(poll)
 
     def cancel(self, job_id: str) -> Job:
         return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json()

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
                                       "no_capable_worker")
 
     # --- live progress (SSE) and notifications -------------------------------------------------
-    events_poll_s: float = Field(0.5, gt=0, le=10, description="how often an SSE stream polls the database")
+    events_poll_s: float = Field(0.5, gt=0, le=10, description="how often each API process polls the database "
+                                 "for the jobs its SSE streams watch (one statement for all of them)")
     events_max_s: float = Field(600.0, gt=0, description="an SSE connection ends after this long; clients "
                                 "reconnect with Last-Event-ID")
     events_keepalive_s: float = 15.0
@@ -87,7 +88,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        return self.broker_url or "filesystem://localhost/"  # a host: kombu warns about none otherwise
 
     @property
     def broker_folder(self) -> Path:

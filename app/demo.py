@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from .cli.render import Line, progress_text, transfer_progress
+from .cli.spawn import adaptd_command
 from .client import Client
 from .demo_data import ARCH_KWARGS, PREPROCESS, make_demo_split
-from .spawn import adaptd_command
 
 
 def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 90) -> None:
@@ -69,14 +70,12 @@ def _demo(client: Client, workdir: Path) -> int:
     np.savez(workdir / "target.npz", x=split["x_target"])                      # unlabelled
     np.savez(workdir / "target_eval.npz", x=split["x_target"], y=split["y_target"])
 
-    def bar(name):
-        return lambda sent, total: print(f"\r  upload {name}: {sent / total:6.1%}", end="", flush=True)
-
+    line = Line(sys.stdout)  # redrawn on a terminal, each state once into a pipe or a file
     uploads = {}
     for name, path, kind in [("model", model_path, "model"), ("data", workdir / "target.npz", "dataset"),
                              ("eval_data", workdir / "target_eval.npz", "dataset")]:
-        uploads[name] = client.upload(path, kind, on_progress=bar(path.name))
-        print(f"  -> {uploads[name]['id']} ({uploads[name]['size']} bytes)", flush=True)
+        uploads[name] = client.upload(path, kind, on_progress=transfer_progress(f"upload {path.name}", line))
+        line.done()
     spec = {
         "method": "tent", "params": {"lr": 1e-3},
         "model": {"upload_id": uploads["model"]["id"], "architecture": "digit_cnn", "num_classes": 10,
@@ -91,11 +90,10 @@ def _demo(client: Client, workdir: Path) -> int:
 
     def show(j):
         p = j["progress"]
-        print(f"\r  [{j['status']:9s}] {p['phase'] or '':18s} {p['done']}/{p['total']} batches "
-              f"({p['fraction']:.0%})", end="", flush=True)
+        line.show(progress_text({"status": j["status"], **p}), key=(j["status"], p["phase"]))
 
     job = client.wait(job["id"], on_update=show, poll=0.3)
-    print()
+    line.done()
     if job["status"] != "succeeded":
         print(f"job {job['status']}: {job.get('error')}", file=sys.stderr)
         return 1

@@ -18,6 +18,8 @@ STATUS = {
     "not_found": 404,
     "upload_not_found": 404,
     "job_not_found": 404,
+    "job_id_too_short": 422,
+    "ambiguous_job_id": 409,
     "artifact_not_found": 404,
     "validation_error": 422,
     "invalid_upload_kind": 422,

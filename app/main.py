@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from .api import admin, dashboard, events, health, jobs, methods, observability, session, uploads
+from .api import admin, dashboard, events, health, jobs, logs, methods, observability, session, uploads
 from .bodylimit import BodyLimit
 from .errors import install_error_handlers
 
@@ -13,6 +13,6 @@ def create_app() -> FastAPI:
                   description="Test-time adaptation and source-free domain adaptation as a service.")
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
-    for module in (uploads, jobs, events, methods, admin, session, health, observability, dashboard):
+    for module in (uploads, jobs, events, logs, methods, admin, session, health, observability, dashboard):
         app.include_router(module.router)
     return app

@@ -16,7 +16,3 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 def python_command(code: str, *args: str) -> list[str]:
     """`python -c code args...` with our package root, not the current directory, first on sys.path."""
     return [sys.executable, "-c", f"import sys; sys.path[0] = {ROOT!r}\n{code}", *args]
-
-
-def adaptd_command(*args: str) -> list[str]:
-    return python_command("from app.cli import main; sys.exit(main())", *args)

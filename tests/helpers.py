@@ -7,6 +7,9 @@ import struct
 
 import numpy as np
 
+from app.db.models import Job, utcnow
+from app.db.session import session_scope
+
 
 def tent_spec(uploads: dict, assets: dict, method: str = "tent", params: dict | None = None,
               options: dict | None = None) -> dict:
@@ -49,6 +52,19 @@ def eval_accuracy(weights_path, assets: dict) -> float:
 def random_npz(path, n: int, size: int = 16, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     np.savez(path, x=rng.integers(0, 256, size=(n, size, size), dtype=np.uint8))
+
+
+def db_url(service) -> str:
+    return service.env.get("ADAPTD_DATABASE_URL") or f"sqlite:///{service.env['ADAPTD_HOME']}/adaptd.db"
+
+
+def add_jobs(service, ids_by_tenant: dict[str, list[str]]) -> None:
+    """Finished job rows with chosen ids (uuid4s cannot be made to share a prefix on demand)."""
+    with session_scope(db_url(service)) as s:
+        for tenant, ids in ids_by_tenant.items():
+            for job_id in ids:
+                s.add(Job(id=job_id, tenant_id=tenant, status="cancelled", method="tent", params={},
+                          spec={"method": "tent"}, finished_at=utcnow()))
 
 
 # --- checkpoints written without torch (tests/test_lowest.py runs where torch is absent) ------------

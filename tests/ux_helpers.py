@@ -9,6 +9,7 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +18,10 @@ import numpy as np
 
 from tests.services import REPO
 
+# The checkout's own venv (CI: .ci/setup), else the console script beside the running interpreter.
 ADAPTD = REPO / ".venv" / "bin" / "adaptd"
+if not ADAPTD.exists():
+    ADAPTD = Path(sys.executable).parent / "adaptd"
 _FINISHED: dict[str, dict] = {}
 
 

@@ -32,14 +32,14 @@ class Reaper(threading.Thread):
     def __init__(self, settings: Settings, celery):
         super().__init__(daemon=True, name="adaptd-reaper")
         self.settings, self.celery = settings, celery
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not `_stop`: threading.Thread has a method of that name
 
     def run(self) -> None:
-        while not self._stop.wait(self.settings.reaper_interval_s):
+        while not self._halt.wait(self.settings.reaper_interval_s):
             try:
                 reap_once(self.settings, self.celery)
             except Exception:  # noqa: BLE001 - database down: next round
                 log.warning("reaper round failed", exc_info=True)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()

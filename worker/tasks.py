@@ -27,6 +27,7 @@ from app.storage import BlobWriter, copy_blob_to_file
 
 from .notify import notify_if_finished
 
+from . import joblog
 from .celery_app import celery_app
 from .presence import worker_name
 
@@ -38,14 +39,15 @@ class Heartbeat(threading.Thread):
     """Writes liveness and the latest progress to the database every interval, and picks up cancel
     requests; the engine reads the flag between batches (no database call on the hot path)."""
 
-    def __init__(self, db_url: str, job_id: str, worker: str, interval: float):
+    def __init__(self, db_url: str, job_id: str, worker: str, interval: float, log: joblog.JobLog):
         super().__init__(daemon=True, name=f"heartbeat-{job_id[:8]}")
         self.db_url, self.job_id, self.worker, self.interval = db_url, job_id, worker, interval
+        self.log = log  # the job's own log lines go out with each beat
         self.done = self.total = 0
         self.phase = "starting"
         self.cancelled = threading.Event()
         self.lost = threading.Event()  # another worker took the job over (ours looked dead)
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not `_stop`: threading.Thread has a method of that name
         self.recent_steps: collections.deque = collections.deque(maxlen=LIVE_STEPS_KEPT)
         self._steps_lock = threading.Lock()
         self._steps_dirty = False
@@ -54,6 +56,7 @@ class Heartbeat(threading.Thread):
         changed = phase != self.phase
         self.done, self.total, self.phase = done, total, phase
         if changed:
+            self.log.note(logging.INFO, "%s%s", phase, f" ({done}/{total} batches)" if total else "")
             self.beat()  # phase changes are rare and worth showing at once
 
     def steps(self, rows: list[dict]) -> None:
@@ -69,7 +72,7 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         try:
-            with session_scope(self.db_url) as s:
+            with self.log.transaction(self.db_url) as s:
                 held, cancel = repo.heartbeat(s, self.job_id, self.worker, self.done, self.total, self.phase)
                 with self._steps_lock:  # live curves for GET /v1/jobs/{id}/events
                     rows, self._steps_dirty = (list(self.recent_steps) if self._steps_dirty else None), False
@@ -84,11 +87,11 @@ class Heartbeat(threading.Thread):
             log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             self.beat()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 @celery_app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
@@ -130,13 +133,14 @@ def _claim_and_run(self, job_id: str, settings, url: str, me: str, started: floa
         raise self.retry(countdown=stale_after, max_retries=None)  # look again once it could be stale
     if not claimed:
         return "not_claimed"  # cancelled meanwhile, or another worker won the claim
-    log.info("job %s claimed by %s", job_id, me)
-    heartbeat = Heartbeat(url, job_id, me, settings.heartbeat_interval_s)
-    heartbeat.start()
-    try:
-        return _execute(url, settings, job_id, spec, me, heartbeat, started)
-    finally:
-        heartbeat.stop()
+    with joblog.capture(job_id) as job_log:
+        job_log.note(logging.INFO, "claimed by %s", me)
+        heartbeat = Heartbeat(url, job_id, me, settings.heartbeat_interval_s, job_log)
+        heartbeat.start()
+        try:
+            return _execute(url, settings, job_id, spec, me, heartbeat, started)
+        finally:
+            heartbeat.stop()
 
 
 def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: Heartbeat, started: float) -> str:
@@ -154,7 +158,8 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
             request = build_run_request(spec, tmpdir, lambda upload_id, dest: _fetch(url, upload_id, dest))
             request = dataclasses.replace(request, data_options={"max_pixels": settings.max_image_pixels})
             result = execute(request, heartbeat)
-            ok = _store_and_finish(url, settings, job_id, me, tmpdir, result)
+            heartbeat.log.note(logging.INFO, "succeeded%s", _outcome(result.metrics))
+            ok = _store_and_finish(url, settings, job_id, me, tmpdir, result, heartbeat.log)
             return "succeeded" if ok else "lost_claim"
         except JobCancelled:
             if heartbeat.lost.is_set():
@@ -163,8 +168,11 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
             outcome, error = "cancelled", ("cancelled", "cancelled at the user's request", {})
         except Exception as exc:  # noqa: BLE001 - classify, record, keep the worker alive
             outcome, error = "failed", _classify(exc, settings, job_id, time.monotonic() - started)
-            log.warning("job %s failed: %s: %s (correlation_id=%s)", job_id, error[0], error[1][:300], job_id)
-        _with_db_retry(lambda: _finish(url, job_id, me, outcome, error=error if outcome == "failed" else None))
+        if outcome == "failed":  # the console line carries the full job id: the correlation id
+            heartbeat.log.note(logging.WARNING, "failed: %s: %s", error[0], error[1][:300])
+        else:
+            heartbeat.log.note(logging.INFO, "%s", error[1])
+        _with_db_retry(lambda: _finish(heartbeat, outcome, error=error if outcome == "failed" else None))
         return outcome
 
 
@@ -216,9 +224,17 @@ def _is_stale(heartbeat_at, stale_after: float) -> bool:
     return heartbeat_at is None or (utcnow() - heartbeat_at).total_seconds() > stale_after
 
 
-def _finish(url: str, job_id: str, me: str, status: str, **kwargs) -> bool:
-    with session_scope(url) as s:
-        return repo.finish_job(s, job_id, me, status, **kwargs)
+def _finish(heartbeat: Heartbeat, status: str, **kwargs) -> bool:
+    """The final transition, in one transaction with the job's last log lines."""
+    with heartbeat.log.transaction(heartbeat.db_url) as s:
+        return repo.finish_job(s, heartbeat.job_id, heartbeat.worker, status, **kwargs)
+
+
+def _outcome(metrics: dict) -> str:
+    before, after = metrics.get("accuracy_before"), metrics.get("accuracy_after")
+    text = f": accuracy {before:.1%} -> {after:.1%}" if before is not None and after is not None else ""
+    ips = metrics.get("images_per_second")
+    return text + (f", {ips:.0f} images/s" if ips else "")
 
 
 def _with_db_retry(fn, attempts: int = 40, delay: float = 0.5, max_delay: float = 5.0):
@@ -257,7 +273,8 @@ def finite_json(value, path: str = "", bad: list[str] | None = None):
     return value
 
 
-def _store_and_finish(url: str, settings, job_id: str, me: str, tmpdir: Path, result) -> bool:
+def _store_and_finish(url: str, settings, job_id: str, me: str, tmpdir: Path, result, job_log: joblog.JobLog
+                      ) -> bool:
     """Write the artifacts' bytes (unsealed: invisible, referenced by nothing), then seal them, add
     their rows and record the job's final state in ONE transaction: a job that fails here or lost its
     claim leaves no blob behind. Non-finite metrics are stored as null and listed in
@@ -280,7 +297,7 @@ def _store_and_finish(url: str, settings, job_id: str, me: str, tmpdir: Path, re
                     writer.write(data)
 
         def commit() -> bool:
-            with session_scope(url) as s:
+            with job_log.transaction(url) as s:  # the job's last log lines with its final state
                 if not repo.finish_job(s, job_id, me, "succeeded", metrics=metrics):
                     return False
                 blob_ids = [w.seal(s) for _, w in writers]

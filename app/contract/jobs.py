@@ -2,6 +2,7 @@
 stores a spec, and the worker, which re-validates the stored spec with the same `JobSpec` and runs it."""
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -97,7 +98,14 @@ class Options(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=+/-]{0,63}$"
+
+
 class JobSpec(_Strict):
+    name: str | None = Field(None, min_length=1, max_length=200,
+                             description="a label to find the run again (GET /v1/jobs?name=)")
+    tags: list[str] = Field(default_factory=list, max_length=32,
+                            description="labels to find the run again (GET /v1/jobs?tag=, all must match)")
     task: Task = Field(DEFAULT_TASK, description="what the model predicts; the architecture and the method "
                        "must support it")
     method: str
@@ -159,6 +167,15 @@ class JobSpec(_Strict):
             refs.append(("student", self.student.upload_id))
         return refs
 
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        for tag in v:
+            if not re.match(TAG_PATTERN, tag):
+                raise ValueError(f"tag {tag!r}: 1-64 characters, letters, digits and _ . : = + / -, "
+                                 "starting with a letter or digit")
+        return list(dict.fromkeys(v))  # duplicates dropped, order kept
+
 
 class Progress(BaseModel):
     done: int
@@ -181,12 +198,14 @@ class ArtifactOut(BaseModel):
     sha256: str
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A row of `GET /v1/jobs`: the job without its spec, params and artifacts, and only the scalar
+    metrics (the nested reports stay in `GET /v1/jobs/{id}`). `?view=full` lists JobOut rows."""
     id: str
+    name: str | None = None
+    tags: list[str] = Field(default_factory=list)
     status: JobStatus
     method: str
-    params: dict
-    spec: dict
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -196,11 +215,33 @@ class JobOut(BaseModel):
     progress: Progress
     metrics: dict | None
     error: JobError | None
+
+
+class JobOut(JobSummary):
+    params: dict
+    spec: dict
     artifacts: list[ArtifactOut]
     waiting_reason: str | None = Field(None, description="a queued job: why no worker runs it now (no live "
                                        "worker, or none that can run jobs); null otherwise")
 
 
 class JobList(BaseModel):
-    items: list[JobOut]
+    items: list[JobOut | JobSummary]
     next_cursor: str | None
+
+
+class LogLineOut(BaseModel):
+    seq: int = Field(description="increasing; pass the last one seen as `after`")
+    at: datetime
+    level: str
+    message: str
+
+
+class JobLogPage(BaseModel):
+    job_id: str
+    status: JobStatus = Field(
+        description="read before the lines: once it is final, the job's last lines are in this page or "
+        "an earlier one")
+    items: list[LogLineOut]
+    next_after: int
+    more: bool = Field(description="more lines are stored after these: ask again at once")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String,
-                        Text, UniqueConstraint)
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
+                        String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -96,6 +96,10 @@ class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
+    # The spec's `name` and `tags`, as columns for the job lists (which never read the spec); the tags are
+    # filtered through JobTag (GET /v1/jobs?name=&tag=).
+    name: Mapped[str | None] = mapped_column(String(200), index=True)
+    tags: Mapped[list] = mapped_column(JSON, default=list)
     status: Mapped[str] = mapped_column(String(16), index=True)
     method: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict] = mapped_column(JSON)
@@ -134,6 +138,27 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class JobTag(Base):
+    """The spec's `tags`, one row each, so that GET /v1/jobs?tag= is an indexed lookup."""
+
+    __tablename__ = "job_tags"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class JobLog(Base):
+    """A job's own log lines, written by its worker (GET /v1/jobs/{id}/logs); `seq` is the cursor."""
+
+    __tablename__ = "job_logs"
+    __table_args__ = (Index("ix_job_logs_job_id_seq", "job_id", "seq"),)
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                     autoincrement=True)  # SQLite: INTEGER PRIMARY KEY is its rowid
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    level: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
 
 
 class Worker(Base):

@@ -1,13 +1,18 @@
 """Jobs: validate everything before queueing, commit, then enqueue; idempotency; cancel; views."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import logging
 import math
+import re
 import uuid
+import weakref
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -15,18 +20,19 @@ from sqlalchemy.exc import IntegrityError
 from ..config import Settings
 from ..contract.architectures import task_of
 from ..contract.catalog import CATALOG, MethodInfo
-from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
+from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, JobSummary, Progress
 from ..db import repo
 from ..db.models import Job
-from ..db.session import session_scope
+from ..db.session import read, read_scope, session_scope
 from ..errors import ApiError
 from ..netguard import NotAllowed, check_url
 from ..queue import enqueue_job, get_celery
 from ..storage import delete_blob_if_unreferenced
 from .submit_checks import complete_spec
-from .workers import fleet_in
+from .workers import fleet
 
 log = logging.getLogger("adaptd.jobs")
+T = TypeVar("T")
 
 
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
@@ -142,9 +148,11 @@ def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_ke
     try:
         with session_scope(url) as s:
             _check_concurrency(settings, s, tenant_id)
-            s.add(Job(id=job_id, tenant_id=tenant_id, status="queued", method=spec.method,
-                      params=stored["params"], spec=stored, idempotency_key=idempotency_key,
+            s.add(Job(id=job_id, tenant_id=tenant_id, name=spec.name, tags=spec.tags, status="queued",
+                      method=spec.method, params=stored["params"], spec=stored, idempotency_key=idempotency_key,
                       request_hash=request_hash))
+            s.flush()
+            repo.add_job_tags(s, job_id, spec.tags)
     except IntegrityError:  # the same key, concurrently
         existing = _by_key(url, idempotency_key, request_hash) if idempotency_key else None
         if existing is None:
@@ -180,31 +188,146 @@ def _by_key(url: str, key: str, request_hash: str) -> JobOut | None:
         return to_out(job, repo.artifacts_of(s, job.id))
 
 
+MIN_ID_PREFIX = 6  # the CLI and the dashboard show 8
+_ID_PREFIX = re.compile(r"^[0-9a-f-]{1,35}$")
+
+
+def job_id_for(c, tenant_id: str | None, ref: str) -> str:
+    """The id `ref` names: itself, or the one job of the tenant it is a unique prefix of (another
+    tenant's job neither matches nor makes a prefix ambiguous). An unknown id comes back as it is."""
+    prefix = ref.lower()
+    if len(ref) >= 36 or not _ID_PREFIX.match(prefix):
+        return ref
+    if len(prefix) < MIN_ID_PREFIX:
+        raise ApiError("job_id_too_short", f"job id prefix {ref!r} is shorter than {MIN_ID_PREFIX} "
+                       "characters", {"prefix": ref, "min_length": MIN_ID_PREFIX})
+    ids = repo.job_ids_with_prefix(c, prefix, tenant_id, limit=11)
+    if len(ids) > 1:
+        raise ApiError("ambiguous_job_id", f"{len(ids) if len(ids) <= 10 else 'more than 10'} jobs start "
+                       f"with {ref!r}: give more characters", {"prefix": ref, "matches": ids[:10]})
+    return ids[0] if ids else ref
+
+
+async def full_job_id(settings: Settings, tenant_id: str | None, ref: str) -> str:
+    """job_id_for from async code (a full id costs no read)."""
+    return ref if len(ref) == 36 else await read(settings.resolved_database_url, job_id_for, tenant_id, ref)
+
+
+def find_job(s, tenant_id: str | None, ref: str) -> Job:
+    """The tenant's job by its id or a unique prefix of it (ORM, in a write session)."""
+    job = repo.get_job(s, job_id_for(s, tenant_id, ref), tenant_id)
+    if job is None:
+        raise ApiError("job_not_found", f"no job {ref!r}")
+    return job
+
+
 def get_job(settings: Settings, tenant_id: str | None, job_id: str) -> JobOut:
-    with session_scope(settings.resolved_database_url) as s:
-        job = repo.get_job(s, job_id, tenant_id)
-        if job is None:
-            raise ApiError("job_not_found", f"no job {job_id!r}")
-        return _with_reason(to_out(job, repo.artifacts_of(s, job_id)), s, settings)
+    with read_scope(settings.resolved_database_url) as c:
+        job_id = job_id_for(c, tenant_id, job_id)
+        job = views_out(repo.job_views(c, [job_id], tenant_id)).get(job_id)
+    if job is None:
+        raise ApiError("job_not_found", f"no job {job_id!r}")
+    if job.status == "queued":  # why no worker runs it now, if none can
+        job = job.model_copy(update={"waiting_reason": fleet(settings).reason})
+    return job
 
 
-def list_jobs(settings: Settings, tenant_id: str, status: str | None, limit: int, cursor: str | None
-              ) -> JobList:
+def views_out(rows) -> dict[str, JobOut]:
+    """JobOut by id from repo.job_views's rows (a job's columns, one row per artifact)."""
+    by_id: dict[str, list] = {}
+    for r in rows:
+        by_id.setdefault(r.id, []).append(r)
+    return {job_id: to_out(rs[0], [ArtifactOut(name=r.artifact_name, size=r.artifact_size, sha256=r.artifact_sha256)
+                                   for r in rs if r.artifact_name is not None])
+            for job_id, rs in by_id.items()}
+
+
+@dataclass(frozen=True)
+class View:
+    tenant_id: str
+    json: bytes  # the body of GET /v1/jobs/{id}
+
+
+class ViewReader:
+    """`GET /v1/jobs/{id}` in one API process (and event loop). A request that finds no read in flight
+    starts one; requests arriving meanwhile wait for the next, which reads all their jobs in one
+    statement, and requests for the same job share its JSON. So every answer comes from a read that
+    started after its request arrived (a client reads its own writes), a process has at most one
+    such read in flight, and N pollers cost a few statements per round trip instead of N."""
+
+    MAX_IDS = 500  # per statement
+
+    def __init__(self, url: str):
+        self.url = url
+        self.pending: dict[str, list[asyncio.Future]] = {}
+        self.busy = False
+
+    async def get(self, job_id: str) -> View | None:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.setdefault(job_id, []).append(future)
+        if not self.busy:
+            self.busy = True
+            asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                ids = list(self.pending)[:self.MAX_IDS]
+                batch = {job_id: self.pending.pop(job_id) for job_id in ids}
+                try:
+                    views = await read(self.url, _read_views, ids)
+                except Exception as exc:  # noqa: BLE001 - every waiting request gets it (503 etc.)
+                    for futures in batch.values():
+                        for f in futures:
+                            if not f.done():
+                                f.set_exception(exc)
+                    continue
+                for job_id, futures in batch.items():
+                    for f in futures:
+                        if not f.done():
+                            f.set_result(views.get(job_id))
+        finally:
+            self.busy = False
+
+
+def _read_views(c, job_ids: list[str]) -> dict[str, View]:
+    rows = repo.job_views(c, job_ids)
+    tenants = {r.id: r.tenant_id for r in rows}
+    return {job_id: View(tenants[job_id], job.model_dump_json().encode())
+            for job_id, job in views_out(rows).items()}
+
+
+_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
+
+
+def per_loop(key: tuple, make: Callable[[], T]) -> T:
+    """One object per event loop and key (its futures and tasks belong to that loop)."""
+    objects = _per_loop.setdefault(asyncio.get_running_loop(), {})
+    if key not in objects:
+        objects[key] = make()
+    return objects[key]
+
+
+def view_reader(settings: Settings) -> ViewReader:
+    url = settings.resolved_database_url
+    return per_loop(("views", url), lambda: ViewReader(url))
+
+
+def job_page(c, tenant_id: str, status: str | None, limit: int, cursor: str | None, full: bool = False,
+             name: str | None = None, tags: list[str] = ()) -> JobList:
+    """GET /v1/jobs on a read connection: one statement (two with `full`: the page's artifacts)."""
     before = _decode_cursor(cursor) if cursor else None
-    with session_scope(settings.resolved_database_url) as s:
-        jobs = repo.list_jobs(s, status, limit + 1, before, tenant_id)
-        items = [to_out(j, repo.artifacts_of(s, j.id)) for j in jobs[:limit]]
-        if any(j.status == "queued" for j in items):
-            reason = fleet_in(s, settings).reason
-            items = [j.model_copy(update={"waiting_reason": reason}) if j.status == "queued" else j for j in items]
+    jobs = repo.job_summaries(c, status, limit + 1, before, tenant_id, full=full, name=name, tags=tags)
+    artifacts = repo.artifacts_of_jobs(c, [j.id for j in jobs[:limit]]) if full else None
+    items = [to_out(j, artifacts[j.id]) if full else to_summary(j) for j in jobs[:limit]]
     next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return JobList(items=items, next_cursor=next_cursor)
 
 
 def cancel_job(settings: Settings, tenant_id: str, job_id: str) -> JobOut:
     with session_scope(settings.resolved_database_url) as s:
-        if repo.get_job(s, job_id, tenant_id) is None:
-            raise ApiError("job_not_found", f"no job {job_id!r}")
+        job_id = find_job(s, tenant_id, job_id).id
         repo.request_cancel(s, job_id)
     return get_job(settings, tenant_id, job_id)
 
@@ -213,20 +336,13 @@ def delete_job(settings: Settings, tenant_id: str, job_id: str) -> None:
     """Delete a finished job with its artifacts' bytes (unless identical content is still referenced)."""
     with session_scope(settings.resolved_database_url) as s:
         repo.lock_tenant(s, tenant_id)  # first: SQLite takes its write lock before reading
-        job = repo.get_job(s, job_id, tenant_id)
-        if job is None:
-            raise ApiError("job_not_found", f"no job {job_id!r}")
+        job = find_job(s, tenant_id, job_id)
+        job_id = job.id
         if job.status not in repo.TERMINAL:
             raise ApiError("job_active", f"job {job_id} is {job.status}: cancel it before deleting it",
                            {"status": job.status})
         for blob_id in repo.delete_job(s, job_id):
             delete_blob_if_unreferenced(s, blob_id)
-
-
-def _with_reason(job: JobOut, s, settings: Settings) -> JobOut:
-    if job.status != "queued":
-        return job
-    return job.model_copy(update={"waiting_reason": fleet_in(s, settings).reason})
 
 
 def _encode_cursor(job: Job) -> str:
@@ -243,18 +359,28 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ApiError("validation_error", "cursor: invalid cursor", {"field": "cursor"}) from None
 
 
-def to_out(job: Job, artifacts) -> JobOut:
+def _common(job) -> dict:
+    """The fields JobSummary and JobOut share, from an ORM Job or a repo row with the same names."""
     total = job.progress_total or 0
     done = job.progress_done or 0
     # A job's correlation id is its id: the worker logs every line of the job, tracebacks included, under it.
     error = JobError(code=job.error_code, message=job.error_message or "", detail=job.error_detail or {},
                      correlation_id=job.id) if job.error_code else None
-    return JobOut(
-        id=job.id, status=job.status, method=job.method, params=job.params, spec=job.spec,
+    return dict(
+        id=job.id, name=job.name, tags=job.tags or [], status=job.status, method=job.method,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         heartbeat_at=job.heartbeat_at, attempts=job.attempts, cancel_requested=job.cancel_requested,
         progress=Progress(done=done, total=total, fraction=(done / total) if total else
                           (1.0 if job.status == "succeeded" else 0.0), phase=job.phase),
-        metrics=job.metrics, error=error,
-        artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256) for a in artifacts],
-    )
+        error=error)
+
+
+def to_out(job, artifacts) -> JobOut:
+    return JobOut(**_common(job), params=job.params, spec=job.spec, metrics=job.metrics,
+                  artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256) for a in artifacts])
+
+
+def to_summary(job) -> JobSummary:
+    metrics = None if job.metrics is None else \
+        {k: v for k, v in job.metrics.items() if not isinstance(v, (dict, list))}
+    return JobSummary(**_common(job), metrics=metrics)

@@ -94,6 +94,8 @@ def test_eata_without_reliable_samples_leaves_weights_alone(cnn, digits):
         assert out.logs["used"] == 0 and out.loss == 0
     after = norm_state(method.model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # on CPU the empty update is skipped outright (as the reference does): no backward, no optimizer step
+    assert not method.optimizer.state and all(q.grad is None for q in method.norm_params)
 
 
 # --- sar ------------------------------------------------------------------------------------------

@@ -94,25 +94,28 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     seed_everything(opts.seed)
     reset_peak_memory(device)
 
-    hooks.progress(0, 0, "loading")
-    model, load_report = load_model(spec.model.architecture, num_classes, spec.model.arch_kwargs, req.model_path,
-                                    spec.model.format)
-    channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-    model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
+    # The data first (indexes only): from the first phase on, progress shows how many batches will run.
     # Fields the spec leaves out: the architecture's default input (the API stores them resolved already).
     pre = resolve_preprocess(spec.preprocess.model_dump(exclude_unset=True), None, spec.model.architecture)
     data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre["size"], **req.data_options)
     eval_data = _open_eval(req, data, task, pre["size"])
+    epochs = opts.epochs if info.kind == "sfda" else 1
+    total = math.ceil(len(data) / opts.batch_size) * epochs
+    hooks.progress(0, total, "loading")
+    model, load_report = load_model(spec.model.architecture, num_classes, spec.model.arch_kwargs, req.model_path,
+                                    spec.model.format)
+    channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
     prep = _Prep(Preprocess(**pre), device, channels_last, hooks)
     _check_input_shape(model, data, prep, num_classes, task)
 
     ctx = MethodContext(num_classes=num_classes, device=device, batch_size=opts.batch_size,
-                        epochs=opts.epochs if info.kind == "sfda" else 1, dataset_size=len(data),
+                        epochs=epochs, dataset_size=len(data),
                         seed=opts.seed, precision=precision,
                         iterate_target=lambda: prep.iterate(data, opts.batch_size),
                         input_mean=tuple(pre["mean"]), input_std=tuple(pre["std"]))
 
-    hooks.progress(0, 0, "evaluating_source")
+    hooks.progress(0, total, "evaluating_source")
     source_target = predict(model, data, prep, opts.batch_size, ctx, task)
     source_eval = predict(model, eval_data, prep, opts.batch_size, ctx, task) if eval_data is not None else None
     source_summary = task.summary(source_target, num_classes)

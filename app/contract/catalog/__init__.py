@@ -112,3 +112,12 @@ def get_method_info(name: str) -> MethodInfo:
 
 # Importing the per-kind modules runs their @describe decorators.
 from . import baselines, multimodel, segmentation, sfda, tta  # noqa: E402,F401
+
+
+def catalogue_json() -> list[dict]:
+    """The catalogue as `GET /v1/methods` serves it (and `adaptd methods` prints it without a server).
+    needs_labels / needs_source_statistics: kept for existing clients; the service never has labels or
+    source data, so no method can need them."""
+    return [{"name": m.name, "kind": m.kind, "description": m.description, "needs_labels": False,
+             "needs_source_statistics": False, "updates_weights": m.updates_weights, "tasks": list(m.tasks),
+             "params_schema": m.params_schema()} for m in CATALOG.values()]
