@@ -320,7 +320,10 @@ def test_up_output_has_nothing_a_user_cannot_act_on(tmp_path):
         while not any(t.rstrip().endswith(" ready.") for t in list(lines)):  # the worker is up
             assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
             time.sleep(0.3)
-        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+        # Ready once the worker has also imported the engine (its probe, a few seconds after "ready.").
+        while httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            time.sleep(0.3)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
