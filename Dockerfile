@@ -15,7 +15,7 @@ COPY app ./app
 COPY migrations ./migrations
 
 FROM base AS api
-RUN pip install .
+RUN pip install ".[server]"
 USER adaptd
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=5 \

@@ -336,7 +336,8 @@ class Client:
         if refs or any(v is not None for v in fields.values()):
             spec = build_spec(spec, **fields, **refs)
         if spec is None:
-            raise ValueError("submit() needs a spec or the method, model, data, architecture and num_classes")
+            raise ValueError("submit() needs a spec or the method, model and data (architecture and num_classes "
+                             "too, unless the model is one adaptd exported)")
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._check(self.http.post("/v1/jobs", json=dict(spec), headers=headers)).json()
 

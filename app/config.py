@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     stale_after_s: float | None = None  # heartbeat age that marks a running job's worker as lost
     reaper_interval_s: float = 30.0
     reaper_queued_after_s: float = 600.0  # re-enqueue a job still queued after this long (lost enqueue)
+    unrunnable_after_s: float = Field(30.0, gt=0, description="a job still queued after this long while the "
+                                      "live workers cannot run jobs (e.g. torch missing) fails with "
+                                      "no_capable_worker")
 
     # --- live progress (SSE) and notifications -------------------------------------------------
     events_poll_s: float = Field(0.5, gt=0, le=10, description="how often each API process polls the database "

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import struct
 
 import numpy as np
 
@@ -63,3 +65,22 @@ def add_jobs(service, ids_by_tenant: dict[str, list[str]]) -> None:
             for job_id in ids:
                 s.add(Job(id=job_id, tenant_id=tenant, status="cancelled", method="tent", params={},
                           spec={"method": "tent"}, finished_at=utcnow()))
+
+
+# --- checkpoints written without torch (tests/test_lowest.py runs where torch is absent) ------------
+
+def write_safetensors(path, shapes: dict[str, list[int]]) -> None:
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+
+
+def digit_cnn_shapes(**params) -> dict[str, list[int]]:
+    from app.checks import manifest
+
+    entry = manifest.load()["architectures"]["digit_cnn"]
+    return manifest.shapes_at(entry, {**entry["base"], **params})

@@ -65,7 +65,7 @@ class Service:
 
     def start_api(self) -> None:
         self.api = self._spawn(["api", "--port", str(self.api_port), "--log-level", self.log_level], "api")
-        self.wait_ready()
+        self.wait_ready(workers=False)  # its workers start next
 
     def start_worker(self) -> subprocess.Popen:
         proc = self._spawn(["worker", "--concurrency", "1", "--log-level", "info"], f"worker{len(self.workers)}")
@@ -77,13 +77,19 @@ class Service:
         self.api = self._spawn(["up", "--port", str(self.api_port), "--log-level", self.log_level], "up")
         self.wait_ready()
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 120, workers: bool = True) -> None:
+        """/readyz is 200 (database, broker and a worker that can run jobs); with `workers=False`,
+        only the database and the broker need to be up."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.api.poll() is not None:
                 raise RuntimeError(f"API exited ({self.api.returncode}); see {self.log_dir}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.url}/readyz", timeout=2)
+                if r.status_code == 200:
+                    return
+                checks = r.json()["error"]["detail"]["checks"] if r.status_code == 503 else {}
+                if not workers and checks.get("database") == checks.get("broker") == "ok":
                     return
             except httpx.HTTPError:
                 pass

@@ -99,8 +99,10 @@ def test_methods_and_health(pg_service):
     assert tent["cost"] == {"epochs": 1, "forward_passes": 1, "backward_passes": 1}
     assert by_name["shot"]["cost"] == {"epochs": 15, "forward_passes": 30, "backward_passes": 15}
     assert httpx.get(f"{pg_service.url}/healthz").json() == {"status": "ok"}
+    pg_service.wait_ready()  # its worker registers once started
     ready = httpx.get(f"{pg_service.url}/readyz").json()
-    assert ready["checks"] == {"database": "ok", "broker": "ok"}
+    assert ready["checks"] == {"database": "ok", "broker": "ok", "workers": "ok"}
+    assert [w["can_run"] for w in ready["workers"]] == [True] and ready["workers"][0]["device"] == "cpu"
 
 
 def test_job_list_pagination_and_filter(pg_service, uploaded, assets):

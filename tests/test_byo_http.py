@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.client import Client
+from app.client import ApiError, Client
 from tests import builders
 
 MODEL_SPEC = {"architecture": "digit_cnn", "num_classes": 10}
@@ -39,7 +39,11 @@ def run_job(c: Client, model_id: str, data_id: str, eval_id: str | None = None, 
             "preprocess": PRE if pre is None else pre, "options": {"batch_size": 16}}
     if eval_id:
         spec["eval_data"] = {"upload_id": eval_id}
-    return c.wait(c.submit(spec)["id"], timeout=180)
+    try:
+        return c.wait(c.submit(spec)["id"], timeout=180)
+    except ApiError as exc:  # refused at submit: nothing was queued
+        assert exc.status == 422, exc
+        return {"status": "refused", "error": {"code": exc.code, "message": exc.message, "detail": exc.detail}}
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -68,7 +72,7 @@ def test_malicious_pickle_is_refused_and_never_runs(c, base, tmp_path, container
     marker = tmp_path / f"pwned-{container}-{payload}"
     path = builders.malicious_checkpoint(tmp_path / "evil.pt", marker, container=container, payload=payload)
     job = run_job(c, c.upload(path, "model")["id"], base["data"]["id"])
-    assert job["status"] == "failed" and job["error"]["code"] == "unsafe_checkpoint", job
+    assert job["status"] == "refused" and job["error"]["code"] == "unsafe_checkpoint", job  # at submit
     assert "state_dict" in job["error"]["message"]  # tells the user what to save instead
     assert not marker.exists()
 
@@ -76,10 +80,12 @@ def test_malicious_pickle_is_refused_and_never_runs(c, base, tmp_path, container
 def test_broken_models_get_precise_codes(c, base, state, tmp_path):
     wide = builders.save_checkpoint(state, tmp_path / "w.safetensors", fmt="safetensors")
     job = run_job(c, c.upload(wide, "model")["id"], base["data"]["id"], model={"arch_kwargs": {"width": 32}})
-    assert job["error"]["code"] == "shape_mismatch" and job["error"]["detail"]["shape_mismatch"], job
+    assert job["status"] == "refused" and job["error"]["code"] == "shape_mismatch", job
+    assert job["error"]["detail"]["shape_mismatch"] and job["error"]["detail"]["suggestion"] == {
+        "arch_kwargs": {"width": 16}}, job  # the fix, solved from the shapes
 
     job = run_job(c, c.upload(wide, "model")["id"], base["data"]["id"], model={"num_classes": 7})
-    assert job["error"]["code"] == "num_classes_mismatch", job
+    assert job["status"] == "refused" and job["error"]["code"] == "num_classes_mismatch", job
 
     nan_state = {k: v.clone() for k, v in state.items()}
     nan_state["classifier.weight"][0, 0] = math.nan
@@ -89,7 +95,8 @@ def test_broken_models_get_precise_codes(c, base, state, tmp_path):
 
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"\x00\x01not a checkpoint" * 10)
-    assert run_job(c, c.upload(garbage, "model")["id"], base["data"]["id"])["error"]["code"] == "unsupported_format"
+    job = run_job(c, c.upload(garbage, "model")["id"], base["data"]["id"])
+    assert job["status"] == "refused" and job["error"]["code"] == "unsupported_format", job
 
     job = run_job(c, base["model"]["id"], base["data"]["id"], model={"architecture": "evil.module:factory"})
     assert job["error"]["code"] == "architecture_not_allowed", job

@@ -90,10 +90,20 @@ def test_methods_lists_params_with_defaults(embedded_service):
     assert adaptd("methods", "no_such", "--url", embedded_service.url).returncode == 2
 
 
-def test_failed_job_exits_1_with_code_and_message(embedded_service, assets):
-    # The checkpoint is a 10-class digit CNN: asking for 7 classes fails the job (input's fault).
+def test_failed_job_exits_1_with_code_and_message(embedded_service, assets, tmp_path):
+    # The checkpoint is a 10-class digit CNN: asking for 7 classes is refused at submit, with the fix.
     args = submit_args(assets, "--data", assets["target"], "--watch", "--url", embedded_service.url)
     args[args.index("--num-classes") + 1] = "7"
+    r = adaptd(*args)
+    assert r.returncode == 4 and "num_classes_mismatch" in r.stderr and "num_classes to 10" in r.stderr, r.stderr
+    # NaN weights pass the submit checks (they read no values) and fail the job (input's fault).
+    import torch
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(assets["model"]))
+    state["classifier.weight"][0, 0] = torch.nan
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    args[args.index("--num-classes") + 1] = "10"
+    args[args.index("--model") + 1] = tmp_path / "nan.safetensors"
     r = adaptd(*args)
     assert r.returncode == 1, r.stderr
     assert "failed" in r.stderr and "error " in r.stderr
@@ -310,7 +320,10 @@ def test_up_output_has_nothing_a_user_cannot_act_on(tmp_path):
         while not any(t.rstrip().endswith(" ready.") for t in list(lines)):  # the worker is up
             assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
             time.sleep(0.3)
-        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+        # Ready once the worker has also imported the engine (its probe, a few seconds after "ready.").
+        while httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            time.sleep(0.3)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

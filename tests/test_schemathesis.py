@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import base64
 import os
+import tempfile
 import zlib
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -32,6 +35,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, missing
 
 from app.main import create_app
 from app.contract.catalog import CATALOG
+from tests.helpers import digit_cnn_shapes, write_safetensors
 
 pytestmark = pytest.mark.services
 
@@ -58,13 +62,22 @@ def _cap(body):
 
 
 def _make_upload(c: httpx.Client, kind: str) -> str:
-    r = c.post("/v1/uploads", params={"kind": kind, "filename": f"{kind}.bin"}, content=os.urandom(256))
+    """A digit_cnn checkpoint, or a small npz: uploads that pass the checks at submit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "upload"
+        if kind == "model":
+            write_safetensors(path, digit_cnn_shapes())
+        else:
+            np.savez(path.with_suffix(".npz"), x=np.random.default_rng(0).integers(0, 256, (8, 8, 8), dtype=np.uint8))
+            path = path.with_suffix(".npz")
+        content = path.read_bytes()
+    r = c.post("/v1/uploads", params={"kind": kind, "filename": f"{kind}.bin"}, content=content)
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
 
 def _make_job(c: httpx.Client, model: str, dataset: str) -> str:
-    """A queued job, cancelled at once (random bytes as the model: it could not run anyway)."""
+    """A queued job, cancelled at once."""
     r = c.post("/v1/jobs", json={"method": "source", "data": {"upload_id": dataset},
                                  "model": {"upload_id": model, "architecture": "digit_cnn", "num_classes": 10}})
     assert r.status_code == 202, r.text
@@ -75,6 +88,7 @@ def _make_job(c: httpx.Client, model: str, dataset: str) -> str:
 @pytest.fixture(scope="module")
 def known(pg_service):
     """Real ids for the generator to hit besides random ones (random ids only ever get 404s)."""
+    pg_service.wait_ready()  # its worker registered: /readyz is 200, not the 503 of a starting worker
     c = httpx.Client(base_url=pg_service.url, timeout=30)
     model, dataset = _make_upload(c, "model"), _make_upload(c, "dataset")
     yield {"client": c, "model": model, "dataset": dataset, "job": _make_job(c, model, dataset)}

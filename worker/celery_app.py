@@ -13,16 +13,28 @@ celery_app.conf.update(include=["worker.tasks"])
 app = celery_app  # `celery -A worker.celery_app` looks for `app`
 
 
+_presence = []
+
+
 def _start_reaper(**_kwargs) -> None:
+    from .presence import Presence
     from .reaper import Reaper
 
     Reaper(get_settings(), celery_app).start()
+    _presence.append(Presence(get_settings()))
+    _presence[-1].start()
 
 
-# The reaper runs in the worker's main process (database and broker calls only, never CUDA).
-from celery.signals import worker_ready  # noqa: E402
+def _stop_presence(**_kwargs) -> None:
+    for presence in _presence:
+        presence.stop()  # the row goes at once: readiness does not wait for it to go stale
+
+
+# The reaper and the presence heartbeat run in the worker's main process (database calls, never CUDA).
+from celery.signals import worker_ready, worker_shutdown  # noqa: E402
 
 worker_ready.connect(_start_reaper, weak=False)
+worker_shutdown.connect(_stop_presence, weak=False)
 
 
 def _limit_child_memory(**_kwargs) -> None:

@@ -10,8 +10,6 @@ import dataclasses
 import json
 import math
 import logging
-import os
-import socket
 import tempfile
 import threading
 import time
@@ -31,13 +29,10 @@ from .notify import notify_if_finished
 
 from . import joblog
 from .celery_app import celery_app
+from .presence import worker_name
 
 log = logging.getLogger("adaptd.worker")
 LIVE_STEPS_KEPT = 500  # per-step rows kept in jobs.live_steps while a job runs
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Heartbeat(threading.Thread):

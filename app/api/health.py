@@ -8,6 +8,7 @@ from ..db import repo
 from ..db.session import session_scope
 from ..errors import error_body
 from ..queue import get_celery
+from ..services.workers import fleet
 from .deps import SettingsDep
 
 router = APIRouter(tags=["health"])
@@ -20,11 +21,22 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(settings: SettingsDep):
-    checks = {"database": await run_in_threadpool(_check_database, settings.resolved_database_url),
-              "broker": await run_in_threadpool(_check_broker)}
+    """Ready when the database and the broker answer and some live worker can run jobs; otherwise 503
+    with each check's reason (a job submitted meanwhile waits, queued, with the same reason)."""
+    database = await run_in_threadpool(_check_database, settings.resolved_database_url)
+    checks = {"database": database, "broker": await run_in_threadpool(_check_broker)}
+    workers: list[dict] = []
+    if database == "ok":
+        current = await run_in_threadpool(fleet, settings)
+        checks["workers"] = "ok" if current.reason is None else f"error: {current.reason}"
+        workers = [{k: w[k] for k in ("name", "can_run", "reason", "heartbeat_at")} | {
+            "device": w["capabilities"].get("device")} for w in current.workers]
+    else:
+        checks["workers"] = "error: unknown (the database is unavailable)"
     if all(v == "ok" for v in checks.values()):
-        return {"status": "ready", "checks": checks}
-    body = error_body("not_ready", "a dependency is unavailable", {"checks": checks})
+        return {"status": "ready", "checks": checks, "workers": workers}
+    failing = [f"{name}: {v.removeprefix('error: ')}" for name, v in checks.items() if v != "ok"]
+    body = error_body("not_ready", "not ready: " + "; ".join(failing), {"checks": checks, "workers": workers})
     return JSONResponse(body, status_code=503)
 
 

@@ -88,14 +88,13 @@ def submit(spec_file, method, param, model, model_format, arch, num_classes, arc
                   num_classes=num_classes, arch_kwargs=kwargs, model_format=model_format,
                   data_format=data_format, eval_format=eval_format, preprocess=preprocess, options=options,
                   notify_url=notify_url, name=name, tags=list(tags) or None)
-    # Check what is required before uploading anything.
+    # Check what is required before uploading anything (--arch and --num-classes may come from the
+    # model's adaptd metadata: the server says so if they cannot).
     placeholder = {"upload_id": "<file>"}
     draft = build_spec(base, **fields, model=placeholder if model else None,
                        data=placeholder if data else None, eval_data=placeholder if eval_data else None)
     missing = [flag for flag, ok in [("--method", draft.get("method")),
                                      ("--model", (draft.get("model") or {}).get("upload_id")),
-                                     ("--arch", (draft.get("model") or {}).get("architecture")),
-                                     ("--num-classes", (draft.get("model") or {}).get("num_classes")),
                                      ("--data", (draft.get("data") or {}).get("upload_id"))] if not ok]
     if missing:
         raise click.UsageError(f"submit needs {', '.join(missing)} (as flags or in --spec)")

@@ -7,6 +7,7 @@ import subprocess
 
 import click
 
+from ..capabilities import require_server
 from .spawn import die_with_parent, worker_command
 
 
@@ -37,6 +38,7 @@ def _serve(host: str, port: int, log_level: str) -> None:
 @serve_options
 def up(host, port, log_level) -> int:
     """Embedded: API + one worker, SQLite, local broker (nothing to configure)."""
+    require_server("up")
     from ..auth import check_bind_allowed
     from ..config import get_settings
 
@@ -61,6 +63,7 @@ def up(host, port, log_level) -> int:
 @serve_options
 def api(host, port, log_level) -> int:
     """The HTTP API alone (workers run elsewhere: adaptd worker)."""
+    require_server("api")
     from ..auth import check_bind_allowed
     from ..config import get_settings
 
@@ -78,6 +81,7 @@ def api(host, port, log_level) -> int:
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def worker(concurrency, log_level) -> int:
     """A Celery worker (one per GPU)."""
+    require_server("worker")
     argv = worker_command(concurrency, log_level)
     os.execv(argv[0], argv)  # the worker takes this process over: signals reach it directly
     return 0  # not reached
@@ -86,6 +90,7 @@ def worker(concurrency, log_level) -> int:
 @click.command("migrate", short_help="upgrade the configured database to head")
 def migrate() -> int:
     """alembic upgrade head on the configured database."""
+    require_server("migrate")
     settings = _migrate()
     click.echo(f"database at head: {settings.resolved_database_url}")
     return 0

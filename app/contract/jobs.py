@@ -30,16 +30,18 @@ class _Architecture(_Strict):
     """A network to build: what a model to adapt, a source and a student have in common."""
 
     format: Literal["safetensors", "pt"] | None = None
-    architecture: str = Field(..., min_length=1, max_length=200,
-                              description=f"built in: {', '.join(BUILTIN_ARCHITECTURES)}; or timm:<name>; "
-                              "or an operator-allow-listed module.path:factory")
-    num_classes: StrictCount = Field(..., ge=1, le=100_000)
+    architecture: str | None = Field(None, min_length=1, max_length=200,
+                                     description=f"built in: {', '.join(BUILTIN_ARCHITECTURES)}; or timm:<name>; "
+                                     "or an operator-allow-listed module.path:factory. Omitted: taken from the "
+                                     "checkpoint's adaptd metadata (a model adaptd exported)")
+    num_classes: StrictCount | None = Field(None, ge=1, le=100_000, description="omitted: from the checkpoint's "
+                                            "adaptd metadata")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("architecture")
     @classmethod
-    def _known_architecture(cls, v: str) -> str:
-        if not is_resolvable_name(v):
+    def _known_architecture(cls, v: str | None) -> str | None:
+        if v is not None and not is_resolvable_name(v):
             raise ValueError(f"unknown architecture {v!r}; built in: {', '.join(BUILTIN_ARCHITECTURES)}")
         return v
 
@@ -63,9 +65,12 @@ class DataRef(_Strict):
 
 
 class PreprocessSpec(_Strict):
-    size: StrictCount | None = Field(None, ge=4, le=4096, description="square resize; omitted keeps the "
-                                     "input size; at most ADAPTD_MAX_PREPROCESS_SIZE")
-    channels: Literal[1, 3] = 3
+    """Each field omitted comes from the model's adaptd metadata, else the architecture's default input
+    (app/checks/preprocess.py); the stored spec holds the resolved values."""
+
+    size: StrictCount | None = Field(None, ge=4, le=4096, description="square resize; null keeps the input "
+                                     "size; at most ADAPTD_MAX_PREPROCESS_SIZE")
+    channels: Literal[1, 3] | None = None
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -73,16 +78,15 @@ class PreprocessSpec(_Strict):
         if isinstance(v, bool):
             raise ValueError("channels must be 1 or 3, not a boolean")
         return v
-    mean: list[MeanValue] | None = Field(None, max_length=3, description="per channel (or one value); default 0")
-    std: list[StdValue] | None = Field(None, max_length=3, description="per channel (or one value); default 1")
+    mean: list[MeanValue] | None = Field(None, max_length=3, description="per channel (or one value)")
+    std: list[StdValue] | None = Field(None, max_length=3, description="per channel (or one value)")
 
     @model_validator(mode="after")
     def _lengths(self) -> "PreprocessSpec":
-        self.mean = self.mean if self.mean is not None else [0.0] * self.channels
-        self.std = self.std if self.std is not None else [1.0] * self.channels
         for name in ("mean", "std"):
-            if len(getattr(self, name)) not in (1, self.channels):
-                raise ValueError(f"{name} must have 1 or {self.channels} values (one per channel)")
+            value = getattr(self, name)
+            if value is not None and (not value or (self.channels and len(value) not in (1, self.channels))):
+                raise ValueError(f"{name} must have 1 or {self.channels or 'channels'} values (one per channel)")
         return self
 
 
@@ -219,6 +223,8 @@ class JobOut(JobSummary):
     params: dict
     spec: dict
     artifacts: list[ArtifactOut]
+    waiting_reason: str | None = Field(None, description="a queued job: why no worker runs it now (no live "
+                                       "worker, or none that can run jobs); null otherwise")
 
 
 class JobList(BaseModel):

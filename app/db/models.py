@@ -159,3 +159,18 @@ class JobLog(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     level: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
+
+
+class Worker(Base):
+    """A worker process's capabilities (torch importable, device, versions, methods, tasks) and its
+    heartbeat, written by the worker itself (worker/presence.py). Readiness and the reason shown on a
+    queued job read it; a row whose heartbeat is older than the stale limit is a dead worker."""
+
+    __tablename__ = "workers"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(255), index=True)
+    can_run: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(Text)
+    capabilities: Mapped[dict] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

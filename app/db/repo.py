@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..contract.jobs import TERMINAL  # noqa: F401  (callers use repo.TERMINAL)
-from .models import ApiKey, Artifact, Job, JobLog, JobTag, Tenant, Upload, utcnow
+from .models import ApiKey, Artifact, Job, JobLog, JobTag, Tenant, Upload, Worker, utcnow
 
 
 # --- uploads ---------------------------------------------------------------------------------------
@@ -344,3 +344,49 @@ def delete_upload(s: Session, upload_id: str) -> str:
     blob_id = s.get(Upload, upload_id).blob_id
     s.execute(delete(Upload).where(Upload.id == upload_id))
     return blob_id
+
+
+# --- workers (presence and capabilities) ------------------------------------------------------------
+
+def register_worker(s: Session, name: str, queue: str, can_run: bool, reason: str | None,
+                    capabilities: dict) -> None:
+    """Insert or replace this worker's row. Only the worker itself writes its row (the name holds its
+    host and pid), so there is no concurrent writer to race."""
+    now = utcnow()
+    # Rows of workers that died without removing theirs: gone once a day old.
+    s.execute(delete(Worker).where(Worker.heartbeat_at < now - timedelta(days=1)))
+    row = s.get(Worker, name)
+    if row is None:
+        s.add(Worker(name=name, queue=queue, can_run=can_run, reason=reason, capabilities=capabilities,
+                     started_at=now, heartbeat_at=now))
+    else:
+        row.queue, row.can_run, row.reason, row.capabilities, row.heartbeat_at = \
+            queue, can_run, reason, capabilities, now
+
+
+def worker_heartbeat(s: Session, name: str) -> bool:
+    """Returns False when the row is gone (the worker then registers again)."""
+    return s.execute(update(Worker).where(Worker.name == name).values(heartbeat_at=utcnow())).rowcount == 1
+
+
+def remove_worker(s: Session, name: str) -> None:
+    s.execute(delete(Worker).where(Worker.name == name))
+
+
+def live_workers(s: Session, queue: str, fresh_s: float) -> list[Worker]:
+    """Workers of a queue whose heartbeat is younger than `fresh_s` (older rows are dead workers)."""
+    now = utcnow()
+    return list(s.scalars(select(Worker).where(Worker.queue == queue,
+                                               Worker.heartbeat_at >= now - timedelta(seconds=fresh_s))
+                          .order_by(Worker.name)))
+
+
+def fail_old_queued_jobs(s: Session, older_than_s: float, code: str, message: str, detail: dict) -> list[str]:
+    """Fail every job still queued after `older_than_s` (the caller established that no live worker
+    can run it). Atomic per job: a job a worker claimed meanwhile is no longer queued and is skipped."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    ids = list(s.scalars(select(Job.id).where(Job.status == "queued", Job.created_at < cutoff)))
+    return [job_id for job_id in ids if s.execute(
+        update(Job).where(Job.id == job_id, Job.status == "queued")
+        .values(status="failed", finished_at=utcnow(), error_code=code, error_message=message,
+                error_detail=detail)).rowcount == 1]

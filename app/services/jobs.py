@@ -17,10 +17,10 @@ from typing import Callable, TypeVar
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
+from ..config import Settings
 from ..contract.architectures import task_of
 from ..contract.catalog import CATALOG, MethodInfo
-
-from ..config import Settings
+from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, JobSummary, Progress
 from ..db import repo
 from ..db.models import Job
 from ..db.session import read, read_scope, session_scope
@@ -28,7 +28,8 @@ from ..errors import ApiError
 from ..netguard import NotAllowed, check_url
 from ..queue import enqueue_job, get_celery
 from ..storage import delete_blob_if_unreferenced
-from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, JobSummary, Progress
+from .submit_checks import complete_spec
+from .workers import fleet
 
 log = logging.getLogger("adaptd.jobs")
 T = TypeVar("T")
@@ -36,7 +37,8 @@ T = TypeVar("T")
 
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     """Method, params against the method's schema, the task against method and architecture, upload ids
-    and kinds. Returns the validated params (authors' defaults filled in)."""
+    and kinds, then the uploads themselves (services/submit_checks.py). Returns the spec to store: params
+    with the authors' defaults, model and preprocess completed."""
     _check_numbers({"params": spec.params, **{field: {"arch_kwargs": ref.arch_kwargs}
                                               for field, ref in spec.architectures()}})
     size = spec.preprocess.size
@@ -67,6 +69,7 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     for field in ("eval_data", "labelled_data"):
         if getattr(spec, field) is not None:
             refs.append((field, getattr(spec, field).upload_id, "dataset"))
+    uploads = {}
     with session_scope(settings.resolved_database_url) as s:
         for field, upload_id, kind in refs:
             upload = repo.get_upload(s, upload_id, tenant_id)
@@ -76,7 +79,11 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
             if upload.kind != kind:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
-    return params
+            uploads[field] = upload
+        stored = complete_spec(settings, s, spec, uploads)
+    if spec.model is not None and spec.model.architecture is None:  # taken from the checkpoint's metadata
+        check_task(spec, info, stored["model"]["architecture"])
+    return {**stored, "params": params}
 
 
 def check_models(spec: JobSpec, info: MethodInfo) -> None:
@@ -107,16 +114,18 @@ def _check_numbers(value, path: str = "") -> None:
                        "in magnitude", {"field": path})
 
 
-def check_task(spec: JobSpec, info: MethodInfo) -> None:
+def check_task(spec: JobSpec, info: MethodInfo, resolved: str | None = None) -> None:
     """The job's task must be one the method supports and the one every built-in architecture of the
-    spec (model, sources, student) declares."""
+    spec (model, sources, student) declares (`resolved`: the model's architecture when the spec leaves it
+    to the checkpoint's metadata)."""
     if spec.task not in info.tasks:
         raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
                        f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
     for field, ref in spec.architectures():
-        arch_task = task_of(ref.architecture)
+        architecture = ref.architecture or (resolved if field == "model" else None)
+        arch_task = task_of(architecture) if architecture else None
         if arch_task is not None and arch_task != spec.task:
-            raise ApiError("task_mismatch", f"{field}.architecture: {ref.architecture} is a {arch_task} "
+            raise ApiError("task_mismatch", f"{field}.architecture: {architecture} is a {arch_task} "
                            f"architecture, the job's task is {spec.task!r}",
                            {"field": f"{field}.architecture", "task": spec.task, "architecture_task": arch_task})
 
@@ -127,7 +136,7 @@ def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_ke
     job id that isn't in the database; a lost enqueue is repaired by the reaper."""
     # An empty `Idempotency-Key:` header means none; keys are per tenant.
     idempotency_key = f"{tenant_id}:{idempotency_key}" if idempotency_key else None
-    params = validate_spec(settings, tenant_id, spec)
+    stored = validate_spec(settings, tenant_id, spec)
     body = spec.model_dump(mode="json")
     request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     url = settings.resolved_database_url
@@ -136,12 +145,11 @@ def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_ke
         if existing is not None:
             return existing, False
     job_id = str(uuid.uuid4())
-    stored = {**body, "params": params}
     try:
         with session_scope(url) as s:
             _check_concurrency(settings, s, tenant_id)
             s.add(Job(id=job_id, tenant_id=tenant_id, name=spec.name, tags=spec.tags, status="queued",
-                      method=spec.method, params=params, spec=stored, idempotency_key=idempotency_key,
+                      method=spec.method, params=stored["params"], spec=stored, idempotency_key=idempotency_key,
                       request_hash=request_hash))
             s.flush()
             repo.add_job_tags(s, job_id, spec.tags)
@@ -219,6 +227,8 @@ def get_job(settings: Settings, tenant_id: str | None, job_id: str) -> JobOut:
         job = views_out(repo.job_views(c, [job_id], tenant_id)).get(job_id)
     if job is None:
         raise ApiError("job_not_found", f"no job {job_id!r}")
+    if job.status == "queued":  # why no worker runs it now, if none can
+        job = job.model_copy(update={"waiting_reason": fleet(settings).reason})
     return job
 
 

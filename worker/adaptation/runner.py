@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from app.checks.metadata import encode as model_metadata
+from app.checks.preprocess import resolve as resolve_preprocess
 from app.contract.catalog import CollapseGuard as GuardParams
 from app.contract.catalog import ProtocolParams, get_method_info
 from app.contract.jobs import JobSpec
@@ -93,9 +95,10 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     reset_peak_memory(device)
 
     # The data first (indexes only): from the first phase on, progress shows how many batches will run.
-    pre = spec.preprocess
-    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size, **req.data_options)
-    eval_data = _open_eval(req, data, task)
+    # Fields the spec leaves out: the architecture's default input (the API stores them resolved already).
+    pre = resolve_preprocess(spec.preprocess.model_dump(exclude_unset=True), None, spec.model.architecture)
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre["size"], **req.data_options)
+    eval_data = _open_eval(req, data, task, pre["size"])
     epochs = info.cost(opts.epochs)["epochs"]  # SFDA: the job's epochs, else the method's schedule
     total = math.ceil(len(data) / opts.batch_size) * epochs
     hooks.progress(0, total, "loading")
@@ -103,15 +106,14 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
                                     spec.model.format)
     channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
-    prep = _Prep(Preprocess(size=pre.size, channels=pre.channels, mean=pre.mean, std=pre.std), device,
-                 channels_last, hooks)
+    prep = _Prep(Preprocess(**pre), device, channels_last, hooks)
     _check_input_shape(model, data, prep, num_classes, task)
 
     ctx = MethodContext(num_classes=num_classes, device=device, batch_size=opts.batch_size,
                         epochs=epochs, dataset_size=len(data),
                         seed=opts.seed, precision=precision,
                         iterate_target=lambda: prep.iterate(data, opts.batch_size),
-                        input_mean=tuple(pre.mean), input_std=tuple(pre.std))
+                        input_mean=tuple(pre["mean"]), input_std=tuple(pre["std"]))
 
     hooks.progress(0, total, "evaluating_source")
     source_target = predict(model, data, prep, opts.batch_size, ctx, task)
@@ -158,9 +160,10 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     hooks.progress(loop.done, loop.total, "exporting")
     req.output_dir.mkdir(parents=True, exist_ok=True)
     model_path = req.output_dir / "model.safetensors"
-    save_safetensors(adapted.to(memory_format=torch.contiguous_format), model_path,
-                     {"architecture": spec.model.architecture, "num_classes": str(num_classes),
-                      "method": spec.method})
+    # Everything a resubmission needs, so the exported model runs again without flags.
+    save_safetensors(adapted.to(memory_format=torch.contiguous_format), model_path, model_metadata(
+        architecture=spec.model.architecture, num_classes=num_classes, arch_kwargs=spec.model.arch_kwargs,
+        preprocess=pre, task=spec.task, method=spec.method))
 
     metrics = {
         **task.headline(source_target, after_target, source_summary, after_summary),
@@ -325,12 +328,12 @@ def _adapt(method, data: ImageSet, prep: _Prep, batch_size: int, seed: int, rese
                        torch.cat(online).cpu() if online else None)
 
 
-def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine) -> ImageSet | None:
+def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine, size: int | None) -> ImageSet | None:
     if req.eval_path is None:
         return None
     spec = req.spec
     eval_data = data if req.eval_path == req.data_path else open_image_set(
-        req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=spec.preprocess.size,
+        req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=size,
         **req.data_options)
     if eval_data.labels is None:
         raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz, class folders "

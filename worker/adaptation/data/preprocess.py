@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Preprocess:
-    # The job's `preprocess` (app/contract/jobs.py PreprocessSpec declares the defaults).
+    # The job's `preprocess`, complete (app/checks/preprocess.py resolves what the spec leaves out).
     size: int | None                 # square output size; None keeps the input size
     channels: int
     mean: list[float]

@@ -15,19 +15,18 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import struct
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from app.checks.checkpoints import WRAPPER_KEYS, align_keys, sniff_format
+
 from ..errors import AdaptationError
 from .registry import UnknownArchitecture, classifier_of, resolve_architecture
 
 MODEL_FORMATS = ("safetensors", "pt")
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
-STRIP_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 TRIM = 20  # list at most this many keys in an error
 
 
@@ -43,16 +42,7 @@ def detect_model_format(path: Path) -> str:
 
 def _sniff_model_format(path: Path) -> str | None:
     with open(path, "rb") as f:
-        head = f.read(16)
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len < 100_000_000 and head[8:9] == b"{":
-            return "safetensors"
-    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format (also TorchScript, refused later)
-        return "pt"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle protocol 2-5: legacy torch.save
-        return "pt"
-    return None
+        return sniff_format(f.read(16))  # the API sniffs uploads the same way at submit
 
 
 def read_state_dict(path: Path, fmt: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -148,14 +138,6 @@ def _unwrap(obj) -> tuple[dict[str, torch.Tensor], list[str]]:
         obj = obj[key]
     if not isinstance(obj, dict):
         raise AdaptationError("invalid_checkpoint", f"expected a state dict, got {type(obj).__name__}")
-    changed = True
-    while changed:  # e.g. "_orig_mod.module." (compiled DDP) or "module._orig_mod."
-        changed = False
-        for prefix in STRIP_PREFIXES:
-            if obj and all(k.startswith(prefix) for k in obj):
-                obj = {k[len(prefix):]: v for k, v in obj.items()}
-                notes.append(f"stripped '{prefix}' prefix")
-                changed = True
     return obj, notes
 
 
@@ -237,24 +219,12 @@ def _check_tensors(state: dict[str, torch.Tensor]) -> None:
 
 def _align_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                 notes: list[str]) -> dict[str, torch.Tensor]:
-    """Tolerate two harmless differences: one extra wrapper prefix on every key (e.g. 'model.', 'net.'),
-    when stripping it makes the keys match; and BatchNorm `num_batches_tracked` buffers missing from
-    checkpoints saved before PyTorch 0.4 (torchvision's published ResNet weights among them)."""
-    if set(state) != set(expected) and state and all("." in k for k in state):
-        firsts = {k.split(".", 1)[0] for k in state}
-        if len(firsts) == 1:
-            prefix = firsts.pop() + "."
-            stripped = {k[len(prefix):]: v for k, v in state.items()}
-            if sum(k in expected for k in stripped) > sum(k in expected for k in state):
-                state = stripped
-                notes.append(f"stripped '{prefix}' prefix")
-    missing_nbt = [k for k in expected if k.endswith(".num_batches_tracked") and k not in state
-                   and f"{k.rsplit('.', 1)[0]}.running_mean" in state]
-    if missing_nbt:
-        state = dict(state)
-        for k in missing_nbt:
-            state[k] = torch.tensor(0, dtype=torch.long)
-        notes.append(f"{len(missing_nbt)} BatchNorm num_batches_tracked buffers absent from the checkpoint: set to 0")
+    """Harmless key differences tolerated (app/checks/checkpoints.py: the submit check uses the same)."""
+    rename, absent_nbt, more = align_keys(set(expected), list(state))
+    notes += more
+    state = {rename[k]: v for k, v in state.items()}
+    for k in absent_nbt:
+        state[k] = torch.tensor(0, dtype=torch.long)
     return state
 
 

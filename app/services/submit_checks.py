@@ -1,0 +1,81 @@
+"""The checks a job spec passes at submit beyond its schema, torch-free, reading only the bytes they
+need from the uploads: the model's format, safety and keys/shapes against the architecture key
+manifest; architecture, num_classes, arch_kwargs and preprocess completed from the model's adaptd
+metadata and the architecture's defaults; the datasets' format and npz headers; an optional library
+some live worker must have. Each refusal is the error the worker would have failed the job with."""
+from __future__ import annotations
+
+from ..checks import CheckError, manifest
+from ..checks.blobfile import open_blob
+from ..checks.checkpoints import inspect_checkpoint
+from ..checks.datasets import check_dataset
+from ..checks.metadata import decode
+from ..checks.preprocess import resolve
+from ..config import Settings
+from ..errors import ApiError
+from ..contract.jobs import JobSpec, ModelRef
+from .workers import fleet_in
+
+
+def _refused(field: str, exc: CheckError) -> ApiError:
+    return ApiError(exc.code, f"{field}: {exc.message}", {"field": field, **exc.detail})
+
+
+def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
+    """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row."""
+    url = settings.resolved_database_url
+    body = spec.model_dump(mode="json")
+    for field, ref in spec.architectures():  # sources and student name theirs; only `model` may omit them
+        missing = [k for k in ("architecture", "num_classes") if getattr(ref, k) is None]
+        if field != "model" and missing:
+            raise ApiError("validation_error", f"{field}.{missing[0]}: required", {"field": f"{field}.{missing[0]}"})
+    meta = _complete_model(settings, s, spec, uploads, body) if spec.model is not None else {}
+    architecture = spec.architectures()[-1][1].architecture if spec.model is None else body["model"]["architecture"]
+    body["preprocess"] = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"), architecture)
+    for field in ("data", "eval_data", "labelled_data"):
+        if field in uploads:
+            up = uploads[field]
+            try:
+                with open_blob(url, up.blob_id, up.size) as f:
+                    check_dataset(f, getattr(spec, field).format)
+            except CheckError as exc:
+                raise _refused(field, exc) from None
+    return body
+
+
+def _complete_model(settings: Settings, s, spec: JobSpec, uploads: dict, body: dict) -> dict:
+    """The single `model`: read, completed from its metadata, checked. Returns the decoded metadata.
+    (The sources of a multi-source job are checked by the worker.)"""
+    upload = uploads["model"]
+    try:
+        with open_blob(settings.resolved_database_url, upload.blob_id, upload.size) as f:
+            checkpoint = inspect_checkpoint(f, upload.size, manifest.allowed_globals(), spec.model.format)
+    except CheckError as exc:
+        raise _refused("model", exc) from None
+    meta = decode(checkpoint.metadata)
+    model = body["model"]
+    given = spec.model.model_dump(exclude_unset=True)
+    for key in ("architecture", "num_classes", "arch_kwargs"):
+        if key not in given and key in meta:
+            model[key] = meta[key]
+    missing = [k for k in ("architecture", "num_classes") if model.get(k) is None]
+    if missing:
+        raise ApiError("validation_error", f"model.{missing[0]}: required (the checkpoint carries no adaptd "
+                       "metadata to take it from)", {"field": f"model.{missing[0]}", "missing": missing})
+    try:
+        model = ModelRef.model_validate(model).model_dump(mode="json")  # values from metadata, checked too
+    except ValueError as exc:
+        raise ApiError("validation_error", f"model: the checkpoint's adaptd metadata is invalid: {exc}",
+                       {"field": "model"}) from None
+    body["model"] = model
+    library = fleet_in(s, settings).missing_library(model["architecture"])
+    if library is not None:
+        raise ApiError("architecture_unavailable", f"model.architecture: {model['architecture']} needs {library}, "
+                       f"which no live worker has (pip install 'adaptd[{library}]' on a worker)",
+                       {"field": "model.architecture", "library": library})
+    if checkpoint.shapes is not None:
+        try:
+            manifest.check_keys(model["architecture"], model["num_classes"], model["arch_kwargs"], checkpoint.shapes)
+        except CheckError as exc:
+            raise _refused("model", exc) from None
+    return meta
