@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from ..contract.tasks import TASKS
+
 from .options import (EXIT_INTERRUPTED, EXIT_OK, JOB_STATUSES, STATUS_EXIT, connection_options, guarded,
                       job_argument, make_client, output_options, parse_floats, parse_pairs, parse_value)
 from .render import Line, job_table, job_view, json_text, log_line, transfer_progress
@@ -23,9 +25,32 @@ example:
 exit codes: 0 succeeded, 1 failed, 2 usage error, 3 cancelled, 4 connection/API error"""
 
 
+def read_prior(path: str) -> list:
+    """--prior FILE: JSON (a list of K numbers, or a list of such lists) or CSV (one row per image)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise click.UsageError(f"--prior {path}: {exc}") from None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            rows = [[float(v) for v in line.split(",")] for line in text.splitlines() if line.strip()]
+        except ValueError:
+            raise click.UsageError(f"--prior {path}: neither JSON nor a CSV of numbers") from None
+        value = rows[0] if len(rows) == 1 else rows
+    if not isinstance(value, list) or not value:
+        raise click.UsageError(f"--prior {path}: must hold a list of proportions")
+    return value
+
+
 @click.command("submit", epilog=SUBMIT_EPILOG, short_help="upload, submit a job, follow it (--watch)")
 @click.option("--spec", "spec_file", metavar="FILE", help="a job spec JSON file; the flags below override its fields")
 @click.option("--method", help="adaptation method (adaptd methods)")
+@click.option("--task", type=click.Choice(list(TASKS)), help="what the model predicts (default classification)")
+@click.option("--prior", "prior_file", metavar="FILE",
+              help="sfda_prior's class_ratio_prior: a JSON list (K proportions, or one list per target image) or "
+              "a CSV with one row of K numbers per image")
 @click.option("--param", multiple=True, metavar="KEY=VALUE",
               help="method parameter, JSON-typed (lr=1e-3, collapse_guard=false); repeatable")
 @click.option("--model", metavar="FILE|UPLOAD_ID", help="source checkpoint (uploaded) or an upload id")
@@ -57,7 +82,8 @@ exit codes: 0 succeeded, 1 failed, 2 usage error, 3 cancelled, 4 connection/API 
 @connection_options
 @output_options
 @guarded
-def submit(spec_file, method, param, model, model_format, arch, num_classes, arch_kwarg, arch_kwargs, data,
+def submit(spec_file, method, task, prior_file, param, model, model_format, arch, num_classes, arch_kwarg,
+           arch_kwargs, data,
            data_format, eval_data, eval_format, size, channels, mean, std, batch_size, epochs, seed, device,
            precision, name, tags, notify_url, idempotency_key, watch, output, no_download, url, api_key,
            as_json, quiet) -> int:
@@ -73,6 +99,11 @@ def submit(spec_file, method, param, model, model_format, arch, num_classes, arc
             raise click.UsageError(f"--spec {spec_file}: {exc}") from None
         if not isinstance(base, dict):
             raise click.UsageError(f"--spec {spec_file}: must hold a JSON object")
+    if task:
+        base = {**(base or {}), "task": task}
+    params = parse_pairs(param, "--param")
+    if prior_file:
+        params["class_ratio_prior"] = read_prior(prior_file)
     kwargs = parse_pairs(arch_kwarg, "--arch-kwarg")
     if arch_kwargs:
         parsed = parse_value(arch_kwargs)
@@ -84,7 +115,7 @@ def submit(spec_file, method, param, model, model_format, arch, num_classes, arc
                                     "std": parse_floats(std, "--std")}.items() if v is not None}
     options = {k: v for k, v in {"batch_size": batch_size, "epochs": epochs, "seed": seed, "device": device,
                                  "precision": precision}.items() if v is not None}
-    fields = dict(method=method, params=parse_pairs(param, "--param"), architecture=arch,
+    fields = dict(method=method, params=params, architecture=arch,
                   num_classes=num_classes, arch_kwargs=kwargs, model_format=model_format,
                   data_format=data_format, eval_format=eval_format, preprocess=preprocess, options=options,
                   notify_url=notify_url, name=name, tags=list(tags) or None)
