@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from .api import admin, dashboard, events, health, jobs, methods, observability, uploads
+from .api import admin, dashboard, docs, events, health, jobs, methods, observability, uploads
 from .errors import install_error_handlers
 
 
 def create_app() -> FastAPI:
     app = FastAPI(title="adaptd", version="0.1.0",
-                  description="Test-time adaptation and source-free domain adaptation as a service.")
+                  description="Test-time adaptation and source-free domain adaptation as a service.",
+                  docs_url=None, redoc_url=None)  # app/api/docs.py serves both without a CDN
     install_error_handlers(app)
-    for module in (uploads, jobs, events, methods, admin, health, observability, dashboard):
+    for module in (uploads, jobs, events, methods, admin, health, observability, dashboard, docs):
         app.include_router(module.router)
     return app
