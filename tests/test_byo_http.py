@@ -126,6 +126,41 @@ def test_image_archives_adapt(c, base, tmp_path, fmt, image_format, mode):
     assert m["eval"]["class_names"] == ["0", "1", "2"]
 
 
+def _digits(n: int, seed: int = 0) -> tuple[list[bytes], list[int]]:
+    images = [builders.encode_image(builders.random_image(12, 12, "L", seed=seed + i)) for i in range(n)]
+    return images, [i % 3 for i in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf_dataset", "webdataset"])
+def test_dataset_exports_adapt(c, base, tmp_path, fmt):
+    """Hugging Face `datasets` exports and a WebDataset shard, uploaded as they are, as target and eval data."""
+    def build(name: str, n: int, seed: int):
+        images, labels = _digits(n, seed)
+        if fmt == "webdataset":
+            return builders.build_tar(tmp_path / f"{name}.tar", builders.webdataset_files(images, labels))
+        table = builders.hf_table(images, labels, ["0", "1", "2"])
+        if fmt == "parquet":
+            return builders.hf_parquet(tmp_path / f"{name}.parquet", table)
+        return builders.hf_saved_dataset_zip(tmp_path / f"{name}.zip", table, shards=2)
+
+    job = run_job(c, base["model"]["id"], c.upload(build("data", 20, 0), "dataset")["id"],
+                  c.upload(build("eval", 9, 100), "dataset")["id"], method="bn_adapt")
+    assert job["status"] == "succeeded", job["error"]
+    m = job["metrics"]
+    assert m["num_images"] == 20 and m["eval"]["num_images"] == 9
+    assert m["eval"]["class_names"] == (None if fmt == "webdataset" else ["0", "1", "2"])
+    assert 0 <= m["accuracy_after"] <= 1  # labels were read: accuracy is computed
+
+
+def test_dataset_export_refusal_is_a_precise_code(c, base, tmp_path):
+    images, _ = _digits(2)
+    table = builders.hf_table([images[0], None], paths=[None, "/data/cats/1.png"])
+    data = c.upload(builders.hf_parquet(tmp_path / "paths.parquet", table), "dataset")
+    job = run_job(c, base["model"]["id"], data["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "image_not_embedded", job
+    assert "/data/cats/1.png" in job["error"]["message"]
+
+
 def _zip(tmp_path, files):
     return builders.build_zip(tmp_path / "bad.zip", files)
 

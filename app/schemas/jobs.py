@@ -32,7 +32,7 @@ class ModelRef(_Strict):
 
 class DataRef(_Strict):
     upload_id: str
-    format: Literal["npz", "zip", "tar"] | None = None
+    format: Literal["npz", "zip", "tar", "parquet", "hf_dataset"] | None = None
 
 
 class PreprocessSpec(_Strict):

@@ -80,25 +80,28 @@ def _read_npz(path: Path, **_options) -> ArrayImageSet:
     return read_npz(path)  # arrays share one size: preprocess_size and loader options do not apply
 
 
-def _read_zip(path: Path, **options) -> ImageSet:
-    from .archives import ArchiveImageSet  # Pillow is imported only when an archive is read
+def _read_archive(fmt: str):
+    def read(path: Path, **options) -> ImageSet:
+        from .archives import ArchiveImageSet  # Pillow (and pyarrow for tables) imported only when read
 
-    return ArchiveImageSet(path, "zip", **options)
-
-
-def _read_tar(path: Path, **options) -> ImageSet:
-    from .archives import ArchiveImageSet
-
-    return ArchiveImageSet(path, "tar", **options)
+        return ArchiveImageSet(path, fmt, **options)
+    return read
 
 
+# Read by archives.ArchiveImageSet. A WebDataset shard is a "tar"; "parquet" and "hf_dataset" (a zipped
+# save_to_disk folder) are Hugging Face `datasets` exports.
+ARCHIVE_FORMATS = ("zip", "tar", "parquet", "hf_dataset")
 # format name -> reader(path, preprocess_size=None, **options)
-READERS = {"npz": _read_npz, "zip": _read_zip, "tar": _read_tar}
+READERS = {"npz": _read_npz, **{fmt: _read_archive(fmt) for fmt in ARCHIVE_FORMATS}}
 
 
 def detect_format(path: Path) -> str:
+    """The dataset format of a file, from its first bytes (and a zip's directory): the one place formats
+    are told apart."""
     with open(path, "rb") as f:
         head = f.read(512)
+    if head.startswith(b"PAR1"):
+        return "parquet"
     if head.startswith(b"PK"):
         # npz is a zip whose members end in .npy
         import zipfile
@@ -111,10 +114,15 @@ def detect_format(path: Path) -> str:
                 names = zf.namelist()
         except zipfile.BadZipFile:
             raise AdaptationError("unsupported_format", "the file looks like a zip but cannot be opened") from None
-        return "npz" if names and all(n.endswith(".npy") for n in names) else "zip"
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+        from .archives.tables import is_hf_dataset_zip
+
+        return "hf_dataset" if is_hf_dataset_zip(names) else "zip"
     if head[:2] == b"\x1f\x8b" or (len(head) > 262 and head[257:262] == b"ustar"):
         return "tar"
-    raise AdaptationError("unsupported_format", "could not detect the dataset format (expected npz, zip or tar)")
+    raise AdaptationError("unsupported_format", "could not detect the dataset format (expected npz, zip, tar, "
+                          "parquet, or a zipped Hugging Face save_to_disk folder)")
 
 
 def open_image_set(path: Path, fmt: str | None = None, *, preprocess_size: int | None = None,
