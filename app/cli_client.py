@@ -549,7 +549,7 @@ def register(sub) -> None:
     p = sub.add_parser("download", parents=[conn, out], help="download an artifact of a job")
     p.add_argument("job_id")
     p.add_argument("artifact", nargs="?", default="model.safetensors",
-                   help="model.safetensors (default), metrics.json or history.json")
+                   help="model.safetensors (default), metrics.json, history.json or examples.json")
     p.add_argument("-o", "--output", help="file or folder (default: the artifact's name here)")
     p.set_defaults(func=_guarded(cmd_download))
 

@@ -219,9 +219,13 @@ def _fetch(url: str, upload_id: str, dest: Path) -> Path:
 def _store_artifacts(url: str, settings, job_id: str, tmpdir: Path, result) -> list[Artifact]:
     (tmpdir / "metrics.json").write_text(json.dumps(result.metrics, indent=1, default=str))
     (tmpdir / "history.json").write_text(json.dumps(result.history, default=str))
+    files = [("model.safetensors", result.model_path), ("metrics.json", tmpdir / "metrics.json"),
+             ("history.json", tmpdir / "history.json")]
+    if result.examples is not None:
+        (tmpdir / "examples.json").write_text(json.dumps(result.examples))
+        files.append(("examples.json", tmpdir / "examples.json"))
     out = []
-    for name, path in [("model.safetensors", result.model_path), ("metrics.json", tmpdir / "metrics.json"),
-                       ("history.json", tmpdir / "history.json")]:
+    for name, path in files:
         blob_id, sha256, size = store_file(url, path, settings.chunk_bytes)
         out.append(Artifact(job_id=job_id, name=name, blob_id=blob_id, size=size, sha256=sha256))
     return out

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import examples as E
 from . import metrics as M
 from .catalog import get_method_info
 from .collapse import CollapseGuard
@@ -55,6 +56,7 @@ class RunResult:
     metrics: dict
     history: dict
     model_path: Path
+    examples: dict | None = None  # a few thumbnails with predictions before/after (examples.py)
 
 
 class Hooks(Protocol):
@@ -178,7 +180,9 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
                                                  torch.from_numpy(data.labels[:seen])).float().mean()),
                              "num_images": seen}
     history = {"steps": loop.history, "collapse_events": guard.events}
-    return RunResult(metrics=metrics, history=history, model_path=model_path)
+    shown = (eval_data, source_eval, after_eval) if eval_data is not None else (data, source_target, after_target)
+    examples = E.pick(*shown, labelled=eval_data is not None)
+    return RunResult(metrics=metrics, history=history, model_path=model_path, examples=examples)
 
 
 # --- internals -----------------------------------------------------------------------------------
