@@ -1,4 +1,4 @@
-"""The image-set interface the engine adapts on, and the format dispatch."""
+"""The image-set interface the engine adapts on, and the format dispatch (formats: formats.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import AdaptationError
+from .formats import ARCHIVE_FORMATS, detect_format
 
 
 class ImageSet(Protocol):
@@ -88,41 +89,8 @@ def _read_archive(fmt: str):
     return read
 
 
-# Read by archives.ArchiveImageSet. A WebDataset shard is a "tar"; "parquet" and "hf_dataset" (a zipped
-# save_to_disk folder) are Hugging Face `datasets` exports.
-ARCHIVE_FORMATS = ("zip", "tar", "parquet", "hf_dataset")
 # format name -> reader(path, preprocess_size=None, **options)
 READERS = {"npz": _read_npz, **{fmt: _read_archive(fmt) for fmt in ARCHIVE_FORMATS}}
-
-
-def detect_format(path: Path) -> str:
-    """The dataset format of a file, from its first bytes (and a zip's directory): the one place formats
-    are told apart."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    if head.startswith(b"PAR1"):
-        return "parquet"
-    if head.startswith(b"PK"):
-        # npz is a zip whose members end in .npy
-        import zipfile
-        try:
-            with open(path, "rb") as f:
-                endrec = zipfile._EndRecData(f)
-            if endrec and endrec[zipfile._ECD_ENTRIES_TOTAL] > 1_000_000:
-                return "zip"  # not parsed here: the archive reader refuses it by its entry limit
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile:
-            raise AdaptationError("unsupported_format", "the file looks like a zip but cannot be opened") from None
-        if names and all(n.endswith(".npy") for n in names):
-            return "npz"
-        from .archives.tables import is_hf_dataset_zip
-
-        return "hf_dataset" if is_hf_dataset_zip(names) else "zip"
-    if head[:2] == b"\x1f\x8b" or (len(head) > 262 and head[257:262] == b"ustar"):
-        return "tar"
-    raise AdaptationError("unsupported_format", "could not detect the dataset format (expected npz, zip, tar, "
-                          "parquet, or a zipped Hugging Face save_to_disk folder)")
 
 
 def open_image_set(path: Path, fmt: str | None = None, *, preprocess_size: int | None = None,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ...errors import AdaptationError
-from ..images import ARCHIVE_FORMATS, detect_format
+from ..formats import ARCHIVE_FORMATS, detect_format
 from .index import Spill, build_index, list_tar, list_zip
 from .limits import Limits
 from .tables import list_hf_dataset, list_parquet

@@ -10,25 +10,18 @@ same pixel limit and error codes)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from itertools import chain
+from pathlib import Path
 from typing import Iterable
 
 from ...errors import AdaptationError
+from ..formats import ARROW_SUFFIX
 from .index import Entry, Spill, list_zip
 from .limits import Limits
 from .reader import read_member
 
-ARROW_SUFFIX = ".arrow"
-HF_MARKERS = ("state.json", "dataset_info.json")  # save_to_disk writes both beside the .arrow files
 LABEL_COLUMNS = ("label", "labels")               # integer label columns recognised without metadata
 ROWS_PER_BATCH = 256
-
-
-def is_hf_dataset_zip(names: list[str]) -> bool:
-    """A zipped `save_to_disk` folder: Arrow files beside `datasets`' own json files."""
-    return (any(n.endswith(ARROW_SUFFIX) for n in names)
-            and any(n.rsplit("/", 1)[-1] in HF_MARKERS for n in names))
 
 
 def list_parquet(path: Path, limits: Limits, spill_dir: str | None
