@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Two targets from one source tree:
-#   api    - FastAPI + the torch-free method catalogue (slim; also runs `alembic upgrade head`)
+#   api    - FastAPI + the torch-free contract (app/contract: catalogue, architectures, JobSpec) (slim; also runs `alembic upgrade head`)
 #   worker - Celery worker with PyTorch (CUDA build from PyPI), one process per GPU
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -12,7 +12,6 @@ WORKDIR /srv/adaptd
 RUN useradd --create-home --uid 10001 adaptd
 COPY pyproject.toml README.md ./
 COPY app ./app
-COPY worker ./worker
 COPY migrations ./migrations
 
 FROM base AS api
@@ -24,6 +23,8 @@ HEALTHCHECK --interval=10s --timeout=3s --retries=5 \
 CMD ["adaptd", "api", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
+# Only the worker image holds the engine: the API never imports `worker` (tests/test_import_direction.py).
+COPY worker ./worker
 # torch>=2.10 from PyPI is the CUDA build; the prefork parent never initialises CUDA.
 RUN pip install ".[worker]"
 USER adaptd

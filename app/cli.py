@@ -33,10 +33,11 @@ def worker_argv(concurrency: int, loglevel: str = "info") -> list[str]:
 
 
 def cmd_worker(args) -> int:
-    from worker.celery_app import celery_app
-
-    celery_app.worker_main(worker_argv(args.concurrency, args.log_level))
-    return 0
+    # The worker is started by module name: the API package never imports the worker package (the
+    # API image does not even contain it). exec keeps the process id, so signals reach Celery itself.
+    argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", *worker_argv(args.concurrency, args.log_level)]
+    os.execv(sys.executable, argv)
+    return 0  # not reached
 
 
 def cmd_migrate(_args) -> int:

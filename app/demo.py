@@ -6,7 +6,6 @@ HTTP, runs a `tent` job, follows its progress, downloads the adapted weights, ch
 prints accuracy before and after as computed by the service."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,10 +16,7 @@ import httpx
 import numpy as np
 
 from .client import Client
-from .demo_data import make_demo_split
-
-PREPROCESS = {"size": 16, "channels": 1, "mean": [0.5], "std": [0.5]}
-ARCH_KWARGS = {"width": 16}
+from .demo_data import ARCH_KWARGS, PREPROCESS, make_demo_split
 
 
 def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 90) -> None:
@@ -37,38 +33,11 @@ def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 90) ->
     raise RuntimeError(f"no ready server at {url} after {timeout} s")
 
 
-def train_source_model(workdir: Path, split: dict) -> Path:
-    import torch
-
-    from worker.adaptation.data import Preprocess
-    from worker.adaptation.models import build_model
-    from worker.adaptation.models.export import save_safetensors
-    from worker.adaptation.training import train_classifier
-
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    torch.manual_seed(0)  # the initial weights too: the demo prints the same numbers every run
-    model = build_model("digit_cnn", 10, **ARCH_KWARGS)
-    train_classifier(model, split["x_source"], split["y_source"], Preprocess(**PREPROCESS), epochs=8,
-                     augment_shift=1, seed=0)
-    path = workdir / "source_model.safetensors"
-    save_safetensors(model, path)
-    return path
-
-
-def check_download(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    """Load the downloaded weights into the architecture and score them in eval() mode."""
-    import torch
-    from safetensors.torch import load_file
-
-    from worker.adaptation.data import Preprocess
-    from worker.adaptation.models import build_model
-
-    model = build_model("digit_cnn", 10, **ARCH_KWARGS)
-    model.load_state_dict(load_file(str(path)))
-    model.eval()
-    with torch.no_grad():
-        logits = model(Preprocess(**PREPROCESS)(torch.from_numpy(x[..., None]), torch.device("cpu")))
-    return float((logits.argmax(1).numpy() == y).mean())
+def _engine(*args: str) -> str:
+    """Run the demo's torch side (worker/demo_model.py) in a subprocess: the API package never imports
+    the engine. Returns its stdout."""
+    return subprocess.run([sys.executable, "-m", "worker.demo_model", *args], check=True,
+                          capture_output=True, text=True).stdout
 
 
 def run_demo(url: str | None = None, port: int = 8000, keep: bool = False) -> int:
@@ -95,7 +64,8 @@ def _demo(client: Client, workdir: Path) -> int:
     split = make_demo_split(seed=0)
     print(f"source domain: {len(split['x_source'])} sklearn digits (16x16); target: "
           f"{len(split['x_target'])} held-out digits, rescaled, low contrast, noised", flush=True)
-    model_path = train_source_model(workdir, split)
+    model_path = workdir / "source_model.safetensors"
+    _engine("train", str(model_path))
     np.savez(workdir / "target.npz", x=split["x_target"])                      # unlabelled
     np.savez(workdir / "target_eval.npz", x=split["x_target"], y=split["y_target"])
 
@@ -131,7 +101,7 @@ def _demo(client: Client, workdir: Path) -> int:
         return 1
     downloaded = client.download(job["id"], "model.safetensors", workdir / "adapted.safetensors")
     m = job["metrics"]
-    local = check_download(downloaded, split["x_target"], split["y_target"])
+    local = float(_engine("score", str(downloaded), str(workdir / "target_eval.npz")))
     print(f"accuracy before (source model): {m['accuracy_before']:.3f}")
     print(f"accuracy after  (tent, eval mode): {m['accuracy_after']:.3f}   "
           f"(downloaded weights re-scored here: {local:.3f})")

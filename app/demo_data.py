@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# How the demo's model sees its input, shared by the job spec it submits (app/demo.py) and the source
+# model it trains (worker/demo_model.py).
+PREPROCESS = {"size": 16, "channels": 1, "mean": [0.5], "std": [0.5]}
+ARCH_KWARGS = {"width": 16}
+
 
 def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits

@@ -23,6 +23,7 @@ STATUS = {
     "unknown_upload": 422,
     "unknown_method": 422,
     "invalid_params": 422,
+    "task_mismatch": 422,
     "payload_too_large": 413,
     "storage_quota_exceeded": 413,
     "missing_api_key": 401,

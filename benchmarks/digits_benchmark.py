@@ -162,7 +162,7 @@ def run_method(method: str, model_path: str, targets: dict, opts: dict) -> list[
     """One method over every target, in this (fresh) process."""
     import torch
 
-    from worker.adaptation.catalog import get_method_info
+    from app.contract.catalog import get_method_info
     from worker.adaptation.data import Preprocess
     from worker.adaptation.runner import RunRequest, run
 
@@ -209,7 +209,7 @@ def in_child(fn, *args):
 
 
 def registered_methods() -> list[str]:
-    from worker.adaptation.catalog import CATALOG
+    from app.contract.catalog import CATALOG
     from worker.adaptation.methods.registry import METHODS, get_method
 
     get_method("source")  # imports every method module

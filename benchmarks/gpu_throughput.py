@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.adaptation.catalog import get_method_info  # noqa: E402
+from app.contract.catalog import get_method_info  # noqa: E402
 from worker.adaptation.methods import get_method  # noqa: E402
 from worker.adaptation.methods.base import MethodContext  # noqa: E402
 from worker.adaptation.methods.registry import METHODS  # noqa: E402

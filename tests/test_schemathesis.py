@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, missing
                                                response_schema_conformance, unsupported_method)
 
 from app.main import create_app
-from worker.adaptation.catalog import CATALOG
+from app.contract.catalog import CATALOG
 
 pytestmark = pytest.mark.services
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from app.client import ApiError, Client
-from app.services.notify import SIGNATURE_HEADER, deliver, sign, verify
+from worker.notify import SIGNATURE_HEADER, deliver, sign, verify
 from tests.services import free_port
 
 

@@ -25,7 +25,7 @@ from app.db import repo
 from app.db.models import Artifact
 from app.db.session import session_scope
 from app.queue import RUN_JOB_TASK
-from app.services.notify import notify_if_finished
+from .notify import notify_if_finished
 from app.storage import copy_blob_to_file, store_file
 
 from .celery_app import celery_app

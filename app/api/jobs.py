@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -10,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from ..db import repo
 from ..db.session import session_scope
 from ..errors import ApiError
-from ..schemas.jobs import JobList, JobOut, JobSpec
+from ..contract.jobs import JobList, JobOut, JobSpec, JobStatus
 from ..services import jobs as service
 from ..storage import iter_blob
 from .deps import PrincipalDep, SettingsDep
@@ -31,7 +30,7 @@ async def create_job(spec: JobSpec, settings: SettingsDep, who: PrincipalDep, re
 
 @router.get("", response_model=JobList)
 async def list_jobs(settings: SettingsDep, who: PrincipalDep,
-                    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+                    status: JobStatus | None = None,
                     limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None, max_length=500)
                     ) -> JobList:
     return await run_in_threadpool(service.list_jobs, settings, who.tenant_id, status, limit, cursor)

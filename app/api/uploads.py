@@ -4,7 +4,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ApiError
-from ..schemas.uploads import UploadKind, UploadOut
+from ..contract.uploads import UploadKind, UploadOut
 from ..services import uploads as service
 from .deps import PrincipalDep, SettingsDep
 

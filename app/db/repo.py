@@ -6,9 +6,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from ..contract.jobs import TERMINAL  # noqa: F401  (callers use repo.TERMINAL)
 from .models import ApiKey, Artifact, Job, Tenant, Upload, utcnow
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 # --- uploads ---------------------------------------------------------------------------------------

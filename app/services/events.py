@@ -27,7 +27,7 @@ from ..config import Settings
 from ..db import repo
 from ..db.session import session_scope
 from ..errors import ApiError
-from ..schemas.jobs import JobOut
+from ..contract.jobs import JobOut
 from .jobs import to_out
 
 RETRY_MS = 2000

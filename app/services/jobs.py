@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from worker.adaptation.catalog import CATALOG
+from ..contract.architectures import task_of
+from ..contract.catalog import CATALOG
 
 from ..config import Settings
 from ..db import repo
@@ -20,14 +21,14 @@ from ..db.session import session_scope
 from ..errors import ApiError
 from ..queue import enqueue_job, get_celery
 from ..storage import delete_blob_if_unreferenced
-from ..schemas.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
+from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
 
 log = logging.getLogger("adaptd.jobs")
 
 
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
-    """Method, params against the method's schema, upload ids and kinds. Returns the validated params
-    (authors' defaults filled in)."""
+    """Method, params against the method's schema, the task against method and architecture, upload ids
+    and kinds. Returns the validated params (authors' defaults filled in)."""
     info = CATALOG.get(spec.method)
     if info is None:
         raise ApiError("unknown_method", f"method: unknown method {spec.method!r}",
@@ -39,6 +40,14 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
                        {"errors": errors, "schema": info.params_schema()}) from None
+    if spec.task not in info.tasks:
+        raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
+                       f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
+    arch_task = task_of(spec.model.architecture)
+    if arch_task is not None and arch_task != spec.task:
+        raise ApiError("task_mismatch", f"model.architecture: {spec.model.architecture} is a {arch_task} "
+                       f"architecture, the job's task is {spec.task!r}",
+                       {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
     refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
     if spec.eval_data is not None:
         refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))

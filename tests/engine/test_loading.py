@@ -429,7 +429,7 @@ def test_timm_not_installed(tmp_path, monkeypatch):
 # --- norm-based methods need norm layers ------------------------------------------------------------
 
 def make_method(name: str, model: nn.Module, num_classes: int = 10):
-    from worker.adaptation.catalog import get_method_info
+    from app.contract.catalog import get_method_info
     from worker.adaptation.methods import get_method
     from worker.adaptation.methods.base import MethodContext
 

@@ -1,7 +1,7 @@
 """The contract every registered method keeps, checked on a tiny BatchNorm CNN: it updates only the
 parameters it declares, is deterministic under a seed, honours cancellation between batches, reports
 progress, and runs under bf16 autocast. Parametrised over the registry, so a new method is covered (and
-must declare its update scope below) as soon as its file exists."""
+declares what it updates in its catalogue entry, `updates`) as soon as its file exists."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from worker.adaptation.catalog import get_method_info
+from app.contract.catalog import get_method_info
 from worker.adaptation.device import seed_everything
 from worker.adaptation.errors import JobCancelled
 from worker.adaptation.methods import _load_all  # noqa: F401  (registers every method)
@@ -26,40 +26,9 @@ from .conftest import CNN_KWARGS, PRE
 ALL_METHODS = sorted(METHODS)
 BATCH = 16
 
-# What each method may change in the network it adapts (the student, `method.model`). DESIGN §6.
-#   nothing              no parameter (BatchNorm running statistics may follow the target for bn_adapt)
-#   norm_affine          weight/bias of BatchNorm/LayerNorm/GroupNorm layers, nothing else
-#   norm_affine_but_last norm affine parameters outside the last stage (SAR)
-#   all                  every weight (cotta, rmt: the student; their anchor/teacher are checked apart)
-#   all_but_classifier   the feature extractor; the final nn.Linear stays frozen (SFDA)
-SCOPES = {
-    "source": "nothing",
-    "bn_adapt": "nothing",
-    "tent": "norm_affine",
-    "eata": "norm_affine",
-    "roid": "norm_affine",
-    "sar": "norm_affine_but_last",
-    "cotta": "all",
-    "rmt": "all",
-    "shot": "all_but_classifier",
-    "shot_im": "all_but_classifier",
-    "nrc": "all_but_classifier",
-    "aad": "all_but_classifier",
-}
 # Whether BatchNorm running statistics may change (methods that normalise with batch statistics keep
 # them tracking the target; `source` must leave the model bit-identical).
 BUFFERS_MAY_CHANGE = {"source": False}
-
-
-def scope_of(name: str) -> str:
-    if name in SCOPES:
-        return SCOPES[name]
-    info = get_method_info(name)
-    if info.kind == "sfda":
-        return "all_but_classifier"  # DESIGN §6: every SFDA method freezes the classifier
-    if not info.updates_weights:
-        return "nothing"
-    pytest.fail(f"declare what {name!r} updates in SCOPES (tests/engine/test_method_contract.py)")
 
 
 def make_ctx(name: str, x: torch.Tensor, seed: int = 0, precision: str = "fp32", epochs: int = 2) -> MethodContext:
@@ -110,7 +79,7 @@ def test_updates_only_what_it_declares(name, cnn, x64):
     buffers_changed = _changed(buffers_before, dict(method.model.named_buffers()))
 
     norm_affine = {k for k, _ in norm_affine_params(method.model)}
-    scope = scope_of(name)
+    scope = get_method_info(name).updates  # declared in the method's catalogue entry
     if scope == "nothing":
         assert not changed
     elif scope == "norm_affine":

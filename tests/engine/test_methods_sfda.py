@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from worker.adaptation.catalog import get_method_info
+from app.contract.catalog import get_method_info
 from worker.adaptation.data import Preprocess
 from worker.adaptation.data.images import read_npz
 from worker.adaptation.device import seed_everything

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.adaptation.catalog import get_method_info
+from app.contract.catalog import get_method_info
 from worker.adaptation.device import seed_everything
 from worker.adaptation.errors import AdaptationError
 from worker.adaptation.methods import _load_all  # noqa: F401

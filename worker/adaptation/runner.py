@@ -13,7 +13,7 @@ from torch import nn
 
 from . import examples as E
 from . import metrics as M
-from .catalog import get_method_info
+from app.contract.catalog import get_method_info
 from .collapse import CollapseGuard
 from .data import ImageSet, Preprocess, open_image_set
 from .device import (peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision,

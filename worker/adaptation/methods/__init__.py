@@ -1,5 +1,5 @@
-"""Adaptation methods, one file each. Adding one: its params in `catalog.py`, its file here, and one
-import line in `_load_all.py`."""
-from .registry import METHODS, get_method, register_method
+"""Adaptation methods, one file each. Adding one: its params and `@describe` in `app/contract/catalog`,
+its file here with `@implements(ItsParams)` (`_load_all` imports every file of this package)."""
+from .registry import METHODS, get_method, implements
 
-__all__ = ["METHODS", "get_method", "register_method"]
+__all__ = ["METHODS", "get_method", "implements"]

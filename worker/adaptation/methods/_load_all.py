@@ -1,4 +1,4 @@
-"""Imports every method module in this package so their @register_method decorators run: adding a
+"""Imports every method module in this package so their @implements decorators run: adding a
 method is adding its file (plus its params in `catalog`)."""
 import importlib
 import pkgutil

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from app.contract.catalog.sfda import AaDParams
+
 from ._sfda import NeighbourhoodMethod
 from .base import StepOutput
-from .registry import register_method
+from .registry import implements
 
 
-@register_method("aad")
+@implements(AaDParams)
 class AaD(NeighbourhoodMethod):
     def check_compatible(self) -> None:
         self.min_dataset_size = self.params.K + 1

@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
-from ..catalog import MethodParams
+from app.contract.catalog import MethodParams
 from ..errors import AdaptationError
 from .norm import has_batch_norm
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import torch
 
+from app.contract.catalog.baselines import BNAdaptParams
+
 from ..errors import AdaptationError
 from ._tta import eval_prediction, needs_eval_fallback
 from .base import Method, StepOutput
 from .norm import has_batch_norm, use_batch_statistics
-from .registry import register_method
+from .registry import implements
 
 
-@register_method("bn_adapt")
+@implements(BNAdaptParams)
 class BNAdapt(Method):
     def check_compatible(self) -> None:
         if not has_batch_norm(self.model):

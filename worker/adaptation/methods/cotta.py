@@ -25,16 +25,18 @@ from typing import Any
 
 import torch
 
+from app.contract.catalog.tta import CoTTAParams
+
 from ._tta import eval_prediction, ema_update_, frozen_copy, needs_eval_fallback, tta_optimizer
 from .augment import COTTA_AUGMENT, BatchAugment
 from .base import Method, StepOutput
 from .norm import use_batch_statistics
-from .registry import register_method
+from .registry import implements
 
 AUG_FORWARD_IMAGES = 2048  # at most this many augmented images per teacher forward
 
 
-@register_method("cotta")
+@implements(CoTTAParams)
 class CoTTA(Method):
     def configure(self) -> None:
         use_batch_statistics(self.model)

@@ -18,16 +18,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from app.contract.catalog.tta import EATAParams
+
 from ._tta import eval_prediction, masked_mean, needs_eval_fallback, tta_optimizer
 from .base import Method, StepOutput, softmax_entropy
 from .norm import freeze_all_but, use_batch_statistics
-from .registry import register_method
+from .registry import implements
 from .tent import collect_norm_params
 
 EMA_MOMENTUM = 0.9  # of the mean probability vector (reference: fixed 0.9)
 
 
-@register_method("eata")
+@implements(EATAParams)
 class EATA(Method):
     needs_norm_layers = True
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import torch
 
+from app.contract.catalog.sfda import NRCParams
+
 from ._sfda import NeighbourhoodMethod
 from .base import StepOutput
-from .registry import register_method
+from .registry import implements
 
 
-@register_method("nrc")
+@implements(NRCParams)
 class NRC(NeighbourhoodMethod):
     def check_compatible(self) -> None:
         self.min_dataset_size = max(self.params.K, self.params.KK) + 1

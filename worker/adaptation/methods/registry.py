@@ -1,20 +1,23 @@
-"""Method registry: implementation classes by name. Every name must exist in the torch-free catalogue;
-duplicates and unknown names fail loudly."""
+"""Method registry: each implementation registers against its params class in the torch-free catalogue
+(`@implements(TentParams)`), which binds it to that one catalogue entry and gives it its name. A class
+registered twice, or a params class that describes no method, fails loudly; tests/engine/
+test_registries.py keeps catalogue == implementations."""
 from __future__ import annotations
 
-from ..catalog import CATALOG
+from app.contract.catalog import MethodInfo, MethodParams, info_for_params
 
 METHODS: dict[str, type] = {}
 
 
-def register_method(name: str):
+def implements(params_model: type[MethodParams]):
+    info = info_for_params(params_model)
+
     def wrap(cls):
-        if name not in CATALOG:
-            raise ValueError(f"method {name!r} has no entry in adaptation.catalog")
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is registered twice")
-        cls.name = name
-        METHODS[name] = cls
+        if info.name in METHODS:
+            raise ValueError(f"method {info.name!r} is implemented twice")
+        cls.name = info.name
+        cls.info = info
+        METHODS[info.name] = cls
         return cls
 
     return wrap
@@ -27,3 +30,6 @@ def get_method(name: str) -> type:
         return METHODS[name]
     except KeyError:
         raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}") from None
+
+
+__all__ = ["METHODS", "MethodInfo", "get_method", "implements"]

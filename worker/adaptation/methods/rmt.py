@@ -27,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.contract.catalog.tta import RMTParams
+
 from ..errors import AdaptationError
 from ..models.registry import classifier_of, forward_features
 from ._tta import eval_prediction, ema_update_, frozen_copy, needs_eval_fallback, tta_optimizer
 from .augment import COTTA_AUGMENT, BatchAugment
 from .base import Method, StepOutput
 from .norm import use_batch_statistics
-from .registry import register_method
+from .registry import implements
 
 
 def symmetric_entropy(x: torch.Tensor, x_aug: torch.Tensor, x_ema: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ def supcon_views(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return -mean_log_prob_pos.mean()  # temperature / base_temperature = 1 in the reference
 
 
-@register_method("rmt")
+@implements(RMTParams)
 class RMT(Method):
     def configure(self) -> None:
         use_batch_statistics(self.model)

@@ -29,12 +29,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from app.contract.catalog.tta import ROIDParams
+
 from ._tta import (ema_update_, eval_prediction, needs_eval_fallback, symmetric_cross_entropy,
                    tta_optimizer)
 from .augment import ROID_AUGMENT, BatchAugment
 from .base import Method, StepOutput, softmax_entropy
 from .norm import freeze_all_but, has_batch_norm, use_batch_statistics
-from .registry import register_method
+from .registry import implements
 from .tent import collect_norm_params
 
 SLR_CLIP, SLR_EPS = 0.99, 1e-5
@@ -58,7 +60,7 @@ def prior_corrected(logits: torch.Tensor) -> torch.Tensor:
     return logits + smoothed.log()
 
 
-@register_method("roid")
+@implements(ROIDParams)
 class ROID(Method):
     dynamic_shapes = True  # the consistency loss runs on the kept subset, whose size varies
     needs_norm_layers = True

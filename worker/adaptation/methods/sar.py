@@ -27,17 +27,19 @@ from typing import Any
 
 import torch
 
+from app.contract.catalog.tta import SARParams
+
 from ..errors import AdaptationError
 from ._tta import eval_prediction, last_stage_prefixes, masked_mean, needs_eval_fallback
 from .base import Method, StepOutput, softmax_entropy
 from .norm import freeze_all_but, norm_affine_params, use_batch_statistics
-from .registry import register_method
+from .registry import implements
 from .tent import collect_norm_params
 
 EMA_MOMENTUM = 0.9
 
 
-@register_method("sar")
+@implements(SARParams)
 class SAR(Method):
     needs_norm_layers = True
 

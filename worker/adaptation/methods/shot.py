@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from app.contract.catalog.sfda import ShotParams
+
 from ._sfda import SFDAMethod, information_maximisation
 from .base import StepOutput
-from .registry import register_method
+from .registry import implements
 
 
 @torch.no_grad()
@@ -46,7 +48,7 @@ def centroid_pseudo_labels(features: torch.Tensor, probs: torch.Tensor, threshol
     return labels
 
 
-@register_method("shot")
+@implements(ShotParams)
 class Shot(SFDAMethod):
     state_attrs = ("pseudo_labels", "pseudo_label_agreement")
 

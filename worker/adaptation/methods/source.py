@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from app.contract.catalog.baselines import SourceParams
+
 from .base import Method, StepOutput
-from .registry import register_method
+from .registry import implements
 
 
-@register_method("source")
+@implements(SourceParams)
 class Source(Method):
     uses_batch_statistics = False
 

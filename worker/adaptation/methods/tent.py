@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from app.contract.catalog.tta import TentParams
+
 from ..errors import AdaptationError
 from ._tta import eval_prediction, needs_eval_fallback
 from .base import Method, StepOutput, softmax_entropy
 from .norm import freeze_all_but, norm_affine_params, use_batch_statistics
-from .registry import register_method
+from .registry import implements
 
 
 def collect_norm_params(method: Method, skip: tuple[str, ...] = ()) -> list[torch.nn.Parameter]:
@@ -19,7 +21,7 @@ def collect_norm_params(method: Method, skip: tuple[str, ...] = ()) -> list[torc
     return params
 
 
-@register_method("tent")
+@implements(TentParams)
 class Tent(Method):
     needs_norm_layers = True
 

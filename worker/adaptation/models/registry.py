@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from app.contract.architectures import ARCHITECTURES as MANIFEST
+
 from ..errors import AdaptationError
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
@@ -33,6 +35,11 @@ _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def register_architecture(name: str):
+    """Registers the torch factory of an entry of the torch-free manifest (app/contract/architectures.py),
+    which declares its task, output form and default input; a name missing there fails loudly."""
+    if name not in MANIFEST:
+        raise ValueError(f"architecture {name!r} has no entry in app/contract/architectures.py")
+
     def wrap(factory: Callable[..., nn.Module]):
         if name in ARCHITECTURES:
             raise ValueError(f"architecture {name!r} is registered twice")

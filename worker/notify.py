@@ -22,9 +22,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 
-from ..config import Settings
-from ..db import repo
-from ..db.session import session_scope
+from app.config import Settings
+from app.db import repo
+from app.db.session import session_scope
 
 log = logging.getLogger("adaptd.notify")
 
@@ -92,7 +92,7 @@ def notify_if_finished(settings: Settings, job_id: str, wait: bool = False) -> F
     claimed its webhook yet: claims it and delivers it in a background thread (returns the Future), or
     here with `wait=True` (returns whether it was delivered). None when there is nothing to send. Never
     raises."""
-    from .jobs import to_out  # the same JSON as GET /v1/jobs/{id}
+    from app.services.jobs import to_out  # the same JSON as GET /v1/jobs/{id}
 
     try:
         with session_scope(settings.resolved_database_url) as s:

@@ -1,4 +1,5 @@
-"""The job spec (DESIGN §4) and the job as the API returns it."""
+"""The job spec and the job as the API returns it: the contract between the API, which validates and
+stores a spec, and the worker, which re-validates the stored spec with the same `JobSpec` and runs it."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -6,7 +7,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
-from worker.adaptation.catalog.architectures import BUILTIN_ARCHITECTURES, is_resolvable_name
+from .architectures import BUILTIN_ARCHITECTURES, is_resolvable_name
+from .tasks import DEFAULT_TASK, Task
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 
 
 class _Strict(BaseModel):
@@ -62,6 +67,8 @@ class Options(_Strict):
 
 
 class JobSpec(_Strict):
+    task: Task = Field(DEFAULT_TASK, description="what the model predicts; the architecture and the method "
+                       "must support it")
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
     model: ModelRef
@@ -94,7 +101,7 @@ class ArtifactOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     method: str
     params: dict
     spec: dict

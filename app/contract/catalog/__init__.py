@@ -1,9 +1,12 @@
-"""Torch-free method catalogue: every method's name, kind, description and typed params.
+"""Torch-free method catalogue: every method's name, kind, description, typed params, the tasks it
+supports and what it updates.
 
-Both sides import this module: the API validates job params and serves `GET /v1/methods` from it
-without torch; the engine's implementations (`adaptation.methods`) register against these names.
-Defaults are the authors' (DESIGN §6). Adding a method: a params class + `@describe` in the module
-of its kind (`baselines`, `tta`, `sfda`), and one implementation file in `methods/`.
+The API validates job params and serves `GET /v1/methods` from it without torch; each engine
+implementation (`worker/adaptation/methods/`) registers against its params class here
+(`@implements(TentParams)`), so an entry and its implementation are bound by one object and a test
+keeps the two sets equal. Defaults are the authors' and exist only here. Adding a method: a params
+class + `@describe` in the module of its kind (`baselines`, `tta`, `sfda`), and one implementation
+file (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..tasks import Task
 
 
 class MethodParams(BaseModel):
@@ -46,15 +51,27 @@ class CollapseGuardParams(CollapseGuard, ProtocolParams):
     """What every updating test-time method takes: the protocol options and the collapse guard."""
 
 
+# What a method may change in the network it adapts (its student); the method contract tests check it.
+#   nothing              no parameter (BatchNorm running statistics may follow the target)
+#   norm_affine          weight/bias of the BatchNorm/LayerNorm/GroupNorm layers, nothing else
+#   norm_affine_but_last norm affine parameters outside the network's last stage (SAR)
+#   all                  every weight
+#   all_but_classifier   the feature extractor; the final nn.Linear stays frozen (SFDA)
+UpdateScope = Literal["nothing", "norm_affine", "norm_affine_but_last", "all", "all_but_classifier"]
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
     kind: Literal["baseline", "tta", "sfda"]
     description: str
     params_model: type[MethodParams]
-    needs_labels: bool = False
-    needs_source_statistics: bool = False
-    updates_weights: bool = True
+    updates: UpdateScope
+    tasks: tuple[Task, ...] = ("classification",)
+
+    @property
+    def updates_weights(self) -> bool:
+        return self.updates != "nothing"
 
     def params_schema(self) -> dict:
         return self.params_model.model_json_schema()
@@ -63,16 +80,27 @@ class MethodInfo:
 CATALOG: dict[str, MethodInfo] = {}
 
 
-def describe(name: str, kind: str, description: str, **flags):
+def describe(name: str, kind: str, description: str, *, updates: UpdateScope,
+             tasks: tuple[Task, ...] = ("classification",)):
     """Class decorator on a params model: adds the method to the catalogue; duplicates fail loudly."""
 
     def wrap(params_model: type[MethodParams]) -> type[MethodParams]:
         if name in CATALOG:
             raise ValueError(f"method {name!r} is described twice")
-        CATALOG[name] = MethodInfo(name, kind, description, params_model, **flags)
+        if any(info.params_model is params_model for info in CATALOG.values()):
+            raise ValueError(f"{params_model.__name__} already describes another method")
+        CATALOG[name] = MethodInfo(name, kind, description, params_model, updates, tasks)
         return params_model
 
     return wrap
+
+
+def info_for_params(params_model: type[MethodParams]) -> MethodInfo:
+    """The entry a params class describes (implementations register against their params class)."""
+    for info in CATALOG.values():
+        if info.params_model is params_model:
+            return info
+    raise KeyError(f"{params_model.__name__} describes no method (decorate it with @describe)")
 
 
 def get_method_info(name: str) -> MethodInfo:

@@ -9,7 +9,8 @@ from . import CollapseGuardParams, MethodParams, ProtocolParams, describe  # noq
 
 
 @describe("tent", "tta", "TENT (Wang et al., ICLR 2021): minimise the mean softmax entropy, updating only "
-          "the affine parameters of the norm layers, one step per batch.")
+          "the affine parameters of the norm layers, one step per batch.",
+          updates="norm_affine")
 class TentParams(CollapseGuardParams):
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam for CIFAR-scale, SGD for ImageNet.")
     lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64).")
@@ -27,7 +28,8 @@ class TentParams(CollapseGuardParams):
           "minimisation on the norm layers' affine parameters, only on reliable samples (entropy < "
           "e_margin·ln C) that are not redundant (cosine similarity of their softmax to an EMA(0.9) of the "
           "mean prediction < d_margin), each weighted by 1/exp(H − E0). The Fisher anti-forgetting term needs "
-          "source images, which this service never has, so it is not offered.")
+          "source images, which this service never has, so it is not offered.",
+          updates="norm_affine")
 class EATAParams(CollapseGuardParams):
     optimizer: Literal["adam", "sgd"] = Field(
         "adam", description="Adam for CIFAR (reference library); SGD with Nesterov momentum 0.9 for ImageNet.")
@@ -44,7 +46,8 @@ class EATAParams(CollapseGuardParams):
           "and reliable (entropy < 0.4·ln C on both SAM passes) entropy minimisation of the norm layers' "
           "affine parameters, except those of the network's last stage; resets to the source weights when "
           "the EMA(0.9) of the second-pass loss falls below reset_constant_em. Works on BatchNorm, GroupNorm "
-          "and LayerNorm models (batch size 1 is fine without BatchNorm).")
+          "and LayerNorm models (batch size 1 is fine without BatchNorm).",
+          updates="norm_affine_but_last")
 class SARParams(CollapseGuardParams):
     lr: float = Field(1e-3, gt=0, description="Base SGD lr: 1e-3 for CIFAR (reference library) and for ViT "
                       "(LayerNorm, batch 64); 2.5e-4 for ResNet-50 on ImageNet (batch 64).")
@@ -65,7 +68,8 @@ class SARParams(CollapseGuardParams):
           "to an EMA teacher (0.999), whose prediction averages 32 augmented views when the source model's "
           "mean confidence is below ap; then each weight returns to its source value with probability "
           "restore_prob. Predictions and the exported model are the teacher's. Augmentations run batched on "
-          "the device.")
+          "the device.",
+          updates="all")
 class CoTTAParams(CollapseGuardParams):
     optimizer: Literal["adam", "sgd"] = Field(
         "adam", description="Adam for CIFAR; SGD (Nesterov momentum 0.9) for ImageNet.")
@@ -89,7 +93,8 @@ class CoTTAParams(CollapseGuardParams):
           "view, plus a contrastive loss pulling each sample's projected features towards its nearest class "
           "prototype. Without source data there is no source replay and no warm-up, and the prototypes are "
           "built from the teacher's confidence-weighted features on the first target batches. Predictions are "
-          "student + teacher logits (as the reference); the exported model is the teacher.")
+          "student + teacher logits (as the reference); the exported model is the teacher.",
+          updates="all")
 class RMTParams(CollapseGuardParams):
     optimizer: Literal["adam", "sgd"] = Field(
         "adam", description="Adam for CIFAR; SGD (Nesterov momentum 0.9) for ImageNet.")
@@ -112,7 +117,8 @@ class RMTParams(CollapseGuardParams):
           "× certainty (temperature 1/3), a consistency loss to one augmented view (batched on the device), "
           "on the norm layers' affine parameters; after each step the weights are ensembled with the source "
           "weights (θ ← 0.99·θ + 0.01·θ_src), and the returned predictions are corrected by a smoothed "
-          "estimate of the batch's label prior.")
+          "estimate of the batch's label prior.",
+          updates="norm_affine")
 class ROIDParams(CollapseGuardParams):
     optimizer: Literal["adam", "sgd"] = Field(
         "adam", description="Adam for CIFAR; SGD (Nesterov momentum 0.9) for ImageNet.")

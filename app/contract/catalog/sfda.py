@@ -44,7 +44,8 @@ class _InformationMaximisation(SFDAParams):
 @describe("shot_im", "sfda", "SHOT-IM (Liang et al., ICML 2020): SHOT without pseudo-labels: information "
           "maximisation only (mean per-sample entropy minus the entropy of the mean prediction), updating "
           "the feature extractor with the classifier frozen. The authors ran 30 epochs on digits and 15 on "
-          "Office/VisDA (set options.epochs; the job default is 1).")
+          "Office/VisDA (set options.epochs; the job default is 1).",
+          updates="all_but_classifier")
 class ShotIMParams(_InformationMaximisation):
     pass
 
@@ -54,7 +55,8 @@ class ShotIMParams(_InformationMaximisation):
           "space, cosine distance, one refinement round with hard-label centroids), recomputed at the start "
           "of every epoch; updates the feature extractor with the classifier frozen. beta 0.1 digits / 0.3 "
           "objects. The authors ran 30 epochs on digits and 15 on Office/VisDA (set options.epochs; the job "
-          "default is 1).")
+          "default is 1).",
+          updates="all_but_classifier")
 class ShotParams(_InformationMaximisation):
     beta: float = Field(0.1, ge=0, description="Weight of the pseudo-label cross-entropy (cls_par): 0.1 "
                         "digits, 0.3 Office/VisDA. 0 is SHOT-IM.")
@@ -68,7 +70,8 @@ class ShotParams(_InformationMaximisation):
           "nearest neighbours' (weight 1 if the neighbour has it among its own KK nearest, else r) and its "
           "expanded KK-neighbours' (weight r), plus a diversity term on the batch-mean prediction. Updates "
           "the feature extractor, classifier frozen. Defaults: the authors' VisDA values (no digits "
-          "experiments in the paper); they ran 15 epochs (set options.epochs; the job default is 1).")
+          "experiments in the paper); they ran 15 epochs (set options.epochs; the job default is 1).",
+          updates="all_but_classifier")
 class NRCParams(SFDAParams):
     lr: float = Field(1e-3, gt=0, description="Base learning rate (bottleneck layers); VisDA reference 1e-3.")
     backbone_lr_mult: float = Field(0.1, ge=0, le=1, description="Backbone lr = lr × this (reference: 0.1).")
@@ -83,7 +86,8 @@ class NRCParams(SFDAParams):
           "neighbours (feature and score memory banks over the target set) and disperse the predictions of "
           "the other samples of the batch, with weight alpha·(1 + 10·t/T)^-beta. Updates the feature "
           "extractor, classifier frozen. Defaults: the authors' VisDA values; they ran 15 epochs (set "
-          "options.epochs; the job default is 1).")
+          "options.epochs; the job default is 1).",
+          updates="all_but_classifier")
 class AaDParams(SFDAParams):
     lr: float = Field(1e-3, gt=0, description="Base learning rate (bottleneck layers); VisDA reference 1e-3.")
     backbone_lr_mult: float = Field(0.1, ge=0, le=1, description="Backbone lr = lr × this (reference: 0.1).")

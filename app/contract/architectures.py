@@ -1,0 +1,61 @@
+"""The architecture manifest: every built-in architecture's task, output form and default input, torch-free
+(the API validates specs against it; tests/engine/test_registries.py keeps it equal to the torch
+registry and checks each entry's input/output on the built model). `timm:<name>` and allow-listed
+`module.path:factory` names are resolved by the worker; the job's `task` says what they predict."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .tasks import Task
+
+# The form of the model's output, per task: "logits" = (N, num_classes) class scores.
+OutputForm = Literal["logits"]
+
+
+@dataclass(frozen=True)
+class InputDefaults:
+    """The input the architecture is built for by default (its arch_kwargs can change it)."""
+
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ArchitectureInfo:
+    name: str
+    task: Task
+    output: OutputForm
+    input: InputDefaults
+    description: str
+
+
+_DIGITS = InputDefaults(channels=1, size=32, mean=(0.5,), std=(0.5,))
+_CIFAR = InputDefaults(channels=3, size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
+_IMAGENET = InputDefaults(channels=3, size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+_DIGITS_RGB = InputDefaults(channels=3, size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+ARCHITECTURES: dict[str, ArchitectureInfo] = {a.name: a for a in (
+    ArchitectureInfo("digit_cnn", "classification", "logits", _DIGITS,
+                     "Small CNN with a SHOT-style bottleneck (backbone -> bottleneck -> classifier)."),
+    ArchitectureInfo("resnet18", "classification", "logits", _IMAGENET, "torchvision ResNet-18 keys."),
+    ArchitectureInfo("resnet34", "classification", "logits", _IMAGENET, "torchvision ResNet-34 keys."),
+    ArchitectureInfo("resnet50", "classification", "logits", _IMAGENET, "torchvision ResNet-50 keys."),
+    ArchitectureInfo("vit_small_digits", "classification", "logits", _DIGITS_RGB,
+                     "Small ViT (patch 4, LayerNorm) for 32 px inputs."),
+    ArchitectureInfo("wrn28_10", "classification", "logits", _CIFAR, "WideResNet-28-10, RobustBench keys."),
+)}
+BUILTIN_ARCHITECTURES = tuple(ARCHITECTURES)
+
+
+def is_resolvable_name(name: str) -> bool:
+    return name in ARCHITECTURES or name.startswith("timm:") or (":" in name and not name.startswith(":"))
+
+
+def task_of(name: str) -> Task | None:
+    """The task a built-in architecture declares; None for timm and user factories (the job's `task`
+    says what they predict)."""
+    info = ARCHITECTURES.get(name)
+    return info.task if info is not None else None

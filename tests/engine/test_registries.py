@@ -1,0 +1,36 @@
+"""One name, one entry: the torch-free catalogue and manifest (app/contract) against the engine's
+registries. A catalogue entry without an implementation would pass API validation and then fail in the
+worker; an architecture the manifest does not declare could not be validated at submit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.contract.architectures import ARCHITECTURES as MANIFEST
+from app.contract.catalog import CATALOG
+from worker.adaptation.methods import _load_all  # noqa: F401  (registers every method)
+from worker.adaptation.methods.registry import METHODS
+from worker.adaptation.models import build_model
+from worker.adaptation.models.registry import ARCHITECTURES, _ensure_builtins_loaded
+
+
+def test_every_catalogue_entry_is_implemented_and_nothing_else():
+    assert set(CATALOG) == set(METHODS)
+    for name, cls in METHODS.items():
+        assert cls.info is CATALOG[name] and cls.name == name
+
+
+def test_the_manifest_lists_exactly_the_torch_architectures():
+    _ensure_builtins_loaded()
+    assert set(MANIFEST) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_architecture_runs_on_its_default_input_and_gives_its_output_form(name):
+    info = MANIFEST[name]
+    model = build_model(name, 7).eval()
+    x = torch.randn(2, info.input.channels, info.input.size, info.input.size)
+    assert len(info.input.mean) == len(info.input.std) == info.input.channels
+    with torch.no_grad():
+        out = model(x)
+    assert info.output == "logits" and tuple(out.shape) == (2, 7)
