@@ -107,6 +107,23 @@ def test_norm_method_on_model_without_batchnorm(c, base, tmp_path):
     assert job["status"] == "failed" and job["error"]["code"] == "no_norm_layers", job
 
 
+def test_timm_model_adapts(c, tmp_path):
+    """A real timm architecture (random init, nothing downloaded) through the whole service."""
+    import numpy as np
+    import timm  # the dev extra installs it
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=10)
+    path = builders.save_checkpoint(model.state_dict(), tmp_path / "timm.safetensors", fmt="safetensors")
+    x = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", x=x)
+    job = run_job(c, c.upload(path, "model")["id"], c.upload(tmp_path / "rgb.npz", "dataset")["id"], method="tent",
+                  model={"architecture": "timm:test_efficientnet", "arch_kwargs": {}},
+                  pre={"size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["num_images"] == 24 and job["progress"]["total"] == 2
+
+
 # --- data -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt, image_format, mode", [
