@@ -65,6 +65,21 @@ def test_parquet_unlabelled_other_column_names_and_missing_labels(tmp_path):
     assert s.labels is None and any("missing labels" in n for n in s.notes)
 
 
+def test_parquet_large_binary_images_without_metadata(tmp_path):
+    """Writers other than `datasets` (polars, pandas) may store the struct's bytes as large_binary and
+    leave out the `huggingface` metadata: the image column is still found by its shape."""
+    import pyarrow as pa
+
+    blobs, pixels = images(3)
+    kind = pa.struct([("bytes", pa.large_binary()), ("path", pa.string())])
+    table = pa.table({"id": [7, 8, 9], "picture": pa.array([{"bytes": b, "path": None} for b in blobs], kind),
+                      "label": pa.array([2, 0, 1], pa.int32())})
+    s = opened(B.hf_parquet(tmp_path / "other.parquet", table))
+    np.testing.assert_array_equal(read_all(s), pixels)
+    np.testing.assert_array_equal(s.labels, [2, 0, 1])
+    assert s.class_names is None
+
+
 def test_parquet_refusals(tmp_path):
     blobs, _ = images(5)
     err = refused("image_not_embedded", opened, B.hf_parquet(tmp_path / "paths.parquet", B.hf_table(

@@ -40,8 +40,9 @@ def list_parquet(path: Path, limits: Limits, spill_dir: str | None
     limits.check_total(uncompressed)
     limits.check_total_ratio(uncompressed, path.stat().st_size)
     columns = _columns(pf.schema_arrow)
+    # the metadata's sizes are the writer's word: the bytes actually read are held to the same limits
     return _spill_rows(pf.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns.read), columns, limits,
-                       spill_dir)
+                       spill_dir, source_bytes=path.stat().st_size)
 
 
 def list_hf_dataset(path: Path, limits: Limits, spill_dir: str | None
@@ -73,7 +74,7 @@ def list_hf_dataset(path: Path, limits: Limits, spill_dir: str | None
         shard_streams = streams()
         first = next(shard_streams)
         return _spill_rows(chain.from_iterable(chain([first], shard_streams)), _columns(first.schema), limits,
-                           spill_dir)
+                           spill_dir, source_bytes=path.stat().st_size)
 
 
 class _Columns:
@@ -96,8 +97,10 @@ def _columns(schema) -> _Columns:
     notes: list[str] = []
 
     def is_image_struct(field) -> bool:
-        return (pa.types.is_struct(field.type) and field.type.get_field_index("bytes") >= 0
-                and pa.types.is_binary(field.type.field("bytes").type))
+        if not pa.types.is_struct(field.type) or field.type.get_field_index("bytes") < 0:
+            return False
+        kind = field.type.field("bytes").type
+        return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
     typed = [n for n, f in features.items() if isinstance(f, dict) and f.get("_type") == "Image"]
     images = [n for n in typed if n in schema.names and is_image_struct(schema.field(n))]
@@ -121,9 +124,12 @@ def _columns(schema) -> _Columns:
     return _Columns(images[0], label, class_names, notes)
 
 
-def _spill_rows(batches: Iterable, columns: _Columns, limits: Limits, spill_dir: str | None
+def _spill_rows(batches: Iterable, columns: _Columns, limits: Limits, spill_dir: str | None, source_bytes: int
                 ) -> tuple[list[Entry], Spill, list[str] | None, list[str]]:
-    """Copy every row's image bytes into a spill file: one entry per row, named by its row number."""
+    """Copy every row's image bytes into a spill file: one entry per row, named by its row number. Each
+    record batch is validated in full first (offsets within their buffers) since the file is untrusted."""
+    import pyarrow as pa
+
     spill = Spill(spill_dir)
     entries: list[Entry] = []
     labels: list[int | None] = []
@@ -131,6 +137,10 @@ def _spill_rows(batches: Iterable, columns: _Columns, limits: Limits, spill_dir:
     try:
         with open(spill.path, "wb") as out:
             for batch in batches:
+                try:
+                    batch.validate(full=True)
+                except (pa.ArrowException, ValueError) as exc:
+                    raise AdaptationError("invalid_dataset", f"the table's data is inconsistent: {exc}") from None
                 images = batch.column(columns.image)
                 data, paths = images.field("bytes"), images.field("path") if _has(images, "path") else None
                 label_col = batch.column(columns.label).to_pylist() if columns.label else None
@@ -147,7 +157,7 @@ def _spill_rows(batches: Iterable, columns: _Columns, limits: Limits, spill_dir:
                                               {"entry": name, "path": path})
                     limits.check_entry_size(name, len(blob))
                     total += len(blob)
-                    limits.check_total(total)
+                    limits.check_stream(total, source_bytes)
                     entries.append(Entry(name, out.tell(), len(blob), len(blob)))
                     out.write(blob)
                     labels.append(label_col[j] if label_col is not None else None)
