@@ -155,7 +155,7 @@ function barChart(id, title, categories, series, opts = {}) {
   });
   const legend = series.map(s => `<span data-color="${s.color}"><i style="background:${s.color}"></i>${esc(s.name)}</span>`).join("");
   const ref = opts.refLine != null ? `<span><i class="dash"></i>${esc(opts.refLabel || "")}</span>` : "";
-  return `<div id="${id}" class="chart-box"><h2>${esc(title)}</h2><div class="legend">${legend}${ref}${opts.note ? `<span>${opts.note}</span>` : ""}</div>` +
+  return `<div id="${id}" class="chart-box"><h2>${esc(title)}</h2><div class="legend">${legend}${ref}</div>` +
     `<svg class="chart" viewBox="0 0 ${W} ${H}" role="img" aria-label="${esc(title)}">${g}${bars}${refSvg}` +
     `<text x="${(L + W - R) / 2}" y="${H - 2}" text-anchor="middle">${esc(opts.xLabel || "class")}</text></svg></div>`;
 }
@@ -253,7 +253,7 @@ function kpis(job) {
     `max ${num(maxH)}; ${m.collapse_detected ? "<b>collapse detected</b>" : "no collapse detected"}`, m.collapse_detected));
   if (m.accuracy_before != null) cards.push(kpi("est-acc", "Estimated accuracy", pct(m.estimated_accuracy_after), "label-free (mean confidence)"));
   const ece = m.eval && m.eval.before && m.eval.before.ece != null ? [m.eval.before.ece, m.eval.after.ece] : null;
-  if (ece) cards.push(kpi("ece", "Calibration error (ECE)", `${pct(ece[0])} → ${pct(ece[1])}`, deltaHtml(ece[0], ece[1], false) + " · 15 bins, eval data"));
+  if (ece) cards.push(kpi("ece", "Calibration error (ECE)", `${pct(ece[0])} → ${pct(ece[1])}`, deltaHtml(ece[0], ece[1], false) + " · eval data, lower is better"));
   cards.push(kpi("agreement", "Agreement with source", pct(m.agreement_with_source), "same predicted class as the source model"));
   cards.push(kpi("throughput", "Images / s", m.images_per_second != null ? Math.round(m.images_per_second).toLocaleString() : "–", `${esc(m.device || "")} ${esc(m.precision || "")}`));
   cards.push(kpi("memory", "Peak memory", bytes(m.peak_memory_bytes), m.num_images != null ? `${m.num_images} target images` : ""));
