@@ -11,7 +11,6 @@ import re
 import pytest
 
 from app.client import Client
-from tests.test_dashboard import chromium  # noqa: F401 - the fixture (fails in CI when Chromium is missing)
 from tests.ux_helpers import Chromium, finished_job, png_stats, spec_kwargs
 
 pytestmark = pytest.mark.slow
@@ -34,7 +33,7 @@ def jobs(embedded_service, assets) -> dict:
     return {"tent": tent, "bn": bn, "failed": failed}
 
 
-def test_compare_two_jobs(embedded_service, jobs, chromium, tmp_path):  # noqa: F811
+def test_compare_two_jobs(embedded_service, jobs, chromium, tmp_path):
     url = embedded_service.url
     tent, bn, failed = jobs["tent"], jobs["bn"], jobs["failed"]
     browser = Chromium(chromium, height=1400)
@@ -91,7 +90,7 @@ def test_compare_two_jobs(embedded_service, jobs, chromium, tmp_path):  # noqa: 
     print(f"\ncompare screenshot: {shot}\nlist screenshot: {list_shot}")
 
 
-def test_job_page_shows_ece_examples_and_wrapped_params(embedded_service, jobs, chromium, tmp_path):  # noqa: F811
+def test_job_page_shows_ece_examples_and_wrapped_params(embedded_service, jobs, chromium, tmp_path):
     url = embedded_service.url
     tent = jobs["tent"]
     browser = Chromium(chromium, height=2600)

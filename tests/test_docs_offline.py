@@ -7,7 +7,6 @@ import httpx
 import pytest
 
 from tests.ux_helpers import Chromium
-from tests.test_dashboard import chromium  # noqa: F401 - the fixture (fails in CI when Chromium is missing)
 
 pytestmark = pytest.mark.slow
 OFFLINE = ("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",)
@@ -28,7 +27,7 @@ PAGES = {
 
 
 @pytest.mark.parametrize("page", sorted(PAGES))
-def test_api_docs_render_offline(embedded_service, chromium, tmp_path, page):  # noqa: F811
+def test_api_docs_render_offline(embedded_service, chromium, tmp_path, page):
     url = embedded_service.url
     count_js, text_js = PAGES[page]
     n_ops = len(_operations(url))
