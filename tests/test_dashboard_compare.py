@@ -113,8 +113,11 @@ def test_job_page_shows_ece_examples_and_wrapped_params(embedded_service, jobs, 
         assert ticks and all(re.fullmatch(r"\d+", t) for t in ticks), ticks
         params = browser.eval("[...document.querySelectorAll('.params')[0].children].map(d => d.textContent)")
         assert "lr = 0.001" in params and len(params) == len(tent["params"])
+        # a value far longer than the page is wide (a user factory's path, a long list) wraps in its cell
+        browser.eval("document.querySelector('.params').insertAdjacentHTML('beforeend', "
+                     "'<div>' + 'x'.repeat(20) + ' = ' + 'module.path:factory_'.repeat(40) + '</div>')")
         overflow = browser.eval("document.documentElement.scrollWidth > document.documentElement.clientWidth")
-        assert overflow is False  # nothing, long params included, runs off the page
+        assert overflow is False
         shot = browser.screenshot(tmp_path / "job.png")
 
         # a 3-step job: the step axis reads 0, 1, 2 (no 0.5 steps)

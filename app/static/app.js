@@ -312,6 +312,7 @@ function details(job) {
   const rows = [["Job id", `<span class="mono">${esc(job.id)}</span>`], ["Method", esc(job.method)],
     ["Params", paramsHtml(job.params)],
     ["Model", `${esc(mdl.architecture)} · ${esc(mdl.num_classes)} classes`],
+    ...(mdl.arch_kwargs && Object.keys(mdl.arch_kwargs).length ? [["Architecture kwargs", paramsHtml(mdl.arch_kwargs)]] : []),
     ["Options", paramsHtml(o)],
     ["Created", `${esc(job.created_at)} (${ago(job.created_at)})`], ["Run time", duration(job.started_at, job.finished_at)],
     ["Attempts", esc(job.attempts)]];
