@@ -45,7 +45,7 @@ class _BatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, indices):
         try:
-            return ("ok", self.reader.load_batch(np.asarray(indices)))
+            return ("ok", torch.from_numpy(self.reader.load_batch(np.asarray(indices))))
         except AdaptationError as exc:
             return ("error", exc.code, exc.message, exc.detail)
 
@@ -137,7 +137,7 @@ class ArchiveImageSet:
         workers = self.num_workers if len(chunks) >= MIN_BATCHES_FOR_WORKERS else 0
         if workers == 0:
             for chunk in chunks:
-                yield self._reader.load_batch(chunk), torch.from_numpy(chunk)
+                yield torch.from_numpy(self._reader.load_batch(chunk)), torch.from_numpy(chunk)
             return
         yield from self._batches_with_workers(chunks, workers)
 
@@ -152,7 +152,7 @@ class ArchiveImageSet:
             self.notes.append(f"loader workers unavailable ({exc}); decoding in-process")
             self.num_workers = 0
             for chunk in chunks:
-                yield self._reader.load_batch(chunk), torch.from_numpy(chunk)
+                yield torch.from_numpy(self._reader.load_batch(chunk)), torch.from_numpy(chunk)
             return
         try:
             for chunk in chunks:

@@ -1,7 +1,7 @@
 """Reading one indexed image at its offset: a zip entry (inflated within its declared size, CRC
 checked) or plain bytes (a tar member, or the spill file), then decoded to pixels. The `Index` is the
 compact, picklable description a loader worker process needs; the `Reader` keeps one open file per
-process."""
+process. No torch here (nor in index, limits, layout, decode): only dataset.py feeds torch."""
 from __future__ import annotations
 
 import bz2
@@ -13,7 +13,6 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ...errors import AdaptationError
 from .decode import decode_image
@@ -81,12 +80,12 @@ class Reader:
                                   f"archive's images are {out_w}×{out_h}", {"entry": name})
         return arr
 
-    def load_batch(self, indices: np.ndarray) -> torch.Tensor:
+    def load_batch(self, indices: np.ndarray) -> np.ndarray:
         h, w = self.index.out_hw
         out = np.empty((len(indices), h, w, self.index.channels), dtype=np.uint8)
         for j, i in enumerate(indices):
             out[j] = self.decode(int(i))
-        return torch.from_numpy(out)
+        return out
 
 
 def read_member(f, kind: str, off: int, csize: int, usize: int, method: int, crc: int, name: str,
