@@ -100,6 +100,23 @@ def test_parquet_refusals(tmp_path):
     assert err.detail["columns"] == ["text"]
 
 
+def test_corrupt_parquet_is_an_input_error(tmp_path):
+    """Damaged pages or a cut-off file fail with the input's error code, never as an internal error."""
+    blobs, _ = images(6)
+    path = B.hf_parquet(tmp_path / "a.parquet", B.hf_table(blobs, [0, 1, 2, 0, 1, 2], CLASSES))
+    raw = bytearray(path.read_bytes())
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(bytes(raw[: len(raw) // 2]))
+    refused("invalid_dataset", opened, cut)  # detected by its leading magic, refused for the missing footer
+    for start in range(8, len(raw) // 2, 97):  # flip bytes inside the data pages
+        raw[start] ^= 0xFF
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(AdaptationError) as info:
+        read_all(opened(bad))
+    assert info.value.code in ("invalid_dataset", "corrupt_image", "truncated_image", "not_an_image"), info.value
+
+
 def test_parquet_compression_ratio_is_checked_before_rows_are_read(tmp_path):
     """Zeros compress well in parquet too: a 4 MB image column of zeros in a small file is refused from the
     file's metadata, as a zip bomb is."""
@@ -136,6 +153,13 @@ def test_saved_dataset_zip_refusals(tmp_path):
     assert detect_format(bad) == "hf_dataset"
     refused("invalid_dataset", opened, bad)
     refused("archive_too_many_entries", opened, B.hf_saved_dataset_zip(tmp_path / "n.zip", table), max_entries=2)
+    import zipfile
+
+    with zipfile.ZipFile(B.hf_saved_dataset_zip(tmp_path / "whole.zip", table)) as zf:
+        shard = zf.read("my_dataset/data-00000-of-00001.arrow")
+    cut = B.build_zip(tmp_path / "cut.zip", {"d/state.json": b"{}", "d/data-00000-of-00001.arrow": shard[:-200]})
+    err = refused("invalid_dataset", opened, cut)  # a stream cut short mid-batch
+    assert "cannot be read" in err.message or "not an Arrow stream" in err.message
     bomb = B.build_zip(tmp_path / "bomb.zip", {"d/state.json": b"{}",
                                               "d/data-00000-of-00001.arrow": b"\x00" * (8 << 20)})
     refused("archive_compression_ratio", opened, bomb)

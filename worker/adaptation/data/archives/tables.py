@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from itertools import chain
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from ...errors import AdaptationError
 from ..formats import ARROW_SUFFIX
@@ -126,41 +126,27 @@ def _columns(schema) -> _Columns:
 
 def _spill_rows(batches: Iterable, columns: _Columns, limits: Limits, spill_dir: str | None, source_bytes: int
                 ) -> tuple[list[Entry], Spill, list[str] | None, list[str]]:
-    """Copy every row's image bytes into a spill file: one entry per row, named by its row number. Each
-    record batch is validated in full first (offsets within their buffers) since the file is untrusted."""
-    import pyarrow as pa
-
+    """Copy every row's image bytes into a spill file: one entry per row, named by its row number."""
     spill = Spill(spill_dir)
     entries: list[Entry] = []
     labels: list[int | None] = []
     total = 0
     try:
         with open(spill.path, "wb") as out:
-            for batch in batches:
-                try:
-                    batch.validate(full=True)
-                except (pa.ArrowException, ValueError) as exc:
-                    raise AdaptationError("invalid_dataset", f"the table's data is inconsistent: {exc}") from None
-                images = batch.column(columns.image)
-                data, paths = images.field("bytes"), images.field("path") if _has(images, "path") else None
-                label_col = batch.column(columns.label).to_pylist() if columns.label else None
-                for j in range(len(batch)):
-                    row = len(entries)
-                    limits.check_count(row + 1)
-                    name = f"row {row:09d}"
-                    blob = data[j].as_py()
-                    if blob is None:
-                        path = paths[j].as_py() if paths is not None else None
-                        raise AdaptationError("image_not_embedded", f"{name} has no image bytes"
-                                              + (f", only the path {path!r} on the machine that wrote it" if path
-                                                 else "") + "; export the dataset with the images embedded",
-                                              {"entry": name, "path": path})
-                    limits.check_entry_size(name, len(blob))
-                    total += len(blob)
-                    limits.check_stream(total, source_bytes)
-                    entries.append(Entry(name, out.tell(), len(blob), len(blob)))
-                    out.write(blob)
-                    labels.append(label_col[j] if label_col is not None else None)
+            for blob, path, label in _rows(batches, columns):
+                name = f"row {len(entries):09d}"
+                limits.check_count(len(entries) + 1)
+                if blob is None:
+                    raise AdaptationError("image_not_embedded", f"{name} has no image bytes"
+                                          + (f", only the path {path!r} on the machine that wrote it" if path
+                                             else "") + "; export the dataset with the images embedded",
+                                          {"entry": name, "path": path})
+                limits.check_entry_size(name, len(blob))
+                total += len(blob)
+                limits.check_stream(total, source_bytes)
+                entries.append(Entry(name, out.tell(), len(blob), len(blob)))
+                out.write(blob)
+                labels.append(label)
     except BaseException:
         spill.remove()
         raise
@@ -173,6 +159,28 @@ def _spill_rows(batches: Iterable, columns: _Columns, limits: Limits, spill_dir:
         for e, y in zip(entries, labels):
             e.label = int(y)
     return entries, spill, class_names, notes
+
+
+def _rows(batches: Iterable, columns: _Columns) -> Iterator[tuple[bytes | None, str | None, int | None]]:
+    """(image bytes, path, label) per row. Each record batch is validated in full first (its offsets lie
+    within its buffers: the file is untrusted); pyarrow's own errors become `invalid_dataset`."""
+    import pyarrow as pa
+
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it, None)
+            if batch is None:
+                return
+            batch.validate(full=True)
+            images = batch.column(columns.image)
+            blobs = images.field("bytes")
+            paths = images.field("path") if _has(images, "path") else None
+            labels = batch.column(columns.label).to_pylist() if columns.label else [None] * len(batch)
+        except (pa.ArrowException, OSError, KeyError) as exc:  # a stream cut short is a plain OSError
+            raise AdaptationError("invalid_dataset", f"the table cannot be read: {exc}") from None
+        for j in range(len(batch)):
+            yield blobs[j].as_py(), paths[j].as_py() if paths is not None else None, labels[j]
 
 
 def _has(struct_array, name: str) -> bool:
