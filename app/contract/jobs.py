@@ -35,9 +35,15 @@ class ModelRef(_Strict):
         return v
 
 
+# What the worker reads (worker/adaptation/data/images.py READERS; a test holds the two equal). A
+# WebDataset shard is a "tar"; "parquet" and "hf_dataset" (a zipped save_to_disk folder) are Hugging Face
+# `datasets` exports.
+DatasetFormat = Literal["npz", "zip", "tar", "parquet", "hf_dataset"]
+
+
 class DataRef(_Strict):
     upload_id: str
-    format: Literal["npz", "zip", "tar", "parquet", "hf_dataset"] | None = None
+    format: DatasetFormat | None = None
 
 
 class PreprocessSpec(_Strict):

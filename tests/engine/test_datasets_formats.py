@@ -19,6 +19,15 @@ torch.set_num_threads(1)
 CLASSES = ["zero", "one", "two"]
 
 
+def test_the_contract_names_every_format_the_worker_reads():
+    from typing import get_args
+
+    from app.contract.jobs import DatasetFormat
+    from worker.adaptation.data.images import READERS
+
+    assert set(get_args(DatasetFormat)) == set(READERS)
+
+
 def images(n: int = 9, size: int = 8, mode: str = "RGB", fmt: str = "PNG") -> tuple[list[bytes], np.ndarray]:
     pixels = np.stack([B.random_image(size, size, mode, seed=i) for i in range(n)])
     return [B.encode_image(p, fmt) for p in pixels], pixels
