@@ -1,4 +1,4 @@
-"""A small typed Python client for the REST contract (DESIGN §3). The CLI and the demo use it.
+"""A small typed Python client for the REST contract (README.md, "Using the API"). The CLI and the demo use it.
 
     from app.client import Client
     with Client("http://127.0.0.1:8000") as c:
@@ -91,6 +91,7 @@ class MethodInfo(TypedDict):
     needs_labels: bool
     needs_source_statistics: bool
     updates_weights: bool
+    tasks: list[str]
     params_schema: dict
 
 
@@ -169,7 +170,7 @@ def build_spec(base: Mapping | None = None, *, method: str | None = None, params
                eval_data: Mapping | None = None, eval_format: str | None = None,
                preprocess: Mapping | None = None, options: Mapping | None = None,
                notify_url: str | None = None) -> dict:
-    """A job spec (DESIGN §4): `base` (e.g. a spec file) overlaid with the given fields. `model`,
+    """A job spec (`app/contract/jobs.py:JobSpec`): `base` (e.g. a spec file) overlaid with the given fields. `model`,
     `data`, `eval_data` are refs `{"upload_id": ...}`; None leaves a field as `base` has it."""
     spec = json.loads(json.dumps(base or {}))  # deep copy
     if method is not None:

@@ -1,4 +1,4 @@
-"""The error body and every HTTP status code, chosen in one place. DESIGN §3:
+"""The error body and every HTTP status code, chosen in one place (docs/ARCHITECTURE.md §1):
 {"error": {"code": "snake_case_code", "message": "...", "detail": {...}}}."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Digits benchmark (DESIGN §8): every registered adaptation method through the service's own runner,
+"""Digits benchmark: every registered adaptation method through the service's own runner,
 on real digit domain shifts, printed as one markdown table.
 
 Source model: a `digit_cnn` (width 32) trained on `mnist_train5k` with the engine's `train_classifier`
@@ -163,7 +163,6 @@ def run_method(method: str, model_path: str, targets: dict, opts: dict) -> list[
     import torch
 
     from app.contract.catalog import get_method_info
-    from worker.adaptation.data import Preprocess
     from worker.adaptation.runner import RunRequest, run
 
     torch.set_num_threads(opts["threads"])
@@ -176,13 +175,12 @@ def run_method(method: str, model_path: str, targets: dict, opts: dict) -> list[
     for shift, (adapt_path, eval_path) in targets.items():
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            result = run(RunRequest(
-                method=method, model_path=Path(model_path), architecture=ARCH, arch_kwargs=ARCH_KWARGS,
-                num_classes=10, data_path=Path(adapt_path), eval_path=Path(eval_path), output_dir=Path(tmp),
-                params=params,
-                preprocess=Preprocess(size=None, channels=1, mean=MEAN, std=STD), batch_size=opts["batch_size"],
-                epochs=opts["sfda_epochs"] if kind == "sfda" else 1, seed=opts["seed"], device=opts["device"],
-                precision=opts["precision"]))
+            result = run(RunRequest.for_files(
+                model_path, adapt_path, tmp, eval_path=eval_path, method=method, params=params,
+                model={"architecture": ARCH, "arch_kwargs": ARCH_KWARGS, "num_classes": 10},
+                preprocess={"size": None, "channels": 1, "mean": MEAN, "std": STD},
+                options={"batch_size": opts["batch_size"], "epochs": opts["sfda_epochs"] if kind == "sfda" else 1,
+                         "seed": opts["seed"], "device": opts["device"], "precision": opts["precision"]}))
             m = result.metrics
             online = m.get("online", {}).get("accuracy") if kind == "tta" and adapt_path == eval_path else None
             rows.append({"method": method, "kind": kind, "shift": shift, "accuracy_before": m["accuracy_before"],

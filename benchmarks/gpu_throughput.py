@@ -1,4 +1,4 @@
-"""Adaptation throughput per method on random inputs, against the reference figures of DESIGN §8.
+"""Adaptation throughput per method on random inputs, against the reference figures (BENCHMARKS.md).
 
 Drives each method through its `Method` class (one `step` per batch, as the runner does, without data
 loading, the collapse guard or metrics) on WRN-28-10 (batch 200, 32 px, 10 classes) and ResNet-50
@@ -61,13 +61,13 @@ def build(arch: str, classes: int, **kwargs) -> torch.nn.Module:
         return ResNet(Bottleneck, [1, 1, 1, 1], classes)
     return build_model(arch, classes, **kwargs)
 
-# DESIGN §8: reference implementations, fp32, one H200, images/s.
+# Reference implementations (mariodoebler/test-time-adaptation), fp32, one H200, images/s.
 REFERENCE = {
     "wrn28_10": {"source": 16200, "bn_adapt": 15500, "tent": 6800, "eata": 6400, "sar": 3300, "rmt": 1700,
                  "cotta": 260, "roid": 120},
     "resnet50": {"tent": 2460, "eata": 2270, "sar": 1150, "cotta": 33, "roid": 16},
 }
-# DESIGN §8: a plain TENT step in bf16 + channels_last (no torch.compile).
+# Reference: a plain TENT step in bf16 + channels_last (no torch.compile).
 REFERENCE_TENT_BF16 = {"wrn28_10": 14300, "resnet50": 4300}
 
 PRECISIONS = {"fp32": ("fp32", False), "fp32-cl": ("fp32", True), "bf16-cl": ("bf16", True)}
@@ -132,13 +132,13 @@ def measure(name: str, base: torch.nn.Module, spec: tuple, precision: str, chann
     batches = list(iterate())
     for i in range(warmup):
         x, idx = batches[i % len(batches)]
-        method.step(x, idx)
+        method.adapt(x, idx)
     sync(device)
     t0 = time.perf_counter()
     out = None
     for i in range(timed):
         x, idx = batches[(warmup + i) % len(batches)]
-        out = method.step(x, idx)
+        out = method.adapt(x, idx)
     sync(device)
     seconds = time.perf_counter() - t0
     finite = bool(torch.isfinite(out.logits).all()) if out is not None else True

@@ -1,4 +1,4 @@
-"""Every bad request gets a precise 4xx with the DESIGN §3 error body and the field path."""
+"""Every bad request gets a precise 4xx with the error body of app/errors.py and the field path."""
 from __future__ import annotations
 
 import httpx

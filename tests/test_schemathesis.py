@@ -1,5 +1,5 @@
 """Schemathesis: requests generated from the OpenAPI schema, sent to a real API process (uvicorn + worker
-on a fresh PostgreSQL database and Redis: the `pg_service` fixture). DESIGN §3: a 5xx is a bug.
+on a fresh PostgreSQL database and Redis: the `pg_service` fixture). A 5xx is a bug (docs/ARCHITECTURE.md §1).
 
 Each operation gets valid and schema-violating requests (positive and negative generation, the coverage
 phase's boundary values, then fuzzing), bounded (MAX_EXAMPLES per operation and phase) and deterministic

@@ -1,1 +1,3 @@
-"""Pydantic models of the REST contract: the API <-> worker contract (DESIGN §3–§4)."""
+"""The contract, torch-free: the REST models, the job spec the API validates and the worker re-validates,
+job statuses, task names, the method catalogue and the architecture manifest (docs/ARCHITECTURE.md §1).
+Imports nothing from `worker`."""

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from ..contract.architectures import task_of
-from ..contract.catalog import CATALOG
+from ..contract.catalog import CATALOG, MethodInfo
 
 from ..config import Settings
 from ..db import repo
@@ -40,14 +40,7 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
                        {"errors": errors, "schema": info.params_schema()}) from None
-    if spec.task not in info.tasks:
-        raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
-                       f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
-    arch_task = task_of(spec.model.architecture)
-    if arch_task is not None and arch_task != spec.task:
-        raise ApiError("task_mismatch", f"model.architecture: {spec.model.architecture} is a {arch_task} "
-                       f"architecture, the job's task is {spec.task!r}",
-                       {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
+    check_task(spec, info)
     refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
     if spec.eval_data is not None:
         refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
@@ -61,6 +54,18 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
     return params
+
+
+def check_task(spec: JobSpec, info: MethodInfo) -> None:
+    """The job's task must be one the method supports and the one a built-in architecture declares."""
+    if spec.task not in info.tasks:
+        raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
+                       f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
+    arch_task = task_of(spec.model.architecture)
+    if arch_task is not None and arch_task != spec.task:
+        raise ApiError("task_mismatch", f"model.architecture: {spec.model.architecture} is a {arch_task} "
+                       f"architecture, the job's task is {spec.task!r}",
+                       {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
 
 
 def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_key: str | None

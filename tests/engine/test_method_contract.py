@@ -55,7 +55,7 @@ def drive(name: str, model: torch.nn.Module, x: torch.Tensor, seed: int = 0, pre
     for epoch in range(ctx.epochs):
         method.begin_epoch(epoch)
         for xb, idx in ctx.iterate_target():
-            outs.append(method.step(xb, idx))
+            outs.append(method.adapt(xb, idx))
     return method, outs
 
 
@@ -139,10 +139,11 @@ class RecordingHooks:
 
 
 def _request(name: str, run_files, tmp_path, epochs: int = 1) -> RunRequest:
-    return RunRequest(method=name, model_path=run_files / "model.safetensors", architecture="digit_cnn",
-                      arch_kwargs=CNN_KWARGS, num_classes=10, data_path=run_files / "target.npz",
-                      output_dir=tmp_path / name, preprocess=PRE, batch_size=BATCH, epochs=epochs,
-                      device="cpu", precision="fp32")
+    return RunRequest.for_files(run_files / "model.safetensors", run_files / "target.npz", tmp_path / name,
+                                method=name, model={"architecture": "digit_cnn", "arch_kwargs": CNN_KWARGS,
+                                                    "num_classes": 10},
+                                preprocess=vars(PRE), options={"batch_size": BATCH, "epochs": epochs,
+                                                               "device": "cpu", "precision": "fp32"})
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from app.contract.catalog import get_method_info
+from app.contract.catalog import CATALOG, get_method_info
 from worker.adaptation.data import Preprocess
 from worker.adaptation.data.images import read_npz
 from worker.adaptation.device import seed_everything
@@ -29,7 +29,7 @@ from worker.adaptation.runner import RunRequest, run
 from worker.adaptation.training import train_classifier
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SFDA_METHODS = ["shot", "shot_im", "nrc", "aad"]
+SFDA_METHODS = sorted(n for n, i in CATALOG.items() if i.kind == "sfda")
 ARCH_KWARGS = {"width": 8, "bottleneck": 64}
 PRE = Preprocess(size=None, channels=1, mean=[0.5], std=[0.5])
 TARGET_SIZE = 641
@@ -89,9 +89,10 @@ def shift(tmp_path_factory):
 
 def adapt(shift, method: str, tmp_path: Path, epochs: int = EPOCHS, **kw):
     model_path, target = shift
-    req = RunRequest(method=method, model_path=model_path, architecture="digit_cnn", arch_kwargs=ARCH_KWARGS,
-                     num_classes=10, data_path=target, eval_path=target, output_dir=tmp_path / method,
-                     preprocess=PRE, batch_size=BATCH, epochs=epochs, seed=0, device="cpu", **kw)
+    req = RunRequest.for_files(model_path, target, tmp_path / method, eval_path=target, method=method,
+                               model={"architecture": "digit_cnn", "arch_kwargs": ARCH_KWARGS, "num_classes": 10},
+                               preprocess=vars(PRE), options={"batch_size": BATCH, "epochs": epochs, "seed": 0,
+                                                              "device": "cpu"}, **kw)
     return run(req)
 
 
@@ -163,14 +164,14 @@ def test_snapshot_restore_round_trips_weights_and_method_state(shift, name):
     method.begin_epoch(0)
     batches = data.batches(BATCH, np.random.default_rng(0).permutation(len(data)))
     xb, idx = next(batches)
-    method.step(PRE(xb, torch.device("cpu")), idx)
+    method.adapt(PRE(xb, torch.device("cpu")), idx)
     state = method.snapshot()
     extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
     assert extra["iteration"] == 1
     lr = [g["lr"] for g in method.optimizer.param_groups]
 
     xb, idx = next(batches)
-    method.step(PRE(xb, torch.device("cpu")), idx)
+    method.adapt(PRE(xb, torch.device("cpu")), idx)
     method.restore(state)
     assert method.iteration == 1
     assert [g["lr"] for g in method.optimizer.param_groups] == lr
@@ -188,9 +189,9 @@ def test_bf16_autocast_step_and_batch_of_one(shift, name):
     method, data = make_method(shift, name, precision="bf16")
     method.begin_epoch(0)
     xb, idx = next(data.batches(16))
-    out = method.step(PRE(xb, torch.device("cpu")), idx)
+    out = method.adapt(PRE(xb, torch.device("cpu")), idx)
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
-    single = method.step(PRE(xb[:1], torch.device("cpu")), idx[:1])
+    single = method.adapt(PRE(xb[:1], torch.device("cpu")), idx[:1])
     assert single.logits.shape == (1, 10) and single.loss is None
     assert all(m.training for m in method.model.modules())  # back in train mode after the eval pass
 
@@ -207,7 +208,7 @@ def test_lr_follows_the_reference_schedule(shift):
     method, data = make_method(shift, "shot_im")
     lr0 = [g["lr"] for g in method.optimizer.param_groups]
     xb, idx = next(data.batches(BATCH))
-    method.step(PRE(xb, torch.device("cpu")), idx)
+    method.adapt(PRE(xb, torch.device("cpu")), idx)
     total = method.max_iterations
     assert total == 2 * int(np.ceil(TARGET_SIZE / BATCH))
     expected = [lr * (1 + 10 / total) ** -0.75 for lr in lr0]
@@ -237,7 +238,7 @@ def test_restore_to_the_state_before_the_first_epoch_keeps_working(shift, name):
     method.begin_epoch(0)
     xb, idx = next(data.batches(BATCH))
     x = PRE(xb, torch.device("cpu"))
-    method.step(x, idx)
+    method.adapt(x, idx)
     method.restore(before)
-    out = method.step(x, idx)
+    out = method.adapt(x, idx)
     assert torch.isfinite(out.loss)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.contract.catalog import get_method_info
+from app.contract.catalog import CATALOG, get_method_info
 from worker.adaptation.device import seed_everything
 from worker.adaptation.errors import AdaptationError
 from worker.adaptation.methods import _load_all  # noqa: F401
@@ -23,8 +23,9 @@ from worker.adaptation.runner import RunRequest, run
 
 from .conftest import PRE, VIT_KWARGS
 
-TTA = ["tent", "eata", "sar", "cotta", "rmt", "roid"]
-NORM_METHODS = ["tent", "eata", "sar", "roid"]
+# From the catalogue entries (what a method updates is declared there), never a hand list.
+TTA = sorted(n for n, i in CATALOG.items() if i.kind == "tta" and i.updates_weights)
+NORM_METHODS = sorted(n for n, i in CATALOG.items() if i.updates in ("norm_affine", "norm_affine_but_last"))
 
 
 def make(name: str, model, params: dict | None = None, batch_size: int = 16, seed: int = 0):
@@ -57,7 +58,7 @@ def test_tent_entropy_falls_on_shifted_data(cnn, digits):
     method = make("tent", cnn, {"lr": 1e-2})
     before = batch_stat_entropy(copy.deepcopy(cnn), digits.x_target)
     for xb, idx in batches(digits.x_target, passes=3):
-        method.step(xb, idx)
+        method.adapt(xb, idx)
     after = batch_stat_entropy(method.model, digits.x_target)
     assert after < 0.8 * before, (before, after)
 
@@ -68,7 +69,7 @@ def test_eata_uses_only_reliable_non_redundant_samples(cnn, digits):
     method = make("eata", cnn)
     used = reliable = 0.0
     for xb, idx in batches(digits.x_target):
-        logs = method.step(xb, idx).logs
+        logs = method.adapt(xb, idx).logs
         assert logs["used"] <= logs["reliable"] <= len(xb)
         used, reliable = used + float(logs["used"]), reliable + float(logs["reliable"])
     n = len(digits.x_target)
@@ -80,7 +81,7 @@ def test_eata_uses_only_reliable_non_redundant_samples(cnn, digits):
 def test_eata_redundancy_filter_is_the_d_margin(cnn, digits):
     method = make("eata", cnn, {"d_margin": 1.0})  # |cos| < 1: nothing is redundant
     for xb, idx in batches(digits.x_target):
-        logs = method.step(xb, idx).logs
+        logs = method.adapt(xb, idx).logs
         assert logs["used"] == logs["reliable"]
 
 
@@ -88,7 +89,7 @@ def test_eata_without_reliable_samples_leaves_weights_alone(cnn, digits):
     method = make("eata", cnn, {"e_margin": 1e-6})
     before = norm_state(method.model)
     for xb, idx in batches(digits.x_target[:48]):
-        out = method.step(xb, idx)
+        out = method.adapt(xb, idx)
         assert out.logs["used"] == 0 and out.loss == 0
     after = norm_state(method.model)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -103,7 +104,7 @@ def test_sar_resets_to_source_after_an_induced_collapse(cnn, digits):
     source = norm_state(method.model)
     resets = 0
     for xb, idx in batches(digits.x_target, passes=3):
-        out = method.step(xb, idx)
+        out = method.adapt(xb, idx)
         if out.logs["reset"] == 1:
             resets += 1
             now = norm_state(method.model)
@@ -119,7 +120,7 @@ def test_sar_skips_the_last_stage(cnn, vit, gn_net, digits):
         assert method.skipped == skipped
         before = {k: p.detach().clone() for k, p in method.model.named_parameters()}
         for xb, idx in batches(digits.x_target[:48]):
-            method.step(xb, idx)
+            method.adapt(xb, idx)
         changed = {k for k, p in method.model.named_parameters() if not torch.equal(before[k], p)}
         assert changed and changed == set(method.adapted_names)
         assert not any(k == s or k.startswith(s + ".") for k in changed for s in skipped)
@@ -135,7 +136,7 @@ def test_teacher_is_an_ema_of_the_student(name, cnn, digits):
     method = make(name, cnn, params)
     teacher0 = [p.detach().clone() for p in method.teacher.parameters()]
     xb, idx = next(batches(digits.x_target))
-    method.step(xb, idx)
+    method.adapt(xb, idx)
     for t0, t1, s1 in zip(teacher0, method.teacher.parameters(), method.model.parameters()):
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s1)
     assert method.export_model() is method.teacher
@@ -145,7 +146,7 @@ def test_teacher_is_an_ema_of_the_student(name, cnn, digits):
 def test_teacher_differs_from_student(name, cnn, digits):
     method = make(name, cnn)
     for xb, idx in batches(digits.x_target[:64]):
-        method.step(xb, idx)
+        method.adapt(xb, idx)
     diffs = [float((t - s).abs().max()) for t, s in zip(method.teacher.parameters(), method.model.parameters())
              for t, s in [(t.detach(), s.detach())]]
     assert max(diffs) > 0
@@ -159,13 +160,13 @@ def test_cotta_stochastic_restore_and_augmentation_switch(cnn, digits):
     xb, idx = next(batches(digits.x_target))
     method = make("cotta", cnn, {"restore_prob": 1.0, "ap": 1.0, "n_augmentations": 4})
     source = [p.detach().clone() for p in method.model.parameters()]
-    out = method.step(xb, idx)
+    out = method.adapt(xb, idx)
     assert out.logs["augmented"] == 1  # anchor confidence < 1: augmentation-averaged teacher
     assert all(torch.equal(s, p) for s, p in zip(source, method.model.parameters()))  # all restored
     method = make("cotta", cnn, {"ap": 0.0})
     with torch.no_grad():
         expected = method.teacher(xb)
-    out = method.step(xb, idx)
+    out = method.adapt(xb, idx)
     assert out.logs["augmented"] == 0
     torch.testing.assert_close(out.logits, expected)  # the prediction is the teacher's, before the update
 
@@ -174,11 +175,11 @@ def test_rmt_prototypes_are_frozen_after_the_first_batches(cnn, digits):
     method = make("rmt", cnn, {"prototype_batches": 2})
     it = batches(digits.x_target)
     for _ in range(2):
-        method.step(*next(it))
+        method.adapt(*next(it))
     frozen = (method.proto_sum.clone(), method.proto_weight.clone())
     assert frozen[1].sum() > 0
     for xb, idx in it:
-        method.step(xb, idx)
+        method.adapt(xb, idx)
     assert torch.equal(frozen[0], method.proto_sum) and torch.equal(frozen[1], method.proto_weight)
     assert method.report()["classes_with_prototype"] == int((frozen[1] > 0).sum())
 
@@ -193,7 +194,7 @@ def test_roid_weight_ensembling_pulls_towards_source(cnn, digits):
         for q in method.norm_params:
             q.add_(1.0)
     before = norm_state(method.model)
-    method.step(*next(batches(digits.x_target)))
+    method.adapt(*next(batches(digits.x_target)))
     after = norm_state(method.model)
     for k in source:
         torch.testing.assert_close(after[k], 0.99 * before[k] + 0.01 * source[k])
@@ -204,7 +205,7 @@ def test_roid_weight_ensembling_keeps_weights_near_source(cnn, digits):
         method = make("roid", cnn, {"lr": 0.05, "momentum_src": momentum_src})
         source = norm_state(method.model)
         for xb, idx in batches(digits.x_target, passes=4):
-            method.step(xb, idx)
+            method.adapt(xb, idx)
         now = norm_state(method.model)
         return math.sqrt(sum(float(((now[k] - source[k]) ** 2).sum()) for k in source))
 
@@ -233,14 +234,14 @@ def test_snapshot_restore_replays_a_step_exactly(name, cnn, digits):
     batch from a snapshot gives the same output and the same weights."""
     method = make(name, cnn)
     it = batches(digits.x_target)
-    method.step(*next(it))
+    method.adapt(*next(it))
     xb, idx = next(it)
     state = method.snapshot()
     results = []
     for _ in range(2):
         method.restore(state)
         seed_everything(7)
-        out = method.step(xb, idx)
+        out = method.adapt(xb, idx)
         results.append((out.logits.clone(), out.loss.clone(),
                         {k: v.clone() for k, v in method.export_model().state_dict().items()}))
     (l1, s1, w1), (l2, s2, w2) = results
@@ -257,7 +258,7 @@ def test_norm_methods_run_without_batchnorm(name, model_name, batch_size, reques
     method = make(name, model, params, batch_size=batch_size)
     before = norm_state(method.model)
     for xb, idx in batches(digits.x_target[:32], size=batch_size):
-        out = method.step(xb, idx)
+        out = method.adapt(xb, idx)
         assert out.logits.shape == (len(xb), 10) and torch.isfinite(out.logits).all()
     after = norm_state(method.model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -270,11 +271,11 @@ def test_batchnorm_at_batch_size_one_is_refused(name, cnn):
     assert exc.value.code == "batch_size_too_small"
 
 
-@pytest.mark.parametrize("name", ["bn_adapt", *TTA])
+@pytest.mark.parametrize("name", sorted(n for n, i in CATALOG.items() if i.kind == "tta"))
 def test_a_last_batch_of_one_image_is_predicted_not_adapted(name, cnn, digits):
     method = make(name, cnn)
-    method.step(digits.x_target[:16], torch.arange(16))
-    out = method.step(digits.x_target[16:17], torch.arange(16, 17))  # BatchNorm1d refuses one sample
+    method.adapt(digits.x_target[:16], torch.arange(16))
+    out = method.adapt(digits.x_target[16:17], torch.arange(16, 17))  # BatchNorm1d refuses one sample
     assert out.logits.shape == (1, 10) and out.loss is None
 
 
@@ -287,10 +288,11 @@ def test_collapse_guard_rolls_back_a_collapsing_tent(vit, digits, tmp_path):
              y=np.concatenate([digits.y_target.numpy()] * 3))
 
     def go(guard: bool):
-        return run(RunRequest(method="tent", model_path=tmp_path / "vit.safetensors", architecture="vit_small_digits",
-                              arch_kwargs=VIT_KWARGS, num_classes=10, data_path=tmp_path / "t.npz",
-                              output_dir=tmp_path / f"out{guard}", preprocess=PRE, batch_size=16, device="cpu",
-                              params={"optimizer": "sgd", "lr": 1.0, "collapse_guard": guard})).metrics
+        return run(RunRequest.for_files(
+            tmp_path / "vit.safetensors", tmp_path / "t.npz", tmp_path / f"out{guard}", method="tent",
+            model={"architecture": "vit_small_digits", "arch_kwargs": VIT_KWARGS, "num_classes": 10},
+            preprocess=vars(PRE), options={"batch_size": 16, "device": "cpu"},
+            params={"optimizer": "sgd", "lr": 1.0, "collapse_guard": guard})).metrics
 
     unguarded = go(False)
     threshold = min(0.25 * math.log(10), 0.5 * unguarded["target"]["before"]["predicted_class_entropy"])

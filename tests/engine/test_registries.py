@@ -8,10 +8,12 @@ import torch
 
 from app.contract.architectures import ARCHITECTURES as MANIFEST
 from app.contract.catalog import CATALOG
+from app.contract.tasks import TASKS
 from worker.adaptation.methods import _load_all  # noqa: F401  (registers every method)
 from worker.adaptation.methods.registry import METHODS
 from worker.adaptation.models import build_model
 from worker.adaptation.models.registry import ARCHITECTURES, _ensure_builtins_loaded
+from worker.adaptation.tasks import TASK_IMPLEMENTATIONS
 
 
 def test_every_catalogue_entry_is_implemented_and_nothing_else():
@@ -23,6 +25,12 @@ def test_every_catalogue_entry_is_implemented_and_nothing_else():
 def test_the_manifest_lists_exactly_the_torch_architectures():
     _ensure_builtins_loaded()
     assert set(MANIFEST) == set(ARCHITECTURES)
+
+
+def test_every_task_has_an_engine_module_and_every_declared_task_exists():
+    assert set(TASK_IMPLEMENTATIONS) == set(TASKS)
+    assert {t for info in CATALOG.values() for t in info.tasks} <= set(TASKS)
+    assert {a.task for a in MANIFEST.values()} <= set(TASKS)
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))

@@ -1,4 +1,5 @@
-"""Pure metric functions over probability tensors (N×C, float) and labels (N,). DESIGN §7."""
+"""Pure metric functions over probability tensors (N×C, float) and labels (N,): the classification
+task's metrics (`tasks/classification.py`; stable top-level keys in docs/ARCHITECTURE.md §4)."""
 from __future__ import annotations
 
 import math

@@ -1,19 +1,24 @@
-"""Spec -> adapted model + metrics. The one entry point of the engine: a plain Python call."""
+"""Spec -> adapted model + metrics. The one entry point of the engine: a plain Python call.
+
+The request carries the job's `JobSpec` (app/contract, the model the API validated, re-validated here)
+and where its inputs lie; every default comes from the contract. What depends on the task (prediction,
+input check, scoring, recalibration, collapse signal) goes through `tasks.get_task(spec.task)`."""
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import examples as E
-from . import metrics as M
-from app.contract.catalog import get_method_info
+from app.contract.catalog import CollapseGuard as GuardParams
+from app.contract.catalog import ProtocolParams, get_method_info
+from app.contract.jobs import JobSpec
+
 from .collapse import CollapseGuard
 from .data import ImageSet, Preprocess, open_image_set
 from .device import (peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision,
@@ -22,33 +27,34 @@ from .errors import AdaptationError, JobCancelled
 from .methods import get_method
 from .methods.base import MethodContext
 from .methods.norm import has_batch_norm
-from .models.export import recalibrate_batch_norm, save_safetensors
+from .models.export import save_safetensors
 from .models.loading import load_model
+from .tasks import TaskEngine, get_task
 
 FLUSH_EVERY = 10            # batches between host syncs (history, guard, progress)
 RECALIBRATION_BATCHES = 200  # at most this many target batches re-estimate BatchNorm statistics
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunRequest:
-    method: str
+    """A validated job spec and where its inputs lie on this machine."""
+
+    spec: JobSpec
     model_path: Path
-    architecture: str
-    num_classes: int
     data_path: Path
     output_dir: Path
-    params: dict = field(default_factory=dict)
-    arch_kwargs: dict = field(default_factory=dict)
-    model_format: str | None = None
-    data_format: str | None = None
     eval_path: Path | None = None
-    eval_format: str | None = None
-    preprocess: Preprocess = field(default_factory=Preprocess)
-    batch_size: int = 128
-    epochs: int = 1
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
+
+    @classmethod
+    def for_files(cls, model_path: Path, data_path: Path, output_dir: Path, eval_path: Path | None = None,
+                  **spec) -> "RunRequest":
+        """Local files instead of uploads (tests, benchmarks): `spec` holds JobSpec's fields, its
+        `model` without an upload id."""
+        refs = {"model": {**spec.pop("model"), "upload_id": "local"}, "data": {"upload_id": "local"}}
+        if eval_path is not None:
+            refs["eval_data"] = {"upload_id": "local-eval"}
+        return cls(JobSpec.model_validate({**spec, **refs}), Path(model_path), Path(data_path), Path(output_dir),
+                   Path(eval_path) if eval_path is not None else None)
 
 
 @dataclass
@@ -75,84 +81,89 @@ class NoHooks:
 
 def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     hooks = hooks or NoHooks()
-    info = get_method_info(req.method)
-    params = info.params_model.model_validate(req.params)
-    device = resolve_device(req.device)
-    precision = resolve_precision(req.precision, device)
-    seed_everything(req.seed)
+    spec, opts = req.spec, req.spec.options
+    num_classes = spec.model.num_classes
+    info = get_method_info(spec.method)
+    task = get_task(spec.task)
+    params = info.params_model.model_validate(spec.params)
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision, device)
+    seed_everything(opts.seed)
     reset_peak_memory(device)
 
     hooks.progress(0, 0, "loading")
-    model, load_report = load_model(req.architecture, req.num_classes, req.arch_kwargs, req.model_path,
-                                    req.model_format)
+    model, load_report = load_model(spec.model.architecture, num_classes, spec.model.arch_kwargs, req.model_path,
+                                    spec.model.format)
     channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
-    data = open_image_set(req.data_path, req.data_format, preprocess_size=req.preprocess.size)
-    eval_data = _open_eval(req, data)
-    prep = _Prep(req.preprocess, device, channels_last, hooks)
-    _check_input_shape(model, data, prep, req.num_classes)
+    pre = spec.preprocess
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size)
+    eval_data = _open_eval(req, data, task)
+    prep = _Prep(Preprocess(size=pre.size, channels=pre.channels, mean=pre.mean, std=pre.std), device,
+                 channels_last, hooks)
+    _check_input_shape(model, data, prep, num_classes, task)
 
-    ctx = MethodContext(num_classes=req.num_classes, device=device, batch_size=req.batch_size,
-                        epochs=req.epochs if info.kind == "sfda" else 1, dataset_size=len(data),
-                        seed=req.seed, precision=precision,
-                        iterate_target=lambda: prep.iterate(data, req.batch_size),
-                        input_mean=tuple(req.preprocess.mean), input_std=tuple(req.preprocess.std))
+    ctx = MethodContext(num_classes=num_classes, device=device, batch_size=opts.batch_size,
+                        epochs=opts.epochs if info.kind == "sfda" else 1, dataset_size=len(data),
+                        seed=opts.seed, precision=precision,
+                        iterate_target=lambda: prep.iterate(data, opts.batch_size),
+                        input_mean=tuple(pre.mean), input_std=tuple(pre.std))
 
     hooks.progress(0, 0, "evaluating_source")
-    source_target = predict(model, data, prep, req.batch_size, ctx)
-    source_eval = predict(model, eval_data, prep, req.batch_size, ctx) if eval_data is not None else None
-    source_summary = M.prediction_summary(source_target, req.num_classes)
+    source_target = predict(model, data, prep, opts.batch_size, ctx, task)
+    source_eval = predict(model, eval_data, prep, opts.batch_size, ctx, task) if eval_data is not None else None
+    source_summary = task.summary(source_target, num_classes)
 
-    method_cls = get_method(req.method)
+    method_cls = get_method(spec.method)
     # cuDNN autotuning pays off for fixed batch shapes; a method whose batches change size every step
     # (ROID's kept subset) would re-tune at every step, so it runs on cuDNN's heuristics instead.
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not method_cls.dynamic_shapes
     method = method_cls(model, params, ctx)
-    guard = CollapseGuard(req.num_classes, getattr(params, "collapse_entropy_ratio", 0.25),
-                          source_summary["predicted_class_entropy"],
-                          enabled=info.updates_weights and getattr(params, "collapse_guard", False))
-    loop = _adapt(method, data, prep, req, ctx, guard, hooks, info.kind)
+    # Only methods whose params take the collapse guard have one; the ratio's default is declared once,
+    # on those params (the threshold is reported either way).
+    guarded = isinstance(params, GuardParams)
+    ratio = params.collapse_entropy_ratio if guarded else GuardParams.model_fields["collapse_entropy_ratio"].default
+    guard = CollapseGuard(num_classes, ratio, task.collapse_score(source_summary),
+                          enabled=info.updates_weights and guarded and params.collapse_guard)
+    reset_each = params.reset_each if isinstance(params, ProtocolParams) else 0  # 0: never reset
+    loop = _adapt(method, data, prep, opts.batch_size, opts.seed, reset_each, ctx, guard, hooks, info.kind, task)
 
     hooks.progress(loop.done, loop.total, "recalibrating")
     method_report = method.report()
     adapted = method.export_model()
     recalibrated = 0
-    if req.method != "source" and has_batch_norm(adapted):
-        recalibrated = recalibrate_batch_norm(
-            adapted, (x for x, _ in _take(prep.iterate(data, req.batch_size), RECALIBRATION_BATCHES)), ctx.autocast)
+    if info.kind != "baseline" and has_batch_norm(adapted):  # `source` returns the model as uploaded
+        recalibrated = task.recalibrate(
+            adapted, (x for x, _ in _take(prep.iterate(data, opts.batch_size), RECALIBRATION_BATCHES)), ctx.autocast)
 
     hooks.progress(loop.done, loop.total, "evaluating")
-    after_target = predict(adapted, data, prep, req.batch_size, ctx)
-    after_summary = M.prediction_summary(after_target, req.num_classes)
-    if guard.enabled and after_summary["predicted_class_entropy"] < guard.threshold:
+    after_target = predict(adapted, data, prep, opts.batch_size, ctx, task)
+    after_summary = task.summary(after_target, num_classes)
+    if guard.enabled and task.collapse_score(after_summary) < guard.threshold:
         # The exported model itself collapsed: return the source weights and say so.
         method.reset()
         adapted = method.export_model()
         guard.events.append({"step": loop.done, "reason": "exported_model_collapsed",
-                             "window_entropy": after_summary["predicted_class_entropy"],
+                             "window_entropy": task.collapse_score(after_summary),
                              "threshold": guard.threshold, "action": "returned_source_weights"})
         after_target = source_target
         after_summary = source_summary
-    after_eval = predict(adapted, eval_data, prep, req.batch_size, ctx) if eval_data is not None else None
+    after_eval = predict(adapted, eval_data, prep, opts.batch_size, ctx, task) if eval_data is not None else None
 
     hooks.progress(loop.done, loop.total, "exporting")
     req.output_dir.mkdir(parents=True, exist_ok=True)
     model_path = req.output_dir / "model.safetensors"
     save_safetensors(adapted.to(memory_format=torch.contiguous_format), model_path,
-                     {"architecture": req.architecture, "num_classes": str(req.num_classes),
-                      "method": req.method})
+                     {"architecture": spec.model.architecture, "num_classes": str(num_classes),
+                      "method": spec.method})
 
     metrics = {
-        "entropy_before": source_summary["mean_entropy"],
-        "entropy_after": after_summary["mean_entropy"],
-        "predicted_class_entropy_after": after_summary["predicted_class_entropy"],
-        "agreement_with_source": M.agreement(after_target, source_target),
-        "estimated_accuracy_after": M.average_confidence(after_target),
+        **task.headline(source_target, after_target, source_summary, after_summary),
         "images_per_second": loop.images_per_second,
         "peak_memory_bytes": peak_memory_bytes(device),
         "collapse_detected": bool(guard.events),
-        "method": req.method,
+        "method": spec.method,
         "params": params.model_dump(),
         "num_images": len(data),
         "device": str(device),
@@ -167,21 +178,17 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         "method_report": method_report,
     }
     if eval_data is not None:
-        labels = torch.from_numpy(eval_data.labels)
-        before = M.labelled_summary(source_eval, labels, req.num_classes)
-        after = M.labelled_summary(after_eval, labels, req.num_classes)
+        before = task.evaluate(source_eval, eval_data.labels, num_classes)
+        after = task.evaluate(after_eval, eval_data.labels, num_classes)
         metrics.update(accuracy_before=before["accuracy"], accuracy_after=after["accuracy"],
                        eval={"num_images": len(eval_data), "before": before, "after": after,
                              "class_names": eval_data.class_names})
     if loop.online_predictions is not None and data.labels is not None:
         # Labels in `data` never reach the method; they only score the online predictions.
-        seen = len(loop.online_predictions)
-        metrics["online"] = {"accuracy": float((loop.online_predictions ==
-                                                 torch.from_numpy(data.labels[:seen])).float().mean()),
-                             "num_images": seen}
+        metrics["online"] = task.online(loop.online_predictions, data.labels)
     history = {"steps": loop.history, "collapse_events": guard.events}
     shown = (eval_data, source_eval, after_eval) if eval_data is not None else (data, source_target, after_target)
-    examples = E.pick(*shown, labelled=eval_data is not None)
+    examples = task.examples(*shown, labelled=eval_data is not None)
     return RunResult(metrics=metrics, history=history, model_path=model_path, examples=examples)
 
 
@@ -215,14 +222,15 @@ def _take(it, n: int):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: ImageSet, prep: _Prep, batch_size: int, ctx: MethodContext) -> torch.Tensor:
-    """Probabilities of `model` in eval mode over `data`, in stored order (float32, on the CPU)."""
+def predict(model: nn.Module, data: ImageSet, prep: _Prep, batch_size: int, ctx: MethodContext,
+            task: TaskEngine) -> torch.Tensor:
+    """The task's predictions of `model` in eval mode over `data`, in stored order (float32, on the CPU)."""
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     out = []
     for x, _ in prep.iterate(data, batch_size):
         with ctx.autocast():
-            out.append(model(x).float().softmax(1))
+            out.append(task.prediction(model(x)))
     for m, t in was_training.items():
         m.train(t)
     return torch.cat(out).cpu()
@@ -238,12 +246,11 @@ class _LoopResult:
     online_predictions: torch.Tensor | None
 
 
-def _adapt(method, data: ImageSet, prep: _Prep, req: RunRequest, ctx: MethodContext, guard: CollapseGuard,
-           hooks: Hooks, kind: str) -> _LoopResult:
-    n_batches = math.ceil(len(data) / req.batch_size)
+def _adapt(method, data: ImageSet, prep: _Prep, batch_size: int, seed: int, reset_each: int, ctx: MethodContext,
+           guard: CollapseGuard, hooks: Hooks, kind: str, task: TaskEngine) -> _LoopResult:
+    n_batches = math.ceil(len(data) / batch_size)
     total = n_batches * ctx.epochs
-    reset_each = getattr(method.params, "reset_each", 0)
-    rng = np.random.default_rng(req.seed)
+    rng = np.random.default_rng(seed)
     history: list[dict] = []
     pending: list[tuple[int, int, object]] = []
     online: list[torch.Tensor] = []
@@ -259,8 +266,7 @@ def _adapt(method, data: ImageSet, prep: _Prep, req: RunRequest, ctx: MethodCont
         losses = []
         first_new = len(history)
         for step, epoch, out in pending:
-            row = {"step": step, "epoch": epoch,
-                   "entropy": float(M.entropy(out.logits.softmax(1)).mean())}
+            row = {"step": step, "epoch": epoch, "entropy": float(task.step_entropy(out.logits))}
             if out.loss is not None:
                 row["loss"] = float(out.loss)
                 losses.append(row["loss"])
@@ -284,12 +290,12 @@ def _adapt(method, data: ImageSet, prep: _Prep, req: RunRequest, ctx: MethodCont
     for epoch in range(ctx.epochs):
         method.begin_epoch(epoch)
         order = rng.permutation(len(data)) if kind == "sfda" else None
-        for xb, idx in data.batches(req.batch_size, order):
+        for xb, idx in data.batches(batch_size, order):
             if hooks.should_cancel():
                 raise JobCancelled()
             x = prep(xb)
-            out = method.step(x, idx.to(ctx.device))
-            preds = out.logits.argmax(1)
+            out = method.adapt(x, idx.to(ctx.device))
+            preds = task.collapse_signal(out.logits)
             if guard.enabled:
                 guard.observe(preds)
             if epoch == ctx.epochs - 1 and kind != "sfda":
@@ -314,21 +320,20 @@ def _adapt(method, data: ImageSet, prep: _Prep, req: RunRequest, ctx: MethodCont
                        torch.cat(online).cpu() if online else None)
 
 
-def _open_eval(req: RunRequest, data: ImageSet) -> ImageSet | None:
+def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine) -> ImageSet | None:
     if req.eval_path is None:
         return None
-    eval_data = data if req.eval_path == req.data_path else open_image_set(req.eval_path, req.eval_format,
-                                                                              preprocess_size=req.preprocess.size)
+    spec = req.spec
+    eval_data = data if req.eval_path == req.data_path else open_image_set(
+        req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=spec.preprocess.size)
     if eval_data.labels is None:
         raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz, class folders "
                               "in archives)")
-    if eval_data.labels.min() < 0 or eval_data.labels.max() >= req.num_classes:
-        raise AdaptationError("label_out_of_range", f"eval_data labels must lie in 0..{req.num_classes - 1}",
-                              {"min": int(eval_data.labels.min()), "max": int(eval_data.labels.max())})
+    task.check_labels(eval_data.labels, spec.model.num_classes)
     return eval_data
 
 
-def _check_input_shape(model: nn.Module, data: ImageSet, prep: _Prep, num_classes: int) -> None:
+def _check_input_shape(model: nn.Module, data: ImageSet, prep: _Prep, num_classes: int, task: TaskEngine) -> None:
     """One forward pass on two images so a size/channel mismatch fails now, with a clear message."""
     xb, _ = next(iter(data.batches(2)))
     x = prep(xb)
@@ -343,5 +348,4 @@ def _check_input_shape(model: nn.Module, data: ImageSet, prep: _Prep, num_classe
                               {"input_shape": list(x.shape)}) from None
     finally:
         model.train(was)
-    if out.ndim != 2 or out.shape[1] != num_classes:
-        raise AdaptationError("num_classes_mismatch", f"the model outputs {list(out.shape)}, expected (N, {num_classes})")
+    task.check_output(out, num_classes)

@@ -19,7 +19,7 @@ class TentParams(CollapseGuardParams):
 
 
 # Reference hyper-parameters below: the authors' code and mariodoebler/test-time-adaptation (the
-# benchmark library the DESIGN §6/§8 anchors come from). CIFAR values are the defaults; the ImageNet
+# benchmark library the BENCHMARKS.md anchors come from). CIFAR values are the defaults; the ImageNet
 # values (ResNet-50, batch 64) are given in each description. That library's SGD uses Nesterov momentum
 # 0.9; Adam uses betas (0.9, 0.999), no weight decay.
 

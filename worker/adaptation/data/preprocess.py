@@ -1,7 +1,7 @@
 """Batched preprocessing on the device: uint8 NHWC -> float NCHW, resized, channel-matched, normalised."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Preprocess:
-    size: int | None = None          # square output size; None keeps the input size
-    channels: int = 3
-    mean: list[float] = field(default_factory=lambda: [0.0])
-    std: list[float] = field(default_factory=lambda: [1.0])
+    # The job's `preprocess` (app/contract/jobs.py PreprocessSpec declares the defaults).
+    size: int | None                 # square output size; None keeps the input size
+    channels: int
+    mean: list[float]
+    std: list[float]
 
     def __call__(self, batch: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
         x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AdaptationError
 from ..models.registry import classifier_of, forward_features
-from .base import Method, StepOutput
+from .base import Method
 
 BOTTLENECK_NAME = "bottleneck"  # built-in digit models: backbone -> bottleneck -> classifier
 
@@ -37,14 +37,12 @@ class SFDAMethod(Method):
     """Trains everything but the classifier in train mode (batch statistics, dropout on), as the
     reference scripts do; whole-target passes (pseudo-labels, banks) run in eval mode."""
 
-    # Extra attributes restored by `restore` (tensors are cloned by `snapshot`).
-    state_attrs: tuple[str, ...] = ()
+    state_attrs = ("iteration",)  # subclasses add theirs (pseudo-labels, memory banks)
 
     def __init__(self, model: nn.Module, params, ctx):
-        self.iteration = 0
-        self.skipped_batches = 0  # batches of one image: predicted, not trained on
-        for name in self.state_attrs:
+        for name in self.declared_state():
             setattr(self, name, None)
+        self.iteration = 0
         super().__init__(model, params, ctx)
 
     # --- hooks -----------------------------------------------------------------------------------
@@ -112,18 +110,10 @@ class SFDAMethod(Method):
             feats, logits = forward_features(self.model, x)
         return feats.float(), logits.float()
 
-    @torch.no_grad()
-    def predict_only(self, x: torch.Tensor) -> StepOutput:
-        """A batch too small for batch statistics (the last one, of size 1): predict in eval mode, no
-        update (the reference skips such batches)."""
-        self.skipped_batches += 1
-        self.model.eval()
-        try:
-            with self.ctx.autocast():
-                logits = self.model(x).float()
-        finally:
-            self.model.train()
-        return StepOutput(logits)
+    def too_small(self, x: torch.Tensor) -> bool:
+        """A batch of one image (the last one): predicted in eval mode, not trained on (the reference
+        skips such batches; its batch losses need two samples)."""
+        return x.shape[0] < 2
 
     @torch.no_grad()
     def target_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,20 +139,8 @@ class SFDAMethod(Method):
                 "final_lr": [g["lr"] for g in self.optimizer.param_groups]}
 
     # --- state ----------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        state = super().snapshot()
-        state["iteration"] = self.iteration
-        for name in self.state_attrs:
-            value = getattr(self, name)
-            state[name] = value.clone() if isinstance(value, torch.Tensor) else value
-        return state
-
     def restore(self, state: dict[str, Any]) -> None:
         super().restore(state)
-        self.iteration = state["iteration"]
-        for name in self.state_attrs:
-            value = state[name]
-            setattr(self, name, value.clone() if isinstance(value, torch.Tensor) else value)
         if self.optimizer is not None and self.params.lr_decay:
             # the lr the restored step counter implies (the optimizer state may predate it)
             decay = (1 + 10 * self.iteration / self.max_iterations) ** -0.75

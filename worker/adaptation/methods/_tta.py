@@ -1,6 +1,6 @@
-"""Shared by the test-time methods eata, sar, cotta, rmt and roid: optimizers with the reference
-library's settings, EMA teachers, masked means, the "last stage" of a network (SAR), and the
-prediction for a batch too small for batch statistics.
+"""Shared by the test-time methods: the base of the norm-affine methods (tent, eata, sar, roid),
+optimizers with the reference library's settings, EMA teachers, masked means and the "last stage" of a
+network (SAR).
 
 Not a method: `_load_all` skips modules whose name starts with an underscore."""
 from __future__ import annotations
@@ -11,8 +11,9 @@ import math
 import torch
 from torch import nn
 
-from .base import Method, StepOutput, make_optimizer
-from .norm import NORMS, has_batch_norm
+from ..errors import AdaptationError
+from .base import Method, make_optimizer
+from .norm import NORMS, freeze_all_but, norm_affine_params, use_batch_statistics
 
 
 def tta_optimizer(params: list[nn.Parameter], p) -> torch.optim.Optimizer:
@@ -51,25 +52,33 @@ def symmetric_cross_entropy(x: torch.Tensor, x_ema: torch.Tensor, alpha: float =
         - alpha * (x.softmax(1) * x_ema.log_softmax(1)).sum(1)
 
 
-def needs_eval_fallback(method: Method, x: torch.Tensor) -> bool:
-    """A batch of one image cannot be normalised with batch statistics (BatchNorm1d refuses it; the
-    last batch of a dataset can be that small even when batch_size ≥ 2)."""
-    return x.shape[0] < 2 and has_batch_norm(method.model)
+def collect_norm_params(method: Method, skip: tuple[str, ...] = ()) -> list[nn.Parameter]:
+    params = [p for _, p in norm_affine_params(method.model, skip)]
+    if not params:
+        raise AdaptationError("no_norm_layers", f"{method.name} updates norm-layer affine parameters, "
+                              "and the model has none (BatchNorm, LayerNorm or GroupNorm with affine=True)")
+    return params
 
 
-@torch.no_grad()
-def eval_prediction(method: Method, model: nn.Module, x: torch.Tensor) -> StepOutput:
-    """Predict without adapting, BatchNorm on its running statistics (which tracked the target while
-    adapting); train/eval modes are restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with method.ctx.autocast():
-            logits = model(x).float()
-    finally:
-        for m, t in modes.items():
-            m.train(t)
-    return StepOutput(logits)
+class NormAffineMethod(Method):
+    """Base of the methods that adapt the norm layers' affine parameters (tent, eata, sar, roid): every
+    layer in eval mode except BatchNorm, which normalises with the batch's statistics; everything but
+    `norm_params` frozen; the reference library's optimizer (Adam, or SGD with Nesterov momentum)."""
+
+    def configure(self) -> None:
+        use_batch_statistics(self.model)
+        self.norm_params = self.select_norm_params()
+        freeze_all_but(self.model, self.norm_params)
+
+    def select_norm_params(self) -> list[nn.Parameter]:
+        """Which affine parameters adapt: all of them (SAR leaves out the last stage's)."""
+        return collect_norm_params(self)
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        return self.norm_params
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return tta_optimizer(params, self.params)
 
 
 # --- SAR's "last stage" ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ alpha·(1 + 10·t/T)^-beta that decays over the run. Both prediction copies in t
 receive gradients, as the reference.
 
 The authors' VisDA script also trains the classifier (a second SGD optimizer at the base lr); here the
-classifier stays frozen, as in every SFDA method of this service (DESIGN §6), and only the feature
+classifier stays frozen, as in every SFDA method of this service (docs/ARCHITECTURE.md §4), and only the feature
 extractor adapts."""
 from __future__ import annotations
 
@@ -34,8 +34,6 @@ class AaD(NeighbourhoodMethod):
         return p.alpha * (1 + 10 * (self.iteration - 1) / self.max_iterations) ** -p.beta
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if x.shape[0] < 2:
-            return self.predict_only(x)
         p = self.params
         self.ensure_banks()
         self.advance_schedule()

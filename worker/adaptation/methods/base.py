@@ -1,6 +1,7 @@
-"""The method base class: named hooks (configure, trainable_params, begin_epoch, step, snapshot,
-restore, reset) and explicit typed params from the catalogue. The runner drives it; a method never
-sees HTTP, the database or Celery."""
+"""The method base class: named hooks (configure, trainable_params, build_optimizer, begin_epoch, step,
+report, export_model), typed params from the catalogue, state the method declares (`state_attrs`, carried
+by snapshot/restore), and the prediction for a batch too small to adapt on (`adapt`). The runner drives
+it; a method never sees HTTP, the database or Celery."""
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,10 @@ class Method:
     name: ClassVar[str]
     # Methods that normalise with batch statistics cannot run on BatchNorm models at batch size 1.
     uses_batch_statistics: ClassVar[bool] = True
-    # Whether the method needs norm layers with affine parameters (tent, eata, sar, roid...).
-    needs_norm_layers: ClassVar[bool] = False
+    # Attributes besides the model and the optimizer that snapshot/restore carry (reset_each, collapse
+    # guard), collected over the class hierarchy: tensors are cloned, modules' state dicts copied, other
+    # values (counters, None) kept as they are.
+    state_attrs: ClassVar[tuple[str, ...]] = ()
     # Whether some forward passes run on batches whose size changes from step to step (a filtered
     # subset): cuDNN autotuning is then turned off, or it would re-tune at every step.
     dynamic_shapes: ClassVar[bool] = False
@@ -84,6 +87,7 @@ class Method:
         self.model = model
         self.params = params
         self.ctx = ctx
+        self.skipped_batches = 0  # batches too small to adapt on: predicted, not trained on
         self.check_compatible()
         self.configure()
         trainable = self.trainable_params()
@@ -110,12 +114,38 @@ class Method:
         return []
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        p = self.params
-        return make_optimizer(params, getattr(p, "optimizer", "adam"), getattr(p, "lr", 1e-3),
-                              getattr(p, "momentum", 0.9), getattr(p, "weight_decay", 0.0))
+        raise NotImplementedError(f"{self.name} has trainable parameters and must build its optimizer")
 
     def begin_epoch(self, epoch: int) -> None:
         """Called before each pass over the target data (SFDA methods recompute pseudo-labels here)."""
+
+    def adapt(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        """What the runner calls for each batch: `step`, or, for a batch too small to adapt on, the
+        prediction of the exported model without an update (the one place of that fallback)."""
+        if self.too_small(x):
+            self.skipped_batches += 1
+            return self.predict_without_update(x)
+        return self.step(x, index)
+
+    def too_small(self, x: torch.Tensor) -> bool:
+        """A batch of one image cannot be normalised with batch statistics (BatchNorm1d refuses it; the
+        last batch of a dataset can be that small even when batch_size ≥ 2)."""
+        return self.uses_batch_statistics and x.shape[0] < 2 and has_batch_norm(self.model)
+
+    @torch.no_grad()
+    def predict_without_update(self, x: torch.Tensor) -> StepOutput:
+        """Predict with the exported model (the teacher of EMA-teacher methods) in eval mode, BatchNorm on
+        its running statistics (which tracked the target while adapting); modes are restored after."""
+        model = self.export_model()
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            with self.ctx.autocast():
+                logits = model(x).float()
+        finally:
+            for m, t in modes.items():
+                m.train(t)
+        return StepOutput(logits)
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         raise NotImplementedError
@@ -130,16 +160,39 @@ class Method:
         return self.model
 
     # --- state: used by reset_each and the collapse guard -----------------------------------------
+    @classmethod
+    def declared_state(cls) -> tuple[str, ...]:
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            names += [n for n in vars(klass).get("state_attrs", ()) if n not in names]
+        return tuple(names)
+
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+        state = {
+            "model": _copy_state(self.model),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
         }
+        for name in self.declared_state():
+            state[name] = _copy_state(getattr(self, name))
+        return state
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        for name in self.declared_state():
+            value = state[name]
+            current = getattr(self, name)
+            if isinstance(current, nn.Module):
+                current.load_state_dict(value)
+            else:
+                setattr(self, name, value.clone() if isinstance(value, torch.Tensor) else value)
 
     def reset(self) -> None:
         self.restore(self.source_state)
+
+
+def _copy_state(value: Any) -> Any:
+    if isinstance(value, nn.Module):
+        return {k: v.detach().clone() for k, v in value.state_dict().items()}
+    return value.clone() if isinstance(value, torch.Tensor) else value

@@ -8,7 +8,6 @@ import torch
 from app.contract.catalog.baselines import BNAdaptParams
 
 from ..errors import AdaptationError
-from ._tta import eval_prediction, needs_eval_fallback
 from .base import Method, StepOutput
 from .norm import has_batch_norm, use_batch_statistics
 from .registry import implements
@@ -27,7 +26,5 @@ class BNAdapt(Method):
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if needs_eval_fallback(self, x):  # e.g. a last batch of one image
-            return eval_prediction(self, self.model, x)
         with self.ctx.autocast():
             return StepOutput(self.model(x).float())

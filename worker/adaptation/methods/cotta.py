@@ -27,7 +27,7 @@ import torch
 
 from app.contract.catalog.tta import CoTTAParams
 
-from ._tta import eval_prediction, ema_update_, frozen_copy, needs_eval_fallback, tta_optimizer
+from ._tta import ema_update_, frozen_copy, tta_optimizer
 from .augment import COTTA_AUGMENT, BatchAugment
 from .base import Method, StepOutput
 from .norm import use_batch_statistics
@@ -38,6 +38,8 @@ AUG_FORWARD_IMAGES = 2048  # at most this many augmented images per teacher forw
 
 @implements(CoTTAParams)
 class CoTTA(Method):
+    state_attrs = ("teacher",)
+
     def configure(self) -> None:
         use_batch_statistics(self.model)
         for q in self.model.parameters():
@@ -81,8 +83,6 @@ class CoTTA(Method):
         return total / p.n_augmentations, torch.ones((), device=x.device)
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if needs_eval_fallback(self, x):
-            return eval_prediction(self, self.teacher, x)
         p = self.params
         with self.ctx.autocast():
             student = self.model(x)
@@ -110,12 +110,3 @@ class CoTTA(Method):
 
     def report(self) -> dict[str, Any]:
         return {"batches": self.batches, "augmentation_averaged_batches": int(self.augmented_batches.item())}
-
-    def snapshot(self) -> dict[str, Any]:
-        state = super().snapshot()
-        state["teacher"] = {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}
-        return state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        super().restore(state)
-        self.teacher.load_state_dict(state["teacher"])

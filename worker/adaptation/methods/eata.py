@@ -20,23 +20,19 @@ import torch.nn.functional as F
 
 from app.contract.catalog.tta import EATAParams
 
-from ._tta import eval_prediction, masked_mean, needs_eval_fallback, tta_optimizer
-from .base import Method, StepOutput, softmax_entropy
-from .norm import freeze_all_but, use_batch_statistics
+from ._tta import NormAffineMethod, masked_mean
+from .base import StepOutput, softmax_entropy
 from .registry import implements
-from .tent import collect_norm_params
 
 EMA_MOMENTUM = 0.9  # of the mean probability vector (reference: fixed 0.9)
 
 
 @implements(EATAParams)
-class EATA(Method):
-    needs_norm_layers = True
+class EATA(NormAffineMethod):
+    state_attrs = ("probs_ema", "probs_ema_valid")
 
     def configure(self) -> None:
-        use_batch_statistics(self.model)
-        self.norm_params = collect_norm_params(self)
-        freeze_all_but(self.model, self.norm_params)
+        super().configure()
         c = self.ctx.num_classes
         self.e0 = self.params.e_margin * math.log(c)
         dev = self.ctx.device
@@ -46,15 +42,7 @@ class EATA(Method):
         self.used_total = torch.zeros((), device=dev)
         self.seen_total = 0
 
-    def trainable_params(self) -> list[torch.nn.Parameter]:
-        return self.norm_params
-
-    def build_optimizer(self, params):
-        return tta_optimizer(params, self.params)
-
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if needs_eval_fallback(self, x):
-            return eval_prediction(self, self.model, x)
         with self.ctx.autocast():
             logits = self.model(x)
         logits = logits.float()
@@ -93,14 +81,3 @@ class EATA(Method):
         return {"images_seen": self.seen_total, "reliable_samples": int(self.reliable_total.item()),
                 "samples_used_for_updates": int(self.used_total.item()),
                 "e_margin_nats": self.e0, "d_margin": self.params.d_margin}
-
-    def snapshot(self) -> dict[str, Any]:
-        state = super().snapshot()
-        state["probs_ema"] = self.probs_ema.clone()
-        state["probs_ema_valid"] = self.probs_ema_valid.clone()
-        return state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        super().restore(state)
-        self.probs_ema = state["probs_ema"].clone()
-        self.probs_ema_valid = state["probs_ema_valid"].clone()

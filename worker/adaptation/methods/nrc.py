@@ -9,7 +9,7 @@ solution. The pull is a dot product with the (constant) stored scores: the refer
 kl_div(prob, score) differs from it only by a constant.
 
 The authors' VisDA script also trains the classifier (a second SGD optimizer at the base lr); here the
-classifier stays frozen, as in every SFDA method of this service (DESIGN §6), and only the feature
+classifier stays frozen, as in every SFDA method of this service (docs/ARCHITECTURE.md §4), and only the feature
 extractor adapts."""
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ class NRC(NeighbourhoodMethod):
         super().check_compatible()
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if x.shape[0] < 2:
-            return self.predict_only(x)
         p = self.params
         self.ensure_banks()
         self.advance_schedule()

@@ -31,7 +31,7 @@ from app.contract.catalog.tta import RMTParams
 
 from ..errors import AdaptationError
 from ..models.registry import classifier_of, forward_features
-from ._tta import eval_prediction, ema_update_, frozen_copy, needs_eval_fallback, tta_optimizer
+from ._tta import ema_update_, frozen_copy, tta_optimizer
 from .augment import COTTA_AUGMENT, BatchAugment
 from .base import Method, StepOutput
 from .norm import use_batch_statistics
@@ -64,6 +64,8 @@ def supcon_views(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @implements(RMTParams)
 class RMT(Method):
+    state_attrs = ("teacher", "projector", "proto_sum", "proto_weight", "proto_batches")
+
     def configure(self) -> None:
         use_batch_statistics(self.model)
         for q in self.model.parameters():
@@ -108,8 +110,6 @@ class RMT(Method):
         return self.proto_sum / self.proto_weight.clamp_min(1e-12).unsqueeze(1), self.proto_weight > 0
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if needs_eval_fallback(self, x):
-            return eval_prediction(self, self.teacher, x)
         p = self.params
         feats, logits = self._features(self.model, x)
         feats_aug, logits_aug = self._features(self.model, self.augment(x))
@@ -139,20 +139,3 @@ class RMT(Method):
     def report(self) -> dict[str, Any]:
         return {"prototype_batches": self.proto_batches,
                 "classes_with_prototype": int((self.proto_weight > 0).sum().item())}
-
-    def snapshot(self) -> dict[str, Any]:
-        state = super().snapshot()
-        state["teacher"] = {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}
-        state["projector"] = {k: v.detach().clone() for k, v in self.projector.state_dict().items()}
-        state["proto_sum"] = self.proto_sum.clone()
-        state["proto_weight"] = self.proto_weight.clone()
-        state["proto_batches"] = self.proto_batches
-        return state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        super().restore(state)
-        self.teacher.load_state_dict(state["teacher"])
-        self.projector.load_state_dict(state["projector"])
-        self.proto_sum = state["proto_sum"].clone()
-        self.proto_weight = state["proto_weight"].clone()
-        self.proto_batches = state["proto_batches"]

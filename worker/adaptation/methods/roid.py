@@ -31,13 +31,11 @@ import torch.nn.functional as F
 
 from app.contract.catalog.tta import ROIDParams
 
-from ._tta import (ema_update_, eval_prediction, needs_eval_fallback, symmetric_cross_entropy,
-                   tta_optimizer)
+from ._tta import NormAffineMethod, ema_update_, symmetric_cross_entropy
 from .augment import ROID_AUGMENT, BatchAugment
-from .base import Method, StepOutput, softmax_entropy
-from .norm import freeze_all_but, has_batch_norm, use_batch_statistics
+from .base import StepOutput, softmax_entropy
+from .norm import has_batch_norm
 from .registry import implements
-from .tent import collect_norm_params
 
 SLR_CLIP, SLR_EPS = 0.99, 1e-5
 
@@ -61,14 +59,12 @@ def prior_corrected(logits: torch.Tensor) -> torch.Tensor:
 
 
 @implements(ROIDParams)
-class ROID(Method):
+class ROID(NormAffineMethod):
     dynamic_shapes = True  # the consistency loss runs on the kept subset, whose size varies
-    needs_norm_layers = True
+    state_attrs = ("probs_ema",)
 
     def configure(self) -> None:
-        use_batch_statistics(self.model)
-        self.norm_params = collect_norm_params(self)
-        freeze_all_but(self.model, self.norm_params)
+        super().configure()
         self.source_params = [q.detach().clone() for q in self.norm_params]
         c = self.ctx.num_classes
         self.probs_ema = torch.full((c,), 1.0 / c, device=self.ctx.device)
@@ -80,15 +76,7 @@ class ROID(Method):
         # feature map): then the batch gets no consistency term
         self.min_kept = 2 if has_batch_norm(self.model) else 1
 
-    def trainable_params(self) -> list[torch.nn.Parameter]:
-        return self.norm_params
-
-    def build_optimizer(self, params):
-        return tta_optimizer(params, self.params)
-
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if needs_eval_fallback(self, x):
-            return eval_prediction(self, self.model, x)
         p = self.params
         n = x.shape[0]
         with self.ctx.autocast():
@@ -128,12 +116,3 @@ class ROID(Method):
 
     def report(self) -> dict[str, Any]:
         return {"images_seen": self.seen_total, "samples_kept": int(self.kept_total.item())}
-
-    def snapshot(self) -> dict[str, Any]:
-        state = super().snapshot()
-        state["probs_ema"] = self.probs_ema.clone()
-        return state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        super().restore(state)
-        self.probs_ema = state["probs_ema"].clone()

@@ -30,21 +30,19 @@ import torch
 from app.contract.catalog.tta import SARParams
 
 from ..errors import AdaptationError
-from ._tta import eval_prediction, last_stage_prefixes, masked_mean, needs_eval_fallback
-from .base import Method, StepOutput, softmax_entropy
-from .norm import freeze_all_but, norm_affine_params, use_batch_statistics
+from ._tta import NormAffineMethod, collect_norm_params, last_stage_prefixes, masked_mean
+from .base import StepOutput, softmax_entropy
+from .norm import norm_affine_params
 from .registry import implements
-from .tent import collect_norm_params
 
 EMA_MOMENTUM = 0.9
 
 
 @implements(SARParams)
-class SAR(Method):
-    needs_norm_layers = True
+class SAR(NormAffineMethod):
+    state_attrs = ("loss_ema", "loss_ema_valid")
 
-    def configure(self) -> None:
-        use_batch_statistics(self.model)
+    def select_norm_params(self) -> list[torch.nn.Parameter]:
         collect_norm_params(self)  # refuses models without norm layers
         skip = self.params.skip_modules
         self.skipped = list(last_stage_prefixes(self.model) if skip is None else skip)
@@ -56,17 +54,16 @@ class SAR(Method):
             self.skipped = []
             named = norm_affine_params(self.model)
         self.adapted_names = [n for n, _ in named]
-        self.norm_params = [q for _, q in named]
-        freeze_all_but(self.model, self.norm_params)
+        return [q for _, q in named]
+
+    def configure(self) -> None:
+        super().configure()
         self.source_params = [q.detach().clone() for q in self.norm_params]
         self.e0 = self.params.e_margin * math.log(self.ctx.num_classes)
         dev = self.ctx.device
         self.loss_ema = torch.zeros((), device=dev)
         self.loss_ema_valid = torch.zeros((), dtype=torch.bool, device=dev)
         self.resets = torch.zeros((), device=dev)
-
-    def trainable_params(self) -> list[torch.nn.Parameter]:
-        return self.norm_params
 
     def build_optimizer(self, params):
         return torch.optim.SGD(params, lr=self.params.lr, momentum=self.params.momentum)
@@ -78,8 +75,6 @@ class SAR(Method):
         return logits, softmax_entropy(logits)
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if needs_eval_fallback(self, x):
-            return eval_prediction(self, self.model, x)
         params = self.norm_params
         self.optimizer.zero_grad(set_to_none=True)
         logits, ent = self._entropy(x)
@@ -128,14 +123,3 @@ class SAR(Method):
     def report(self) -> dict[str, Any]:
         return {"resets": int(self.resets.item()), "skipped_modules": self.skipped,
                 "adapted_parameters": len(self.adapted_names), "e_margin_nats": self.e0}
-
-    def snapshot(self) -> dict[str, Any]:
-        state = super().snapshot()
-        state["loss_ema"] = self.loss_ema.clone()
-        state["loss_ema_valid"] = self.loss_ema_valid.clone()
-        return state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        super().restore(state)
-        self.loss_ema = state["loss_ema"].clone()
-        self.loss_ema_valid = state["loss_ema_valid"].clone()

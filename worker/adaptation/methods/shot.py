@@ -59,7 +59,7 @@ class Shot(SFDAMethod):
 
     @property
     def beta(self) -> float:
-        return getattr(self.params, "beta", 0.0)
+        return self.params.beta
 
     def begin_epoch(self, epoch: int) -> None:
         if self.beta > 0:
@@ -80,8 +80,6 @@ class Shot(SFDAMethod):
         return out
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        if x.shape[0] < 2:
-            return self.predict_only(x)
         p = self.params
         if self.beta > 0 and self.pseudo_labels is None:  # restored to a state from before epoch 0 began
             self.refresh_pseudo_labels()

@@ -9,4 +9,4 @@ from .shot import Shot
 
 @implements(ShotIMParams)
 class ShotIM(Shot):
-    """`ShotIMParams` has no `beta`: `Shot.beta` reads 0, so no pseudo-labels are computed."""
+    beta = 0.0  # `ShotIMParams` has no `beta`: no pseudo-labels are computed

@@ -1,0 +1,52 @@
+"""The task interface: the runner's task-specific parts, behind one small protocol."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class TaskEngine(Protocol):
+    name: str
+
+    def check_output(self, out: torch.Tensor, num_classes: int) -> None:
+        """Input check: raise AdaptationError when the model's output on a preprocessed batch is not
+        this task's output form."""
+
+    def check_labels(self, labels: np.ndarray, num_classes: int) -> None:
+        """Raise AdaptationError for eval labels this task cannot score."""
+
+    def prediction(self, out: torch.Tensor) -> torch.Tensor:
+        """A model's raw output on a batch -> the per-sample prediction kept for scoring (float32)."""
+
+    def collapse_signal(self, out: torch.Tensor) -> torch.Tensor:
+        """A step's output -> what the collapse guard watches and online accuracy scores (hard labels)."""
+
+    def step_entropy(self, out: torch.Tensor) -> torch.Tensor:
+        """A step's output -> the mean prediction entropy logged per step."""
+
+    def summary(self, predictions: torch.Tensor, num_classes: int) -> dict:
+        """Label-free summary of a model's predictions on a set (`metrics.target.before/after`)."""
+
+    def collapse_score(self, summary: dict) -> float:
+        """The number the collapse guard compares with its threshold, from a summary."""
+
+    def headline(self, source: torch.Tensor, after: torch.Tensor, before_summary: dict,
+                 after_summary: dict) -> dict:
+        """The label-free top-level metrics of a job."""
+
+    def evaluate(self, predictions: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict:
+        """Scores against labels (`metrics.eval.before/after`; its `accuracy` is the headline)."""
+
+    def online(self, signals: torch.Tensor, labels: np.ndarray) -> dict:
+        """Scores the online predictions (collapse signals of each step, in stored order) against the
+        labels the target data happens to carry."""
+
+    def examples(self, data, before: torch.Tensor, after: torch.Tensor, labelled: bool) -> dict:
+        """A few images of `data` with the predictions `before`/`after` adaptation, for people to look at
+        (the `examples.json` artifact, kept small)."""
+
+    def recalibrate(self, model: nn.Module, batches: Iterable[torch.Tensor], autocast: Callable) -> int:
+        """Re-estimate the exported model's normalisation statistics on the target; returns batches used."""
