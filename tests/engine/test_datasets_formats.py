@@ -145,11 +145,15 @@ def test_saved_dataset_zip(tmp_path):
     labels = [i % 3 for i in range(7)]
     path = B.hf_saved_dataset_zip(tmp_path / "ds.zip", B.hf_table(blobs, labels, CLASSES), shards=3)
     assert detect_format(path) == "hf_dataset"
-    s = opened(path)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    s = opened(path, spill_dir=str(spill))
+    assert len(list(spill.iterdir())) == 1  # the images' spill file; each expanded shard is gone
     assert len(s) == 7 and s.class_names == CLASSES
     np.testing.assert_array_equal(s.labels, labels)  # rows in shard order
     np.testing.assert_array_equal(read_all(s), pixels)
     s.close()
+    assert list(spill.iterdir()) == []
 
 
 def test_saved_dataset_zip_refusals(tmp_path):
@@ -167,7 +171,10 @@ def test_saved_dataset_zip_refusals(tmp_path):
     with zipfile.ZipFile(B.hf_saved_dataset_zip(tmp_path / "whole.zip", table)) as zf:
         shard = zf.read("my_dataset/data-00000-of-00001.arrow")
     cut = B.build_zip(tmp_path / "cut.zip", {"d/state.json": b"{}", "d/data-00000-of-00001.arrow": shard[:-200]})
-    err = refused("invalid_dataset", opened, cut)  # a stream cut short mid-batch
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    err = refused("invalid_dataset", opened, cut, spill_dir=str(spill))  # a stream cut short mid-batch
+    assert list(spill.iterdir()) == []  # neither the expanded shard nor the partial spill is left behind
     assert "cannot be read" in err.message or "not an Arrow stream" in err.message
     bomb = B.build_zip(tmp_path / "bomb.zip", {"d/state.json": b"{}",
                                               "d/data-00000-of-00001.arrow": b"\x00" * (8 << 20)})

@@ -18,7 +18,7 @@ from ...errors import AdaptationError
 from ..formats import ARROW_SUFFIX
 from .index import Entry, Spill, list_zip
 from .limits import Limits
-from .reader import read_member
+from .reader import copy_member
 
 LABEL_COLUMNS = ("label", "labels")               # integer label columns recognised without metadata
 ROWS_PER_BATCH = 256
@@ -47,8 +47,9 @@ def list_parquet(path: Path, limits: Limits, spill_dir: str | None
 
 def list_hf_dataset(path: Path, limits: Limits, spill_dir: str | None
                     ) -> tuple[list[Entry], Spill, list[str] | None, list[str]]:
-    """The zip is listed (and held to its limits) as an image archive is; its Arrow files are then read
-    one at a time, in name order (`data-00000-of-…` first), into memory within `max_entry_bytes`."""
+    """The zip is listed (and held to its limits) as an image archive is; its Arrow files are then
+    expanded one at a time, in name order (`data-00000-of-…` first), into a temporary file that is
+    memory-mapped, so memory holds the record batch being copied, not the shard."""
     import pyarrow as pa
 
     entries, _ = list_zip(path, limits)
@@ -61,20 +62,29 @@ def list_hf_dataset(path: Path, limits: Limits, spill_dir: str | None
         raise AdaptationError("invalid_dataset", f"the zip holds {len(splits)} splits of a DatasetDict; zip the "
                               "folder of the one split to adapt on", {"splits": splits})
 
-    with open(path, "rb") as f:
-        def streams():
-            for e in shards:
-                data = read_member(f, "zip", e.offset, e.csize, e.usize, e.method, e.crc, e.name, None)
-                try:
-                    yield pa.ipc.open_stream(data)
-                except (pa.ArrowException, ValueError) as exc:
-                    raise AdaptationError("invalid_dataset", f"{e.name} is not an Arrow stream file: {exc}",
-                                          {"entry": e.name}) from None
+    def streams():
+        for e in shards:
+            shard = Spill(spill_dir)
+            try:
+                with open(path, "rb") as src, open(shard.path, "wb") as out:
+                    copy_member(src, out, e)
+                with pa.memory_map(shard.path) as mapped:
+                    try:
+                        stream = pa.ipc.open_stream(mapped)
+                    except (pa.ArrowException, OSError) as exc:
+                        raise AdaptationError("invalid_dataset", f"{e.name} is not an Arrow stream file: {exc}",
+                                              {"entry": e.name}) from None
+                    yield stream
+            finally:
+                shard.remove()
 
-        shard_streams = streams()
+    shard_streams = streams()
+    try:
         first = next(shard_streams)
         return _spill_rows(chain.from_iterable(chain([first], shard_streams)), _columns(first.schema), limits,
                            spill_dir, source_bytes=path.stat().st_size)
+    finally:
+        shard_streams.close()
 
 
 class _Columns:
