@@ -1,13 +1,21 @@
 """Who is calling: API keys (stored as sha256) mapped to tenants, and the admin credential.
 
 Every upload, job and artifact belongs to a tenant; another tenant's ids answer 404, exactly as ids
-that do not exist (no existence oracle)."""
+that do not exist (no existence oracle).
+
+Keys travel in headers only (`Authorization: Bearer`, `X-API-Key`), never in URLs, which end up in
+access logs, proxies and browser history. The dashboard signs in once (POST /v1/session) and then
+holds a session cookie: HttpOnly, SameSite=Strict, ADAPTD_SESSION_TTL_S long, carrying the key's
+sha256 (not the key) and an expiry, signed with a secret derived from the admin key. Revoking the key
+ends its sessions; changing the admin key ends all of them."""
 from __future__ import annotations
 
 import hashlib
 import hmac
 import ipaddress
 import secrets
+import socket
+import time
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -20,6 +28,7 @@ from .db.session import session_scope
 from .errors import ApiError
 
 KEY_PREFIX = "adk_"
+SESSION_COOKIE = "adaptd_session"
 
 
 @dataclass(frozen=True)
@@ -41,32 +50,63 @@ def presented_key(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip() or None
-    # EventSource (the dashboard's live view) cannot set headers: a query parameter on GETs only.
-    key = request.headers.get("x-api-key") or (request.query_params.get("api_key") if request.method == "GET" else None)
-    return key or None
+    return request.headers.get("x-api-key") or None
 
 
-def _is_admin_key(settings: Settings, key: str) -> bool:
+def _is_admin_hash(settings: Settings, key_hash: str) -> bool:
     return settings.admin_key is not None and hmac.compare_digest(
-        hash_key(key), hash_key(settings.admin_key.get_secret_value()))
+        key_hash, hash_key(settings.admin_key.get_secret_value()))
 
 
-def resolve(settings: Settings, key: str | None) -> Principal:
-    if key is None:
-        if settings.auth == "open":
-            return Principal(DEFAULT_TENANT)
-        raise ApiError("missing_api_key", "this server requires an API key: send `Authorization: Bearer <key>`")
-    if _is_admin_key(settings, key):
+def _principal_for_hash(settings: Settings, key_hash: str) -> Principal:
+    if _is_admin_hash(settings, key_hash):
         return Principal(DEFAULT_TENANT, is_admin=True)
     with session_scope(settings.resolved_database_url) as s:
-        row = repo.get_api_key_by_hash(s, hash_key(key))
+        row = repo.get_api_key_by_hash(s, key_hash)
     if row is None or row.revoked_at is not None:
         raise ApiError("invalid_api_key", "the API key is unknown or revoked")
     return Principal(row.tenant_id, is_admin=row.is_admin, key_id=row.id)
 
 
+def resolve(settings: Settings, key: str | None, session: str | None = None) -> Principal:
+    if key is not None:
+        return _principal_for_hash(settings, hash_key(key))
+    if session is not None and settings.auth == "keys":
+        key_hash = _session_key_hash(settings, session)
+        if key_hash is not None:
+            return _principal_for_hash(settings, key_hash)
+    if settings.auth == "open":
+        return Principal(DEFAULT_TENANT)
+    raise ApiError("missing_api_key", "this server requires an API key: send `Authorization: Bearer <key>` "
+                   "(the dashboard signs in with a form)")
+
+
 async def principal_of(request: Request, settings: Settings) -> Principal:
-    return await run_in_threadpool(resolve, settings, presented_key(request))
+    return await run_in_threadpool(resolve, settings, presented_key(request), request.cookies.get(SESSION_COOKIE))
+
+
+# --- dashboard sessions ------------------------------------------------------------------------------
+
+def _session_mac(settings: Settings, payload: str) -> str:
+    secret = hashlib.sha256(b"adaptd-session\0" + settings.admin_key.get_secret_value().encode()).digest()
+    return hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
+
+
+def session_token(settings: Settings, key: str) -> str:
+    """A signed session value for `key` (checked first with resolve): expiry and the key's sha256."""
+    payload = f"{int(time.time()) + settings.session_ttl_s}.{hash_key(key)}"
+    return f"{payload}.{_session_mac(settings, payload)}"
+
+
+def _session_key_hash(settings: Settings, token: str) -> str | None:
+    """The key hash a valid, unexpired session carries; None otherwise."""
+    try:
+        expires, key_hash, mac = token.split(".")
+        fresh = int(expires) > time.time()
+    except ValueError:
+        return None
+    ok = settings.admin_key is not None and hmac.compare_digest(mac, _session_mac(settings, f"{expires}.{key_hash}"))
+    return key_hash if ok and fresh else None
 
 
 def require_admin(principal: Principal) -> None:
@@ -75,12 +115,20 @@ def require_admin(principal: Principal) -> None:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return True
+    """An explicit loopback address (127.0.0.0/8, ::1), or `localhost` when every address it resolves
+    to is one. "" (all interfaces to uvicorn), 0.0.0.0 and [::] are not."""
+    host = host.strip("[]")
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        pass
+    if host.lower() != "localhost":
         return False
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addrs)
 
 
 def check_bind_allowed(settings: Settings, host: str) -> None:

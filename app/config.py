@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     chunk_bytes: int = 1024 * 1024    # blob chunk size in the database, and the streaming unit
     job_time_limit_s: int = 24 * 3600
     heartbeat_interval_s: float = 2.0
-    worker_memory_limit_bytes: int | None = None  # address-space cap per worker pool process
+    worker_memory_limit_bytes: int | None = Field(None, ge=0, description="data-segment cap (RLIMIT_DATA) "
+                                                  "per worker pool process; unset: half the host's memory; 0: off")
     artifact_dir: Path | None = None  # worker scratch space; default: system temp
     max_attempts: int = Field(3, ge=1, le=100, description="a job whose worker is lost this many times fails "
                               "with worker_lost instead of looping forever")
@@ -50,6 +51,20 @@ class Settings(BaseSettings):
     webhook_attempts: int = Field(4, ge=1, le=10)
     webhook_timeout_s: float = Field(5.0, gt=0, le=60)
     webhook_backoff_s: float = Field(1.0, ge=0, le=60, description="first retry delay; doubles each time")
+
+    # --- bounds on what a tenant sends (issue 13) ----------------------------------------------
+    max_request_bytes: int = Field(64 * 1024, ge=1024, description="JSON request bodies (job specs, admin "
+                                   "calls); uploads have their own limit")
+    max_json_depth: int = Field(32, ge=4, le=1000)
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="per image in a dataset archive "
+                                  "(Pillow's own default is 89 M)")
+    max_preprocess_size: int = Field(512, ge=4, le=4096, description="largest preprocess.size a job may ask for")
+    # notify_url targets in private/loopback/link-local space are refused unless listed here
+    # (comma-separated CIDRs or host names), e.g. "10.1.2.0/24,hooks.internal".
+    webhook_allowed_hosts: str = ""
+    metrics_token: SecretStr | None = Field(None, description="bearer token for GET /metrics in keys mode "
+                                            "(the admin key works too)")
+    session_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="dashboard sign-in cookie lifetime")
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
@@ -78,6 +93,14 @@ class Settings(BaseSettings):
     @property
     def resolved_stale_after_s(self) -> float:
         return self.stale_after_s or max(10.0, 5 * self.heartbeat_interval_s)
+
+    @property
+    def resolved_worker_memory_limit_bytes(self) -> int | None:
+        if self.worker_memory_limit_bytes is not None:
+            return self.worker_memory_limit_bytes or None
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +24,7 @@ STATUS = {
     "unknown_upload": 422,
     "unknown_method": 422,
     "invalid_params": 422,
+    "notify_url_not_allowed": 422,
     "task_mismatch": 422,
     "payload_too_large": 413,
     "storage_quota_exceeded": 413,
@@ -56,8 +58,10 @@ class ApiError(Exception):
         return STATUS[self.code]
 
 
-def error_body(code: str, message: str, detail: dict | None = None) -> dict:
-    return {"error": {"code": code, "message": message, "detail": detail or {}}}
+def error_body(code: str, message: str, detail: dict | None = None, correlation_id: str | None = None) -> dict:
+    """`correlation_id` ties what the client sees to the server's log line (a new one when not given)."""
+    return {"error": {"code": code, "message": message, "detail": detail or {},
+                      "correlation_id": correlation_id or uuid.uuid4().hex}}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -99,5 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(error_body("internal", "internal error; see the server log"), status_code=500)
+        cid = uuid.uuid4().hex
+        log.exception("unhandled error (correlation_id=%s)", cid)
+        return JSONResponse(error_body("internal", f"internal error; the operator finds the details in the "
+                                       f"server log under correlation id {cid}", correlation_id=cid),
+                            status_code=500)

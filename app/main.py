@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from .api import admin, dashboard, docs, events, health, jobs, methods, observability, uploads
+from .api import admin, dashboard, docs, events, health, jobs, methods, observability, session, uploads
+from .bodylimit import BodyLimit
 from .errors import install_error_handlers
 
 
@@ -12,6 +13,7 @@ def create_app() -> FastAPI:
                   description="Test-time adaptation and source-free domain adaptation as a service.",
                   docs_url=None, redoc_url=None)  # app/api/docs.py serves both without a CDN
     install_error_handlers(app)
-    for module in (uploads, jobs, events, methods, admin, health, observability, dashboard, docs):
+    app.add_middleware(BodyLimit)
+    for module in (uploads, jobs, events, methods, admin, session, health, observability, dashboard, docs):
         app.include_router(module.router)
     return app

@@ -40,6 +40,7 @@ def make_celery(settings: Settings) -> Celery:
         task_soft_time_limit=settings.job_time_limit_s,
         task_time_limit=settings.job_time_limit_s + 120,
         worker_hijack_root_logger=False,
+        worker_proc_alive_timeout=120,      # a pool process imports torch before it reports ready (4 s default)
         worker_send_task_events=False,
     )
     return app

@@ -2,23 +2,12 @@
 small real assets (a digit CNN trained on sklearn's digits, a shifted target set)."""
 from __future__ import annotations
 
-import os
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.services import REDIS_URL, REPO, Service, base_env, create_pg_database, drop_pg_database
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """The shared digit data (../shared/data next to the repository), or ADAPTD_DATA_DIR."""
-    path = Path(os.environ.get("ADAPTD_DATA_DIR", REPO.parent / "shared" / "data"))
-    if not (path / "mnist_train5k.npz").exists():
-        pytest.fail(f"digit data not found in {path}: set ADAPTD_DATA_DIR")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +48,8 @@ def pg_service(tmp_path_factory):
     env = base_env(ADAPTD_DATABASE_URL=url, ADAPTD_BROKER_URL=REDIS_URL,
                    ADAPTD_QUEUE=f"adaptd-test-{uuid.uuid4().hex[:8]}", ADAPTD_HOME=str(log_dir / "home"),
                    ADAPTD_MAX_UPLOAD_BYTES=str(1024**3),
-                   ADAPTD_WEBHOOK_SECRET="adaptd-test-webhook-secret")  # tests/test_webhook.py checks signatures
+                   ADAPTD_WEBHOOK_SECRET="adaptd-test-webhook-secret",  # tests/test_webhook.py checks signatures
+                   ADAPTD_WEBHOOK_ALLOWED_HOSTS="127.0.0.1/32")  # ... with a loopback receiver
     subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True)
     service = Service(env=env, log_dir=log_dir)
     service.start_api()

@@ -52,6 +52,7 @@ class Service:
     api_port: int = field(default_factory=free_port)
     api: subprocess.Popen | None = None
     workers: list[subprocess.Popen] = field(default_factory=list)
+    log_level: str = "warning"  # "info" writes uvicorn's access log (tests/security reads it)
 
     @property
     def url(self) -> str:
@@ -63,7 +64,7 @@ class Service:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_api(self) -> None:
-        self.api = self._spawn(["api", "--port", str(self.api_port), "--log-level", "warning"], "api")
+        self.api = self._spawn(["api", "--port", str(self.api_port), "--log-level", self.log_level], "api")
         self.wait_ready()
 
     def start_worker(self) -> subprocess.Popen:
@@ -73,7 +74,7 @@ class Service:
 
     def start_embedded(self) -> None:
         """`adaptd up`: API + worker in one command."""
-        self.api = self._spawn(["up", "--port", str(self.api_port), "--log-level", "warning"], "up")
+        self.api = self._spawn(["up", "--port", str(self.api_port), "--log-level", self.log_level], "up")
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 120) -> None:

@@ -35,7 +35,7 @@ with TestClient(create_app()) as c:
     spec = {"method": "tent", "model": {**ref, "architecture": "digit_cnn", "num_classes": 10}, "data": ref}
     unknown = c.post("/v1/jobs", json={**spec, "method": "magic"})
     bad_params = c.post("/v1/jobs", json={**spec, "params": {"lr": -1}})
-    bad_task = c.post("/v1/jobs", json={**spec, "task": "segmentation"})
+    bad_task = c.post("/v1/jobs", json={**spec, "task": "teleportation"})
     missing_upload = c.post("/v1/jobs", json=spec)
 print(json.dumps({
     "methods": methods.status_code, "names": [m["name"] for m in methods.json()["methods"]],

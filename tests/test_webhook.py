@@ -16,6 +16,8 @@ from app.client import ApiError, Client
 from worker.notify import SIGNATURE_HEADER, deliver, sign, verify
 from tests.services import free_port
 
+LOOPBACK = "127.0.0.1/32"  # webhooks to loopback are refused unless allowed (app/netguard.py)
+
 
 class Receiver:
     """A loopback HTTP server that records POSTs and answers with the next planned status."""
@@ -72,7 +74,8 @@ def test_deliver_retries_with_backoff_then_succeeds(receiver):
     receiver.statuses = [503, 500]
     sleeps: list[float] = []
     body = b'{"hello": "world"}'
-    assert deliver(receiver.url, body, "s3cret", attempts=4, backoff_s=0.5, sleep=sleeps.append) is True
+    assert deliver(receiver.url, body, "s3cret", attempts=4, backoff_s=0.5, sleep=sleeps.append,
+                   allowed=LOOPBACK) is True
     assert len(receiver.requests) == 3 and sleeps == [0.5, 1.0]  # exponential backoff
     for req in receiver.requests:
         assert req["body"] == body and verify("s3cret", req["body"], req["headers"][SIGNATURE_HEADER])
@@ -83,16 +86,16 @@ def test_deliver_retries_with_backoff_then_succeeds(receiver):
 def test_deliver_gives_up_without_raising(receiver):
     receiver.statuses = [500] * 10
     t0 = time.monotonic()
-    assert deliver(receiver.url, b"{}", None, attempts=3, backoff_s=0.01) is False
+    assert deliver(receiver.url, b"{}", None, attempts=3, backoff_s=0.01, allowed=LOOPBACK) is False
     assert len(receiver.requests) == 3 and time.monotonic() - t0 < 5
     assert SIGNATURE_HEADER not in receiver.requests[0]["headers"]  # no secret: unsigned
     receiver.requests.clear()
     receiver.statuses = [404]
-    assert deliver(receiver.url, b"{}", "k", attempts=3, backoff_s=0.01) is False
+    assert deliver(receiver.url, b"{}", "k", attempts=3, backoff_s=0.01, allowed=LOOPBACK) is False
     assert len(receiver.requests) == 1  # a 4xx is the receiver's answer, not a transient failure
     t0 = time.monotonic()
     assert deliver(f"http://127.0.0.1:{free_port()}/", b"{}", "k", attempts=2, backoff_s=0.01,
-                   timeout_s=1) is False  # nobody listens
+                   timeout_s=1, allowed=LOOPBACK) is False  # nobody listens
     assert time.monotonic() - t0 < 5
 
 

@@ -5,6 +5,9 @@ POSTs the job's final state (the JSON of `GET /v1/jobs/{id}`) to that URL.
   (no header when the secret is unset). Receivers compare with `hmac.compare_digest`.
 - At most once per job: the delivery is claimed in the database (`jobs.notified_at`) before it is sent,
   so a redelivered task message or a second worker never sends it twice.
+- Only to public addresses (app/netguard.py; ADAPTD_WEBHOOK_ALLOWED_HOSTS for internal hooks): the
+  host is resolved once per delivery and every attempt connects to that checked address (the name goes
+  in `Host` and TLS SNI), never to a fresh lookup; redirects are not followed.
 - Retried with exponential backoff on connection errors, timeouts, 408, 425, 429 and 5xx
   (`ADAPTD_WEBHOOK_ATTEMPTS`, `ADAPTD_WEBHOOK_BACKOFF_S` doubling, `ADAPTD_WEBHOOK_TIMEOUT_S` per try),
   in a background thread of the worker process, so the next job starts at once; a failure is logged
@@ -18,6 +21,7 @@ import logging
 import threading
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
@@ -25,6 +29,7 @@ import httpx
 from app.config import Settings
 from app.db import repo
 from app.db.session import session_scope
+from app.netguard import NotAllowed, check_url
 
 log = logging.getLogger("adaptd.notify")
 
@@ -42,18 +47,33 @@ def verify(secret: str, body: bytes, header: str | None) -> bool:
     return bool(header) and hmac.compare_digest(sign(secret, body), header)
 
 
+def _pinned(url: str, addr) -> tuple[str, dict, dict]:
+    """(URL naming the checked address, Host header, httpx extensions with the TLS server name)."""
+    parts = urlsplit(url)
+    ip = f"[{addr}]" if addr.version == 6 else str(addr)
+    netloc = ip if parts.port is None else f"{ip}:{parts.port}"
+    return (urlunsplit(parts._replace(netloc=netloc)), {"Host": parts.netloc.rsplit("@", 1)[-1]},
+            {"sni_hostname": parts.hostname} if parts.scheme == "https" else {})
+
+
 def deliver(url: str, body: bytes, secret: str | None, *, attempts: int = 4, timeout_s: float = 5.0,
-            backoff_s: float = 1.0, headers: dict | None = None, sleep=time.sleep) -> bool:
+            backoff_s: float = 1.0, headers: dict | None = None, sleep=time.sleep, allowed: str = "") -> bool:
     """POST `body` to `url`, retrying transient failures with exponential backoff. Returns whether a
-    2xx answer came back. Never raises."""
+    2xx answer came back. Never raises. `allowed`: ADAPTD_WEBHOOK_ALLOWED_HOSTS."""
+    try:
+        target, host, extensions = _pinned(url, check_url(url, allowed)[0])
+    except NotAllowed as exc:
+        log.warning("webhook %s refused: %s", url, exc)
+        return False
     hdrs = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-            "X-Adaptd-Delivery": str(uuid.uuid4()), **(headers or {})}
+            "X-Adaptd-Delivery": str(uuid.uuid4()), **host, **(headers or {})}
     if secret:
         hdrs[SIGNATURE_HEADER] = sign(secret, body)
     delay = backoff_s
     for attempt in range(1, attempts + 1):
         try:
-            r = httpx.post(url, content=body, headers=hdrs, timeout=timeout_s, follow_redirects=False)
+            with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as http:
+                r = http.post(target, content=body, headers=hdrs, extensions=extensions)
             if 200 <= r.status_code < 300:
                 log.info("webhook %s delivered (attempt %d, HTTP %d)", url, attempt, r.status_code)
                 return True
@@ -110,7 +130,7 @@ def notify_if_finished(settings: Settings, job_id: str, wait: bool = False) -> F
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
     args = (url, body, secret)
     kwargs = dict(attempts=settings.webhook_attempts, timeout_s=settings.webhook_timeout_s,
-                  backoff_s=settings.webhook_backoff_s,
+                  backoff_s=settings.webhook_backoff_s, allowed=settings.webhook_allowed_hosts,
                   headers={"X-Adaptd-Event": f"job.{status}", "X-Adaptd-Job-Id": job_id})
     if wait:
         return deliver(*args, **kwargs)

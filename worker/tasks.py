@@ -6,6 +6,7 @@ finished job does nothing."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import logging
@@ -14,7 +15,6 @@ import socket
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -25,8 +25,9 @@ from app.db import repo
 from app.db.models import Artifact
 from app.db.session import session_scope
 from app.queue import RUN_JOB_TASK
+from app.storage import BlobWriter, copy_blob_to_file
+
 from .notify import notify_if_finished
-from app.storage import copy_blob_to_file, store_file
 
 from .celery_app import celery_app
 
@@ -100,8 +101,9 @@ def run_job(self, job_id: str) -> str:
     settings = get_settings()
     url = settings.resolved_database_url
     me = worker_name()
+    started = time.monotonic()  # Celery's soft time limit counts from about here
     try:
-        return _claim_and_run(self, job_id, settings, url, me)
+        return _claim_and_run(self, job_id, settings, url, me, started)
     except OperationalError as exc:
         # Database down before the job started: try again shortly (the message is not lost).
         log.warning("database unavailable for job %s: %s", job_id, str(exc).splitlines()[0][:200])
@@ -110,7 +112,7 @@ def run_job(self, job_id: str) -> str:
         notify_if_finished(settings, job_id)  # notify_url webhook: only for terminal jobs, at most once
 
 
-def _claim_and_run(self, job_id: str, settings, url: str, me: str) -> str:
+def _claim_and_run(self, job_id: str, settings, url: str, me: str, started: float) -> str:
     stale_after = settings.resolved_stale_after_s
     with session_scope(url) as s:
         job = repo.get_job(s, job_id)
@@ -137,50 +139,80 @@ def _claim_and_run(self, job_id: str, settings, url: str, me: str) -> str:
     heartbeat = Heartbeat(url, job_id, me, settings.heartbeat_interval_s)
     heartbeat.start()
     try:
-        return _execute(url, settings, job_id, spec, me, heartbeat)
+        return _execute(url, settings, job_id, spec, me, heartbeat, started)
     finally:
         heartbeat.stop()
 
 
-def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: Heartbeat) -> str:
-    # torch is imported here, in the child that runs the job, never in the prefork parent.
-    from worker.adaptation.errors import AdaptationError, JobCancelled
-    from worker.adaptation.runner import run
-
-    from .spec import build_run_request
+def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: Heartbeat, started: float) -> str:
+    from worker.adaptation.errors import JobCancelled  # torch-free
 
     with tempfile.TemporaryDirectory(prefix=f"adaptd-{job_id[:8]}-", dir=settings.artifact_dir) as tmp:
         tmpdir = Path(tmp)
         try:
+            # torch is imported in the child that runs jobs (worker/celery_app.py does it when the child
+            # starts), never in the prefork parent; inside the try, so a time limit here is classified.
+            from worker.adaptation.runner import run
+
+            from .spec import build_run_request
+
             request = build_run_request(spec, tmpdir, lambda upload_id, dest: _fetch(url, upload_id, dest))
+            request = dataclasses.replace(request, data_options={"max_pixels": settings.max_image_pixels})
             result = run(request, heartbeat)
-            artifacts = _with_db_retry(lambda: _store_artifacts(url, settings, job_id, tmpdir, result))
-            ok = _with_db_retry(lambda: _finish(url, job_id, me, "succeeded", metrics=result.metrics,
-                                                artifacts=artifacts))
+            ok = _store_and_finish(url, settings, job_id, me, tmpdir, result)
             return "succeeded" if ok else "lost_claim"
         except JobCancelled:
             if heartbeat.lost.is_set():
                 log.warning("job %s was taken over by another worker; stopping this copy", job_id)
                 return "lost_claim"
             outcome, error = "cancelled", ("cancelled", "cancelled at the user's request", {})
-        except AdaptationError as exc:
-            outcome, error = "failed", (exc.code, exc.message, exc.detail)
-        except SoftTimeLimitExceeded:
-            outcome, error = "failed", ("time_limit", f"the job ran past its time limit of "
-                                        f"{settings.job_time_limit_s} s", {"limit_s": settings.job_time_limit_s})
-        except MemoryError:
-            outcome, error = "failed", ("out_of_memory", "the worker ran out of host memory", {})
         except Exception as exc:  # noqa: BLE001 - classify, record, keep the worker alive
-            if _is_out_of_memory(exc):
-                outcome, error = "failed", ("out_of_memory", "the job ran out of memory (try a smaller "
-                                            f"batch_size): {str(exc).splitlines()[0]}"[:500], {})
-                _release_device_memory()
-            else:
-                log.exception("job %s failed", job_id)
-                outcome, error = "failed", ("internal", f"{type(exc).__name__}: {exc}"[:1000],
-                                            {"traceback": traceback.format_exc()[-2000:]})
+            outcome, error = "failed", _classify(exc, settings, job_id, time.monotonic() - started)
+            log.warning("job %s failed: %s: %s (correlation_id=%s)", job_id, error[0], error[1][:300], job_id)
         _with_db_retry(lambda: _finish(url, job_id, me, outcome, error=error if outcome == "failed" else None))
         return outcome
+
+
+def _classify(exc: BaseException, settings, job_id: str, elapsed_s: float) -> tuple[str, str, dict]:
+    """A failed job's (code, message, detail) for the tenant.
+
+    The soft time limit is an exception raised asynchronously wherever the job happens to be, so code
+    that wraps errors hides it: the npz and checkpoint readers turn any failure into `invalid_dataset` /
+    `invalid_checkpoint` (the limit survives only as __context__), a DataLoader or a library converts it
+    into its own error, and code that cleans up after it can fail in turn (a rollback on a connection
+    cut mid-query), raising something new. Hence: the whole cause/context chain is searched for it, and
+    any failure once the limit has passed is the limit's (Celery raises it exactly then).
+
+    Unknown errors show the tenant a code, a message and the correlation id (the job id); the traceback
+    goes to this worker's log only."""
+    from worker.adaptation.errors import AdaptationError
+
+    chain = _exception_chain(exc)
+    if any(isinstance(e, SoftTimeLimitExceeded) for e in chain) or elapsed_s >= settings.job_time_limit_s:
+        return "time_limit", f"the job ran past its time limit of {settings.job_time_limit_s} s", {
+            "limit_s": settings.job_time_limit_s}
+    if isinstance(exc, AdaptationError):
+        return exc.code, exc.message, exc.detail
+    if any(isinstance(e, MemoryError) or _is_out_of_memory(e) for e in chain):
+        _release_device_memory()
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return "out_of_memory", f"the job ran out of memory (try a smaller batch_size): {first}"[:500], {}
+    log.error("job %s failed with an internal error (correlation_id=%s)", job_id, job_id,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return "internal", f"internal error ({type(exc).__name__}); the operator finds the details in the worker " \
+        f"log under correlation id {job_id}", {}
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    stack = [exc]
+    while stack and len(seen) < 50:
+        e = stack.pop()
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        stack += [e.__cause__, e.__context__]
+    return seen
 
 
 def _is_stale(heartbeat_at, stale_after: float) -> bool:
@@ -216,19 +248,62 @@ def _fetch(url: str, upload_id: str, dest: Path) -> Path:
     return dest
 
 
-def _store_artifacts(url: str, settings, job_id: str, tmpdir: Path, result) -> list[Artifact]:
-    (tmpdir / "metrics.json").write_text(json.dumps(result.metrics, indent=1, default=str))
-    (tmpdir / "history.json").write_text(json.dumps(result.history, default=str))
+def finite_json(value, path: str = "", bad: list[str] | None = None):
+    """`value` with every non-finite float replaced by None (JSON has no NaN; PostgreSQL refuses it),
+    and the paths that were replaced appended to `bad`."""
+    if isinstance(value, dict):
+        return {k: finite_json(v, f"{path}.{k}" if path else str(k), bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v, f"{path}.{i}", bad) for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        if bad is not None:
+            bad.append(path)
+        return None
+    return value
+
+
+def _store_and_finish(url: str, settings, job_id: str, me: str, tmpdir: Path, result) -> bool:
+    """Write the artifacts' bytes (unsealed: invisible, referenced by nothing), then seal them, add
+    their rows and record the job's final state in ONE transaction: a job that fails here or lost its
+    claim leaves no blob behind. Non-finite metrics are stored as null and listed in
+    `metrics.non_finite`, so metrics.json is valid JSON and both databases store the same thing."""
+    bad: list[str] = []
+    metrics = finite_json(result.metrics, bad=bad)
+    if bad:
+        metrics["non_finite"] = bad
+    (tmpdir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str, allow_nan=False))
+    (tmpdir / "history.json").write_text(json.dumps(finite_json(result.history), default=str, allow_nan=False))
     files = [("model.safetensors", result.model_path), ("metrics.json", tmpdir / "metrics.json"),
              ("history.json", tmpdir / "history.json")]
     if result.examples is not None:
-        (tmpdir / "examples.json").write_text(json.dumps(result.examples))
+        (tmpdir / "examples.json").write_text(json.dumps(finite_json(result.examples), allow_nan=False))
         files.append(("examples.json", tmpdir / "examples.json"))
-    out = []
-    for name, path in files:
-        blob_id, sha256, size = store_file(url, path, settings.chunk_bytes)
-        out.append(Artifact(job_id=job_id, name=name, blob_id=blob_id, size=size, sha256=sha256))
-    return out
+    writers: list[tuple[str, BlobWriter]] = []
+    kept: set[str] = set()
+    try:
+        for name, path in files:
+            writer = BlobWriter(url)
+            writers.append((name, writer))
+            with open(path, "rb") as f:
+                while data := f.read(settings.chunk_bytes):
+                    writer.write(data)
+
+        def commit() -> bool:
+            with session_scope(url) as s:
+                if not repo.finish_job(s, job_id, me, "succeeded", metrics=metrics):
+                    return False
+                blob_ids = [w.seal(s) for _, w in writers]
+                repo.add_artifacts(s, [Artifact(job_id=job_id, name=name, blob_id=blob_id, size=w.size,
+                                                sha256=w.sha256)
+                                       for (name, w), blob_id in zip(writers, blob_ids)])
+            kept.update(blob_ids)
+            return True
+
+        return _with_db_retry(commit)
+    finally:
+        for _, writer in writers:  # copies of existing content, or everything when nothing committed
+            if writer.blob_id not in kept:
+                writer.abort()
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

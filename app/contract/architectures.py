@@ -9,8 +9,10 @@ from typing import Literal
 
 from .tasks import Task
 
-# The form of the model's output, per task: "logits" = (N, num_classes) class scores.
-OutputForm = Literal["logits"]
+# The form of the model's output, per task: "logits" = (N, num_classes) class scores; "mask_logits" =
+# (N, num_classes, H, W) per-pixel class scores at the input's size ("mask_logits_dict": torchvision's
+# segmentation models, a dict whose "out" is that tensor and "aux" an optional auxiliary head).
+OutputForm = Literal["logits", "mask_logits", "mask_logits_dict"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ _DIGITS = InputDefaults(channels=1, size=32, mean=(0.5,), std=(0.5,))
 _CIFAR = InputDefaults(channels=3, size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
 _IMAGENET = InputDefaults(channels=3, size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 _DIGITS_RGB = InputDefaults(channels=3, size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+_CANVAS = InputDefaults(channels=3, size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+# torchvision's segmentation references evaluate at 520 px (VOC/COCO) with ImageNet normalisation.
+_TV_SEG = InputDefaults(channels=3, size=520, mean=_IMAGENET.mean, std=_IMAGENET.std)
 
 ARCHITECTURES: dict[str, ArchitectureInfo] = {a.name: a for a in (
     ArchitectureInfo("digit_cnn", "classification", "logits", _DIGITS,
@@ -46,6 +51,12 @@ ARCHITECTURES: dict[str, ArchitectureInfo] = {a.name: a for a in (
     ArchitectureInfo("vit_small_digits", "classification", "logits", _DIGITS_RGB,
                      "Small ViT (patch 4, LayerNorm) for 32 px inputs."),
     ArchitectureInfo("wrn28_10", "classification", "logits", _CIFAR, "WideResNet-28-10, RobustBench keys."),
+    ArchitectureInfo("unet_small", "segmentation", "mask_logits", _CANVAS,
+                     "Small BatchNorm UNet (~0.12 M parameters, 2 poolings: H and W multiples of 4)."),
+    *(ArchitectureInfo(name, "segmentation", "mask_logits_dict", _TV_SEG,
+                       f"torchvision {name} (its keys; arch_kwargs reach the builder, e.g. aux_loss)")
+      for name in ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50",
+                   "fcn_resnet50")),
 )}
 BUILTIN_ARCHITECTURES = tuple(ARCHITECTURES)
 

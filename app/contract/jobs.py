@@ -3,7 +3,7 @@ stores a spec, and the worker, which re-validates the stored spec with the same 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
@@ -15,7 +15,14 @@ TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No NaN/Infinity anywhere; numbers are numbers (`"64"` and `true` are not a batch size).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+StrictCount = Annotated[int, Field(strict=True)]
+MeanValue = Annotated[float, Field(ge=-1000.0, le=1000.0)]
+StdValue = Annotated[float, Field(ge=1e-4, le=1000.0, description="at least 1e-4: a tiny std only "
+                                  "amplifies noise into overflow")]
 
 
 class ModelRef(_Strict):
@@ -24,7 +31,7 @@ class ModelRef(_Strict):
     architecture: str = Field(..., min_length=1, max_length=200,
                               description=f"built in: {', '.join(BUILTIN_ARCHITECTURES)}; or timm:<name>; "
                               "or an operator-allow-listed module.path:factory")
-    num_classes: int = Field(..., ge=1, le=100_000)
+    num_classes: StrictCount = Field(..., ge=1, le=100_000)
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("architecture")
@@ -47,10 +54,18 @@ class DataRef(_Strict):
 
 
 class PreprocessSpec(_Strict):
-    size: int | None = Field(None, ge=4, le=1024, description="square resize; omitted keeps the input size")
+    size: StrictCount | None = Field(None, ge=4, le=4096, description="square resize; omitted keeps the "
+                                     "input size; at most ADAPTD_MAX_PREPROCESS_SIZE")
     channels: Literal[1, 3] = 3
-    mean: list[float] | None = Field(None, description="per channel (or one value); default 0")
-    std: list[float] | None = Field(None, description="per channel (or one value); default 1")
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _no_bool(cls, v):  # True == 1 in Python: a JSON boolean is not a channel count
+        if isinstance(v, bool):
+            raise ValueError("channels must be 1 or 3, not a boolean")
+        return v
+    mean: list[MeanValue] | None = Field(None, max_length=3, description="per channel (or one value); default 0")
+    std: list[StdValue] | None = Field(None, max_length=3, description="per channel (or one value); default 1")
 
     @model_validator(mode="after")
     def _lengths(self) -> "PreprocessSpec":
@@ -59,15 +74,13 @@ class PreprocessSpec(_Strict):
         for name in ("mean", "std"):
             if len(getattr(self, name)) not in (1, self.channels):
                 raise ValueError(f"{name} must have 1 or {self.channels} values (one per channel)")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std values must be positive")
         return self
 
 
 class Options(_Strict):
-    batch_size: int = Field(128, ge=1, le=8192)
-    epochs: int = Field(1, ge=1, le=1000, description="passes over the target data (SFDA methods)")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    batch_size: StrictCount = Field(128, ge=1, le=8192)
+    epochs: StrictCount = Field(1, ge=1, le=1000, description="passes over the target data (SFDA methods)")
+    seed: StrictCount = Field(0, ge=0, le=2**31 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
@@ -97,6 +110,8 @@ class JobError(BaseModel):
     code: str
     message: str
     detail: dict = Field(default_factory=dict)
+    correlation_id: str | None = Field(None, description="quote it to the operator: the worker's log "
+                                       "holds the details under this id")
 
 
 class ArtifactOut(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-# segmentation and detection are next: each adds its name here and one engine module.
-Task = Literal["classification"]
+# detection is next: it adds its name here and one engine module.
+Task = Literal["classification", "segmentation"]
 TASKS: tuple[str, ...] = get_args(Task)
 DEFAULT_TASK: Task = "classification"

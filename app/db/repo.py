@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..contract.jobs import TERMINAL  # noqa: F401  (callers use repo.TERMINAL)
@@ -87,9 +88,10 @@ def heartbeat(s: Session, job_id: str, worker: str, done: int, total: int, phase
 
 
 def finish_job(s: Session, job_id: str, worker: str, status: str, *, metrics: dict | None = None,
-               error: tuple[str, str, dict] | None = None, artifacts: list[Artifact] = ()) -> bool:
-    """Final transition, only by the worker that holds the job. Artifacts replace any earlier ones,
-    so a redelivered job never stores them twice."""
+               error: tuple[str, str, dict] | None = None) -> bool:
+    """Final transition, only by the worker that holds the job. Drops any earlier artifact rows (a
+    redelivered job never stores them twice); the caller adds the new ones (add_artifacts) in the same
+    transaction."""
     values = dict(status=status, finished_at=utcnow(), heartbeat_at=utcnow())
     if metrics is not None:
         values.update(metrics=metrics, images_per_second=metrics.get("images_per_second"))
@@ -102,9 +104,11 @@ def finish_job(s: Session, job_id: str, worker: str, status: str, *, metrics: di
     if res.rowcount != 1:
         return False
     s.execute(delete(Artifact).where(Artifact.job_id == job_id))
-    for a in artifacts:
-        s.add(a)
     return True
+
+
+def add_artifacts(s: Session, artifacts: list[Artifact]) -> None:
+    s.add_all(artifacts)
 
 
 def fail_job(s: Session, job_id: str, code: str, message: str, detail: dict | None = None) -> bool:
@@ -209,6 +213,21 @@ def revoke_api_key(s: Session, key_id: str) -> ApiKey | None:
     if key is not None and key.revoked_at is None:
         key.revoked_at = utcnow()
     return key
+
+
+def lock_tenant(s: Session, tenant_id: str) -> None:
+    """Serialise a tenant's limit checks until the transaction ends: call it FIRST in the transaction.
+    A no-op UPDATE of the tenant's row: on PostgreSQL a row lock (READ COMMITTED: the count that follows
+    sees every insert committed before the lock was granted); on SQLite it takes the database write lock
+    before anything is read. The row is created when missing (a concurrent creator's insert makes ours
+    fail inside a savepoint; then its row is locked)."""
+    if s.execute(update(Tenant).where(Tenant.id == tenant_id).values(id=Tenant.id)).rowcount == 1:
+        return
+    try:
+        with s.begin_nested():
+            s.add(Tenant(id=tenant_id))
+    except IntegrityError:
+        s.execute(update(Tenant).where(Tenant.id == tenant_id).values(id=Tenant.id))
 
 
 def count_active_jobs(s: Session, tenant_id: str) -> int:

@@ -5,6 +5,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import uuid
 from datetime import datetime, timezone
 
@@ -19,6 +20,7 @@ from ..db import repo
 from ..db.models import Job
 from ..db.session import session_scope
 from ..errors import ApiError
+from ..netguard import NotAllowed, check_url
 from ..queue import enqueue_job, get_celery
 from ..storage import delete_blob_if_unreferenced
 from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
@@ -29,6 +31,17 @@ log = logging.getLogger("adaptd.jobs")
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     """Method, params against the method's schema, the task against method and architecture, upload ids
     and kinds. Returns the validated params (authors' defaults filled in)."""
+    _check_numbers({"params": spec.params, "model": {"arch_kwargs": spec.model.arch_kwargs}})
+    size = spec.preprocess.size
+    if size is not None and size > settings.max_preprocess_size:
+        raise ApiError("validation_error", f"preprocess.size: at most {settings.max_preprocess_size} "
+                       "(ADAPTD_MAX_PREPROCESS_SIZE)", {"field": "preprocess.size",
+                                                        "limit": settings.max_preprocess_size})
+    if spec.notify_url is not None:
+        try:
+            check_url(str(spec.notify_url), settings.webhook_allowed_hosts)
+        except NotAllowed as exc:
+            raise ApiError("notify_url_not_allowed", f"notify_url: {exc}", {"field": "notify_url"}) from None
     info = CATALOG.get(spec.method)
     if info is None:
         raise ApiError("unknown_method", f"method: unknown method {spec.method!r}",
@@ -54,6 +67,24 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
     return params
+
+
+MAX_ABS_NUMBER = 1e12  # no parameter of any method is sanely larger; keeps overflow out of the engine
+
+
+def _check_numbers(value, path: str = "") -> None:
+    """Every number in free-form parts of a spec (method params, arch_kwargs) is finite and bounded;
+    the typed parts are checked by their schema."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_numbers(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_numbers(v, f"{path}.{i}")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            (isinstance(value, float) and not math.isfinite(value)) or abs(value) > MAX_ABS_NUMBER):
+        raise ApiError("invalid_params", f"{path}: numbers must be finite and at most {MAX_ABS_NUMBER:g} "
+                       "in magnitude", {"field": path})
 
 
 def check_task(spec: JobSpec, info: MethodInfo) -> None:
@@ -102,6 +133,8 @@ def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_ke
 
 
 def _check_concurrency(settings: Settings, s, tenant_id: str) -> None:
+    """Count and insert under the tenant's lock, so simultaneous submits cannot all pass the check."""
+    repo.lock_tenant(s, tenant_id)
     tenant = repo.get_tenant(s, tenant_id)
     limit = (tenant and tenant.max_concurrent_jobs) or settings.tenant_max_concurrent_jobs
     active = repo.count_active_jobs(s, tenant_id)
@@ -151,6 +184,7 @@ def cancel_job(settings: Settings, tenant_id: str, job_id: str) -> JobOut:
 def delete_job(settings: Settings, tenant_id: str, job_id: str) -> None:
     """Delete a finished job with its artifacts' bytes (unless identical content is still referenced)."""
     with session_scope(settings.resolved_database_url) as s:
+        repo.lock_tenant(s, tenant_id)  # first: SQLite takes its write lock before reading
         job = repo.get_job(s, job_id, tenant_id)
         if job is None:
             raise ApiError("job_not_found", f"no job {job_id!r}")
@@ -178,8 +212,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 def to_out(job: Job, artifacts) -> JobOut:
     total = job.progress_total or 0
     done = job.progress_done or 0
-    error = JobError(code=job.error_code, message=job.error_message or "", detail=job.error_detail or {}) \
-        if job.error_code else None
+    # A job's correlation id is its id: the worker logs every line of the job, tracebacks included, under it.
+    error = JobError(code=job.error_code, message=job.error_message or "", detail=job.error_detail or {},
+                     correlation_id=job.id) if job.error_code else None
     return JobOut(
         id=job.id, status=job.status, method=job.method, params=job.params, spec=job.spec,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,

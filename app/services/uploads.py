@@ -60,18 +60,24 @@ async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: 
             await run_in_threadpool(writer.write, bytes(buf))
         if writer.size == 0:
             raise ApiError("empty_upload", "the upload has no bytes")
-        blob_id, sha256, size = await run_in_threadpool(writer.finish)
+        size = writer.size
+
+        def within_quota(s) -> None:
+            # Under the tenant's lock: concurrent uploads cannot all pass the quota check.
+            repo.lock_tenant(s, tenant_id)
+            now_used = repo.storage_used(s, tenant_id)
+            if now_used + size > quota:
+                raise _over_quota(quota, now_used)
+
+        def record(s, blob_id: str) -> Upload:
+            return repo.add_upload(s, Upload(id=str(uuid.uuid4()), tenant_id=tenant_id, kind=kind,
+                                             filename=filename, blob_id=blob_id, size=size, sha256=writer.sha256))
+
+        await run_in_threadpool(writer.finish, record, within_quota)
     except BaseException:
         await run_in_threadpool(writer.abort)
         raise
-    return await run_in_threadpool(_record, url, tenant_id, kind, filename, blob_id, sha256, size)
-
-
-def _record(url: str, tenant_id: str, kind: str, filename: str | None, blob_id: str, sha256: str,
-            size: int) -> Upload:
-    with session_scope(url) as s:
-        return repo.add_upload(s, Upload(id=str(uuid.uuid4()), tenant_id=tenant_id, kind=kind, filename=filename,
-                                         blob_id=blob_id, size=size, sha256=sha256))
+    return writer.recorded
 
 
 def get_upload(settings: Settings, tenant_id: str, upload_id: str) -> Upload:
@@ -86,6 +92,7 @@ def delete_upload(settings: Settings, tenant_id: str, upload_id: str) -> None:
     """Remove the upload and, when nothing else references them, its bytes. Refused while a queued or
     running job uses it."""
     with session_scope(settings.resolved_database_url) as s:
+        repo.lock_tenant(s, tenant_id)  # first: SQLite takes its write lock before reading
         if repo.get_upload(s, upload_id, tenant_id) is None:
             raise ApiError("upload_not_found", f"no upload {upload_id!r}")
         users = repo.active_jobs_using_upload(s, upload_id, tenant_id)

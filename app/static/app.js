@@ -9,15 +9,24 @@ const COLORS = { before: "#a3adba", after: "#2f6fed", loss: "#2f6fed", entropy: 
 const PALETTE = ["#2f6fed", "#d9822b", "#13864f", "#c9302c", "#7b4bd6", "#0f9bb3", "#b7791f", "#d64d9b"];
 let teardown = () => {};   // stops the timers / streams of the current view
 
-// API key (servers with ADAPTD_AUTH=keys): open the dashboard once as /?api_key=KEY; it is kept in
-// localStorage, sent as a Bearer header, and as ?api_key= where the browser cannot set headers
-// (EventSource, download links).
-const KEY = (() => {
-  const fromUrl = new URLSearchParams(location.search).get("api_key");
-  if (fromUrl) localStorage.setItem("adaptd_api_key", fromUrl);
-  return fromUrl || localStorage.getItem("adaptd_api_key") || "";
-})();
-const withKey = url => (KEY ? url + (url.includes("?") ? "&" : "?") + "api_key=" + encodeURIComponent(KEY) : url);
+// API key (servers with ADAPTD_AUTH=keys): a 401 shows a sign-in form; the key is POSTed once to
+// /v1/session, which answers with an HttpOnly session cookie that fetch, EventSource and download links
+// send by themselves. The key is never put in a URL or kept by this script.
+function signIn(message) {
+  teardown();
+  app.innerHTML = `<form id="signin" class="signin"><h2>Sign in</h2>
+    <label>API key <input id="api-key" type="password" autocomplete="current-password" required></label>
+    <button type="submit">Sign in</button><p class="error-box" id="signin-error" hidden></p></form>`;
+  const error = document.getElementById("signin-error");
+  if (message) { error.textContent = message; error.hidden = false; }
+  document.getElementById("signin").addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const r = await fetch("/v1/session", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ api_key: document.getElementById("api-key").value }) });
+    if (r.ok) { route(); return; }
+    error.textContent = "That key was not accepted."; error.hidden = false;
+  });
+}
 
 // ---------- helpers ------------------------------------------------------------------------------
 
@@ -25,8 +34,8 @@ function esc(v) {
   return String(v ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 async function api(path, opts) {
-  const headers = Object.assign({}, (opts || {}).headers, KEY ? { Authorization: "Bearer " + KEY } : {});
-  const r = await fetch(path, Object.assign({}, opts, { headers }));
+  const r = await fetch(path, Object.assign({ credentials: "same-origin" }, opts));
+  if (r.status === 401) { signIn(); throw new Error("sign-in required"); }
   if (!r.ok) {
     let msg = `HTTP ${r.status}`;
     try { const e = (await r.json()).error; msg = `${e.code}: ${e.message}`; } catch (_) { /* not JSON */ }
@@ -338,7 +347,7 @@ function gallery(ex) {
 function artifacts(job) {
   if (!job.artifacts.length) return "";
   return `<div class="card artifacts" id="artifacts"><h2>Downloads</h2>${job.artifacts.map(a =>
-    `<a href="${esc(withKey(`/v1/jobs/${job.id}/artifacts/${a.name}`))}" download>${esc(a.name)}</a> <span class="muted">${bytes(a.size)}</span>`).join(" &nbsp; ")}</div>`;
+    `<a href="${esc(`/v1/jobs/${job.id}/artifacts/${a.name}`)}" download>${esc(a.name)}</a> <span class="muted">${bytes(a.size)}</span>`).join(" &nbsp; ")}</div>`;
 }
 
 function jobView(id) {
@@ -379,7 +388,7 @@ function jobView(id) {
 
   function stream() {
     if (!window.EventSource) { poll = setInterval(async () => { job = await api(`/v1/jobs/${id}`); if (TERMINAL.includes(job.status)) { clearInterval(poll); loadFinal(); } else schedule(); }, 2000); return; }
-    es = new EventSource(withKey(`/v1/jobs/${id}/events`));
+    es = new EventSource(`/v1/jobs/${id}/events`);
     es.addEventListener("status", ev => { job = JSON.parse(ev.data); schedule(); });
     es.addEventListener("progress", ev => {
       live = JSON.parse(ev.data);

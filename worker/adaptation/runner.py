@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +44,7 @@ class RunRequest:
     data_path: Path
     output_dir: Path
     eval_path: Path | None = None
+    data_options: dict = field(default_factory=dict)  # dataset reader limits (the worker's max_pixels)
 
     @classmethod
     def for_files(cls, model_path: Path, data_path: Path, output_dir: Path, eval_path: Path | None = None,
@@ -97,7 +98,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
     pre = spec.preprocess
-    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size)
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre.size, **req.data_options)
     eval_data = _open_eval(req, data, task)
     prep = _Prep(Preprocess(size=pre.size, channels=pre.channels, mean=pre.mean, std=pre.std), device,
                  channels_last, hooks)
@@ -180,7 +181,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     if eval_data is not None:
         before = task.evaluate(source_eval, eval_data.labels, num_classes)
         after = task.evaluate(after_eval, eval_data.labels, num_classes)
-        metrics.update(accuracy_before=before["accuracy"], accuracy_after=after["accuracy"],
+        metrics.update(**task.eval_headline(before, after),
                        eval={"num_images": len(eval_data), "before": before, "after": after,
                              "class_names": eval_data.class_names})
     if loop.online_predictions is not None and data.labels is not None:
@@ -223,8 +224,8 @@ def _take(it, n: int):
 
 @torch.no_grad()
 def predict(model: nn.Module, data: ImageSet, prep: _Prep, batch_size: int, ctx: MethodContext,
-            task: TaskEngine) -> torch.Tensor:
-    """The task's predictions of `model` in eval mode over `data`, in stored order (float32, on the CPU)."""
+            task: TaskEngine) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The task's predictions of `model` in eval mode over `data`, in stored order, on the CPU."""
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     out = []
@@ -233,6 +234,8 @@ def predict(model: nn.Module, data: ImageSet, prep: _Prep, batch_size: int, ctx:
             out.append(task.prediction(model(x)))
     for m, t in was_training.items():
         m.train(t)
+    if isinstance(out[0], dict):
+        return {k: torch.cat([o[k] for o in out]).cpu() for k in out[0]}
     return torch.cat(out).cpu()
 
 
@@ -325,7 +328,8 @@ def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine) -> ImageSet | 
         return None
     spec = req.spec
     eval_data = data if req.eval_path == req.data_path else open_image_set(
-        req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=spec.preprocess.size)
+        req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=spec.preprocess.size,
+        **req.data_options)
     if eval_data.labels is None:
         raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz, class folders "
                               "in archives)")

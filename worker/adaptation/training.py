@@ -37,3 +37,24 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess:
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def train_segmenter(model: nn.Module, x: np.ndarray, masks: np.ndarray, preprocess: Preprocess, epochs: int = 5,
+                    batch_size: int = 32, lr: float = 3e-3, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """Adam + per-pixel cross-entropy (mask value 255 ignored), shuffled mini-batches."""
+    seed_everything(seed)
+    dev = torch.device(device)
+    model.to(dev).train()
+    data = ArrayImageSet(x, masks)
+    targets = torch.from_numpy(masks.astype(np.int64))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        for xb, idx in data.batches(batch_size, rng.permutation(len(data))):
+            if len(idx) < 2:
+                continue
+            loss = F.cross_entropy(model(preprocess(xb, dev)), targets[idx].to(dev), ignore_index=255)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()

@@ -111,4 +111,4 @@ def get_method_info(name: str) -> MethodInfo:
 
 
 # Importing the per-kind modules runs their @describe decorators.
-from . import baselines, sfda, tta  # noqa: E402,F401
+from . import baselines, segmentation, sfda, tta  # noqa: E402,F401

@@ -9,14 +9,14 @@ from . import CollapseGuardParams, MethodParams, ProtocolParams, describe  # noq
 
 
 @describe("source", "baseline", "Evaluate the uploaded model as is (no adaptation): the baseline.",
-          updates="nothing")
+          updates="nothing", tasks=("classification", "segmentation"))
 class SourceParams(MethodParams):
     pass
 
 
 @describe("bn_adapt", "tta", "BN-1 / AdaBN: normalise with target-batch statistics; the exported model "
           "carries BatchNorm statistics re-estimated on the target data.",
-          updates="nothing")
+          updates="nothing", tasks=("classification", "segmentation"))
 class BNAdaptParams(MethodParams):
     pass
 

@@ -8,9 +8,10 @@ from pydantic import Field
 from . import CollapseGuardParams, MethodParams, ProtocolParams, describe  # noqa: F401
 
 
-@describe("tent", "tta", "TENT (Wang et al., ICLR 2021): minimise the mean softmax entropy, updating only "
+@describe("tent", "tta", "TENT (Wang et al., ICLR 2021): minimise the mean softmax entropy (per pixel for "
+          "segmentation), updating only "
           "the affine parameters of the norm layers, one step per batch.",
-          updates="norm_affine")
+          updates="norm_affine", tasks=("classification", "segmentation"))
 class TentParams(CollapseGuardParams):
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam for CIFAR-scale, SGD for ImageNet.")
     lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64).")

@@ -14,7 +14,7 @@ from .formats import ARCHIVE_FORMATS, detect_format
 class ImageSet(Protocol):
     """A finite, ordered set of uint8 images (N×H×W×C), optionally labelled."""
 
-    labels: np.ndarray | None        # int64 (N,) or None
+    labels: np.ndarray | None        # int64 (N,) class labels, uint8 (N, H, W) masks, or None
     class_names: list[str] | None    # label index -> name, when the format carries names
 
     def __len__(self) -> int: ...
@@ -50,8 +50,31 @@ class ArrayImageSet:
             yield torch.from_numpy(np.ascontiguousarray(xb)), torch.from_numpy(idx.astype(np.int64))
 
 
+def check_npz_members(path: Path) -> None:
+    """Refuse an npz whose members would inflate past the archive limits (archives/limits.py), from the
+    zip directory alone, before numpy decompresses anything: a member's declared size bounds what
+    zipfile will inflate for it."""
+    import zipfile
+
+    from .archives.limits import Limits
+
+    limits = Limits()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise AdaptationError("invalid_dataset", f"not a readable npz file: {exc}") from None
+    limits.check_count(len(infos))
+    for info in infos:
+        limits.check_entry(info.filename, info.file_size, info.compress_size)
+    total_u = sum(i.file_size for i in infos)
+    limits.check_total(total_u)
+    limits.check_total_ratio(total_u, sum(i.compress_size for i in infos))
+
+
 def read_npz(path: Path) -> ArrayImageSet:
-    """`x`: uint8 N×H×W[×C]; optional `y`: integer labels. Read without pickle."""
+    """`x`: uint8 N×H×W[×C]; optional `y`: integer labels. Read without pickle, after check_npz_members."""
+    check_npz_members(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive.files:
@@ -71,9 +94,21 @@ def read_npz(path: Path) -> ArrayImageSet:
         raise AdaptationError("invalid_dataset", f"'x' must be N×H×W or N×H×W×C (C in 1,3,4), got {x.shape}",
                               {"shape": list(x.shape)})
     if y is not None:
-        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
-            raise AdaptationError("invalid_dataset", f"'y' must be {len(x)} integer labels, got {y.dtype}{y.shape}")
-        y = y.astype(np.int64)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise AdaptationError("invalid_dataset", f"'y' must hold integers, got {y.dtype}")
+        if y.ndim == 3:  # segmentation masks, one per image (255 = ignore)
+            if y.shape != x.shape[:3]:
+                raise AdaptationError("mask_size_mismatch", f"'y' masks must be N×H×W like the images "
+                                      f"{list(x.shape[:3])}, got {list(y.shape)}",
+                                      {"images": list(x.shape[:3]), "masks": list(y.shape)})
+            if y.min() < 0 or y.max() > 255:
+                raise AdaptationError("invalid_dataset", "mask values must lie in 0..255 (255 = ignore)")
+            y = y.astype(np.uint8)
+        elif y.shape != (len(x),):
+            raise AdaptationError("invalid_dataset", f"'y' must be {len(x)} integer labels (or N×H×W masks), "
+                                  f"got {y.dtype}{y.shape}")
+        else:
+            y = y.astype(np.int64)
     return ArrayImageSet(x, y)
 
 

@@ -211,6 +211,9 @@ def _build(factory, architecture: str, num_classes: int, arch_kwargs: dict, meta
                               f"{type(exc).__name__}: {_first_line(str(exc))}") from None
 
 
+MAX_ABS_WEIGHT = 1e15  # trained networks stay far below; beyond it float32 activations overflow
+
+
 def _check_tensors(state: dict[str, torch.Tensor]) -> None:
     odd = [k for k, v in state.items()
            if v.layout != torch.strided or v.is_quantized or v.is_nested or v.device.type != "cpu"]
@@ -221,6 +224,15 @@ def _check_tensors(state: dict[str, torch.Tensor]) -> None:
     if bad:
         raise AdaptationError("nonfinite_weights", f"{len(bad)} tensors contain NaN or Inf",
                               {"tensors": bad[:TRIM]})
+    huge = [k for k, v in state.items() if v.is_floating_point() and v.numel() and v.abs().max() > MAX_ABS_WEIGHT]
+    if huge:
+        raise AdaptationError("nonfinite_weights", f"{len(huge)} tensors hold values beyond ±{MAX_ABS_WEIGHT:g}: "
+                              "they overflow in the first layers", {"tensors": huge[:TRIM]})
+    negative = [k for k, v in state.items() if k.endswith("running_var") and v.is_floating_point()
+                and v.numel() and v.min() < 0]
+    if negative:
+        raise AdaptationError("invalid_checkpoint", f"{len(negative)} BatchNorm running variances are negative",
+                              {"tensors": negative[:TRIM]})
 
 
 def _align_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],

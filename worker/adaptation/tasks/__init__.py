@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from .base import TaskEngine
 from .classification import Classification
+from .segmentation import Segmentation
 
 TASK_IMPLEMENTATIONS: dict[str, TaskEngine] = {
     "classification": Classification(),
+    "segmentation": Segmentation(),
 }
 
 

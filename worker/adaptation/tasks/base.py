@@ -18,8 +18,9 @@ class TaskEngine(Protocol):
     def check_labels(self, labels: np.ndarray, num_classes: int) -> None:
         """Raise AdaptationError for eval labels this task cannot score."""
 
-    def prediction(self, out: torch.Tensor) -> torch.Tensor:
-        """A model's raw output on a batch -> the per-sample prediction kept for scoring (float32)."""
+    def prediction(self, out: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """A model's raw output on a batch -> the per-sample prediction kept for scoring: a tensor or a dict
+        of tensors, each with the batch as its first dimension (the runner concatenates them)."""
 
     def collapse_signal(self, out: torch.Tensor) -> torch.Tensor:
         """A step's output -> what the collapse guard watches and online accuracy scores (hard labels)."""
@@ -39,6 +40,9 @@ class TaskEngine(Protocol):
 
     def evaluate(self, predictions: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict:
         """Scores against labels (`metrics.eval.before/after`; its `accuracy` is the headline)."""
+
+    def eval_headline(self, before: dict, after: dict) -> dict:
+        """The stable top-level keys of the labelled scores (e.g. accuracy_before/after, miou_before/after)."""
 
     def online(self, signals: torch.Tensor, labels: np.ndarray) -> dict:
         """Scores the online predictions (collapse signals of each step, in stored order) against the

@@ -49,6 +49,9 @@ class Classification:
     def evaluate(self, predictions: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict:
         return M.labelled_summary(predictions, torch.from_numpy(labels), num_classes)
 
+    def eval_headline(self, before: dict, after: dict) -> dict:
+        return {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"]}
+
     def online(self, signals: torch.Tensor, labels: np.ndarray) -> dict:
         seen = len(signals)
         return {"accuracy": float((signals == torch.from_numpy(labels[:seen])).float().mean()), "num_images": seen}
