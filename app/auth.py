@@ -82,7 +82,10 @@ def resolve(settings: Settings, key: str | None, session: str | None = None) -> 
 
 
 async def principal_of(request: Request, settings: Settings) -> Principal:
-    return await run_in_threadpool(resolve, settings, presented_key(request), request.cookies.get(SESSION_COOKIE))
+    key, session = presented_key(request), request.cookies.get(SESSION_COOKIE)
+    if key is None and (session is None or settings.auth != "keys"):
+        return resolve(settings, None, session)  # no database involved: answered without a thread hop
+    return await run_in_threadpool(resolve, settings, key, session)
 
 
 # --- dashboard sessions ------------------------------------------------------------------------------

@@ -326,8 +326,12 @@ class Client:
     def job(self, job_id: str) -> Job:
         return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
 
-    def jobs(self, status: str | None = None, limit: int = 50, cursor: str | None = None) -> JobList:
-        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
+    def jobs(self, status: str | None = None, limit: int = 50, cursor: str | None = None,
+             view: str | None = None) -> JobList:
+        """A page of jobs, newest first: summary rows (no spec, params, artifacts; scalar metrics), or
+        with view="full" whole jobs as job() returns them."""
+        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor, "view": view}.items()
+                  if v is not None}
         return self._check(self.http.get("/v1/jobs", params=params)).json()
 
     def cancel(self, job_id: str) -> Job:

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     reaper_queued_after_s: float = 600.0  # re-enqueue a job still queued after this long (lost enqueue)
 
     # --- live progress (SSE) and notifications -------------------------------------------------
-    events_poll_s: float = Field(0.5, gt=0, le=10, description="how often an SSE stream polls the database")
+    events_poll_s: float = Field(0.5, gt=0, le=10, description="how often each API process polls the database "
+                                 "for the jobs its SSE streams watch (one statement for all of them)")
     events_max_s: float = Field(600.0, gt=0, description="an SSE connection ends after this long; clients "
                                 "reconnect with Last-Event-ID")
     events_keepalive_s: float = 15.0

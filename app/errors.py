@@ -26,6 +26,7 @@ STATUS = {
     "invalid_params": 422,
     "notify_url_not_allowed": 422,
     "task_mismatch": 422,
+    "invalid_spec": 422,
     "payload_too_large": 413,
     "storage_quota_exceeded": 413,
     "missing_api_key": 401,

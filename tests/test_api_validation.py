@@ -118,3 +118,51 @@ def test_job_list_pagination_and_filter(pg_service, uploaded, assets):
         for job_id in ids:
             c.wait(job_id, timeout=300)
         assert all(j["status"] == "succeeded" for j in c.jobs(status="succeeded", limit=500)["items"])
+
+
+def test_job_list_rows_are_summaries_unless_full_is_asked(pg_service, uploaded, assets):
+    """List rows leave out the spec, params, artifacts and nested metric reports; view=full lists the
+    jobs exactly as GET /v1/jobs/{id} returns them."""
+    from app.client import Client
+
+    with Client(pg_service.url) as c:
+        job = c.wait(c.submit(tent_spec(uploaded, assets, method="source", options={"seed": 7}))["id"],
+                     timeout=300)
+        assert job["status"] == "succeeded" and job["artifacts"] and isinstance(job["metrics"]["target"], dict)
+        row = next(j for j in c.jobs(limit=500)["items"] if j["id"] == job["id"])
+        assert not {"spec", "params", "artifacts"} & set(row)
+        assert row["metrics"] == {k: v for k, v in job["metrics"].items() if not isinstance(v, (dict, list))}
+        assert {k: row[k] for k in ("status", "progress", "created_at", "finished_at")} == \
+            {k: job[k] for k in ("status", "progress", "created_at", "finished_at")}
+        full = next(j for j in c.jobs(limit=500, view="full")["items"] if j["id"] == job["id"])
+        assert full == c.job(job["id"])
+        r = httpx.get(f"{pg_service.url}/v1/jobs", params={"view": "everything"})
+        assert_error(r, 422, "validation_error")
+
+
+def test_concurrent_job_reads_each_get_their_own_job(pg_service, uploaded, assets):
+    """GET /v1/jobs/{id} shares one database read among the requests that wait together
+    (app.services.jobs.ViewReader): many at once, for several jobs and a missing one, each still gets
+    exactly its own job, the same body as a lone request; and a new job is seen by the next read."""
+    import asyncio
+
+    from app.client import Client
+
+    with Client(pg_service.url) as c:
+        ids = [c.submit(tent_spec(uploaded, assets, method="source", options={"seed": 200 + i}))["id"]
+               for i in range(3)]
+        finals = {job_id: c.wait(job_id, timeout=300) for job_id in ids}
+    wanted = [*ids, "no-such-job"] * 40
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=pg_service.url, timeout=60) as ac:
+            return await asyncio.gather(*(ac.get(f"/v1/jobs/{job_id}") for job_id in wanted))
+
+    for job_id, r in zip(wanted, asyncio.run(burst())):
+        if job_id == "no-such-job":
+            assert_error(r, 404, "job_not_found")
+        else:
+            assert r.status_code == 200 and r.json() == finals[job_id]
+    with Client(pg_service.url) as c:  # read your writes: a job is readable as soon as it is created
+        job = c.submit(tent_spec(uploaded, assets, method="source", options={"seed": 299}))
+        assert c.job(job["id"])["id"] == job["id"]

@@ -106,7 +106,8 @@ def test_cancel_while_watching_exits_3(embedded_service, assets, tmp_path):
         with Client(url) as c:
             deadline = time.monotonic() + 120
             while True:
-                items = [j for j in c.jobs(status="running")["items"] if j["spec"]["options"]["batch_size"] == 4]
+                items = [j for j in c.jobs(status="running", view="full")["items"]
+                         if j["spec"]["options"]["batch_size"] == 4]
                 if items and items[0]["progress"]["phase"] == "adapting":
                     break
                 assert time.monotonic() < deadline and watcher.poll() is None, "the long job never ran"

@@ -19,12 +19,15 @@ def spec(**over) -> JobSpec:
                                                                "num_classes": 10}, "data": REF, **over})
 
 
-def test_task_defaults_to_classification_and_every_method_and_builtin_supports_it():
+def test_task_defaults_to_classification_and_each_entry_passes_for_the_tasks_it_declares():
     assert spec().task == "classification"
+    arch_of = {a.task: a.name for a in architectures.ARCHITECTURES.values()}  # one architecture per task
     for info in CATALOG.values():
-        check_task(spec(method=info.name), info)
-    for name in architectures.ARCHITECTURES:
-        check_task(spec(model={**REF, "architecture": name, "num_classes": 10}), CATALOG["tent"])
+        for task in info.tasks:
+            check_task(spec(method=info.name, task=task,
+                            model={**REF, "architecture": arch_of[task], "num_classes": 10}), info)
+    for name, arch in architectures.ARCHITECTURES.items():
+        check_task(spec(model={**REF, "architecture": name, "num_classes": 10}, task=arch.task), CATALOG["tent"])
 
 
 def test_a_method_that_does_not_support_the_task_is_refused():

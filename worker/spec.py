@@ -1,17 +1,27 @@
-"""The stored job spec -> the engine's RunRequest: re-validated by the API's own `JobSpec` (so the worker
-and the API read it with the same model and the same defaults), its uploads fetched to local files."""
+"""The stored job spec -> the engine's request: re-validated with the API's JobSpec (app/contract), inputs
+fetched to local files."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
+from pydantic import ValidationError
+
 from app.contract.jobs import JobSpec
+from worker.adaptation.errors import AdaptationError
+from worker.adaptation.multisource_run import DistillRequest
 from worker.adaptation.runner import RunRequest
 
 
-def build_run_request(stored: dict, workdir: Path, fetch: Callable[[str, Path], Path]) -> RunRequest:
+def build_run_request(stored: dict, workdir: Path, fetch: Callable[[str, Path], Path]) -> RunRequest | DistillRequest:
     """`fetch(upload_id, destination)` copies an upload's bytes to a local file (streamed)."""
-    spec = JobSpec.model_validate(stored)
+    try:
+        spec = JobSpec.model_validate(stored)
+    except ValidationError as exc:  # e.g. queued before a validation rule tightened: the spec's fault
+        first = exc.errors()[0]
+        raise AdaptationError("invalid_spec", f"the stored job spec does not validate: "
+                              f"{'.'.join(map(str, first['loc']))}: {first['msg']}",
+                              {"errors": exc.errors(include_url=False, include_context=False)}) from None
     inputs: dict[str, Path] = {}
 
     def local(upload_id: str, name: str) -> Path:
@@ -19,6 +29,14 @@ def build_run_request(stored: dict, workdir: Path, fetch: Callable[[str, Path], 
             inputs[upload_id] = fetch(upload_id, workdir / name)
         return inputs[upload_id]
 
-    return RunRequest(spec, model_path=local(spec.model.upload_id, "model.bin"),
-                      data_path=local(spec.data.upload_id, "data.bin"), output_dir=workdir / "out",
-                      eval_path=local(spec.eval_data.upload_id, "eval.bin") if spec.eval_data else None)
+    data_path = local(spec.data.upload_id, "data.bin")
+    eval_path = local(spec.eval_data.upload_id, "eval.bin") if spec.eval_data else None
+    if spec.models is not None:
+        student = spec.student
+        return DistillRequest(
+            spec, source_paths=[local(m.upload_id, f"source{i}.bin") for i, m in enumerate(spec.models)],
+            student_path=local(student.upload_id, "student.bin") if student.upload_id else None,
+            data_path=data_path, output_dir=workdir / "out", eval_path=eval_path,
+            labelled_path=local(spec.labelled_data.upload_id, "labelled.bin") if spec.labelled_data else None)
+    return RunRequest(spec, model_path=local(spec.model.upload_id, "model.bin"), data_path=data_path,
+                      output_dir=workdir / "out", eval_path=eval_path)

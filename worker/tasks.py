@@ -152,13 +152,13 @@ def _execute(url: str, settings, job_id: str, spec: dict, me: str, heartbeat: He
         try:
             # torch is imported in the child that runs jobs (worker/celery_app.py does it when the child
             # starts), never in the prefork parent; inside the try, so a time limit here is classified.
-            from worker.adaptation.runner import run
+            from worker.adaptation.multisource_run import execute
 
             from .spec import build_run_request
 
             request = build_run_request(spec, tmpdir, lambda upload_id, dest: _fetch(url, upload_id, dest))
             request = dataclasses.replace(request, data_options={"max_pixels": settings.max_image_pixels})
-            result = run(request, heartbeat)
+            result = execute(request, heartbeat)
             ok = _store_and_finish(url, settings, job_id, me, tmpdir, result)
             return "succeeded" if ok else "lost_claim"
         except JobCancelled:

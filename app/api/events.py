@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
+from ..db.session import read
 from ..services import events as service
-from ..services import jobs as jobs_service
 from .deps import PrincipalDep, SettingsDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -17,8 +16,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
                              "description": "events: status, progress, step, end"}})
 async def job_events(job_id: str, request: Request, settings: SettingsDep, who: PrincipalDep,
                      last_event_id: str | None = Header(None, max_length=32)):
-    await run_in_threadpool(jobs_service.get_job, settings, who.tenant_id, job_id)  # 404 for other tenants
-    first = await run_in_threadpool(service.snapshot, settings.resolved_database_url, job_id)  # 404 first
+    # 404 (before the stream starts) for missing jobs and for other tenants'
+    first = await read(settings.resolved_database_url, service.snapshot, job_id, who.tenant_id)
     return StreamingResponse(service.job_events(settings, first, last_event_id, request.is_disconnected),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

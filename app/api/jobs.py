@@ -1,18 +1,19 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..db import repo
-from ..db.session import session_scope
+from ..db.session import read, session_scope
 from ..errors import ApiError
 from ..contract.jobs import JobList, JobOut, JobSpec, JobStatus
 from ..services import jobs as service
 from ..storage import iter_blob
-from .deps import PrincipalDep, SettingsDep
+from .deps import PrincipalDep, SettingsDep, json_response
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -31,14 +32,20 @@ async def create_job(spec: JobSpec, settings: SettingsDep, who: PrincipalDep, re
 @router.get("", response_model=JobList)
 async def list_jobs(settings: SettingsDep, who: PrincipalDep,
                     status: JobStatus | None = None,
-                    limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None, max_length=500)
-                    ) -> JobList:
-    return await run_in_threadpool(service.list_jobs, settings, who.tenant_id, status, limit, cursor)
+                    limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None, max_length=500),
+                    view: Literal["summary", "full"] = Query("summary", description="summary rows (no spec, "
+                                                             "params, artifacts; scalar metrics only) or "
+                                                             "full jobs as GET /v1/jobs/{id}")) -> Response:
+    return json_response(await read(settings.resolved_database_url, service.job_page, who.tenant_id, status,
+                                    limit, cursor, view == "full"))
 
 
 @router.get("/{job_id}", response_model=JobOut)
-async def get_job(job_id: str, settings: SettingsDep, who: PrincipalDep) -> JobOut:
-    return await run_in_threadpool(service.get_job, settings, who.tenant_id, job_id)
+async def get_job(job_id: str, settings: SettingsDep, who: PrincipalDep) -> Response:
+    view = await service.view_reader(settings).get(job_id)
+    if view is None or view.tenant_id != who.tenant_id:
+        raise ApiError("job_not_found", f"no job {job_id!r}")
+    return Response(view.json, media_type="application/json")
 
 
 @router.delete("/{job_id}", status_code=204)

@@ -25,8 +25,9 @@ StdValue = Annotated[float, Field(ge=1e-4, le=1000.0, description="at least 1e-4
                                   "amplifies noise into overflow")]
 
 
-class ModelRef(_Strict):
-    upload_id: str
+class _Architecture(_Strict):
+    """A network to build: what a model to adapt, a source and a student have in common."""
+
     format: Literal["safetensors", "pt"] | None = None
     architecture: str = Field(..., min_length=1, max_length=200,
                               description=f"built in: {', '.join(BUILTIN_ARCHITECTURES)}; or timm:<name>; "
@@ -40,6 +41,19 @@ class ModelRef(_Strict):
         if not is_resolvable_name(v):
             raise ValueError(f"unknown architecture {v!r}; built in: {', '.join(BUILTIN_ARCHITECTURES)}")
         return v
+
+
+class ModelRef(_Architecture):
+    upload_id: str
+
+
+class StudentRef(_Architecture):
+    """The model a multi-source job trains and exports, optionally from initial weights."""
+
+    upload_id: str | None = Field(None, description="initial weights; omitted: freshly initialised")
+
+
+MAX_SOURCES = 8  # source models per multi-source job: each one's features on the target are held in memory
 
 
 # What the worker reads (worker/adaptation/data/images.py READERS; a test holds the two equal). A
@@ -90,13 +104,62 @@ class JobSpec(_Strict):
                        "must support it")
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
-    model: ModelRef
+    # `models` is declared before `model` so that `model`'s validator sees it.
+    models: list[ModelRef] | None = Field(None, min_length=1, max_length=MAX_SOURCES,
+                                          description="source models of a multi-source method (distill_*), in "
+                                          "the order the metrics report them")
+    student: StudentRef | None = Field(None, description="the model a multi-source method trains and exports")
+    model: ModelRef | None = Field(None, validate_default=True,
+                                   description="the model to adapt (every method but the multi-source ones)")
     data: DataRef
     eval_data: DataRef | None = None
+    labelled_data: DataRef | None = Field(None, description="a few labelled target images (multi-source "
+                                          "methods): similarity pseudo-labels and a supervised loss")
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
     options: Options = Field(default_factory=Options)
     notify_url: HttpUrl | None = Field(None, description="POSTed the job's final state (signed, "
                                        "X-Adaptd-Signature) when it succeeds, fails or is cancelled")
+
+    @field_validator("model")
+    @classmethod
+    def _model_or_sources(cls, v: ModelRef | None, info) -> ModelRef | None:
+        has_sources = info.data.get("models") is not None
+        if v is None and not has_sources:
+            raise ValueError("Field required (`model`, or `models` for a multi-source method)")
+        if v is not None and has_sources:
+            raise ValueError("give either `model` (one model to adapt) or `models` (the sources of a "
+                             "multi-source method), not both")
+        return v
+
+    @model_validator(mode="after")
+    def _sources_and_student(self) -> "JobSpec":
+        if (self.models is None) != (self.student is None):
+            raise ValueError("`models` and `student` go together (multi-source methods)")
+        if self.labelled_data is not None and self.models is None:
+            raise ValueError("`labelled_data` is for multi-source methods (with `models`)")
+        if self.models is not None and self.labelled_data is None:
+            # Without labelled target images, a source's similarity uses its own predictions as
+            # pseudo-labels and its logits are distilled: its classes must be the student's.
+            for i, m in enumerate(self.models):
+                if m.num_classes != self.student.num_classes:
+                    raise ValueError(f"models[{i}].num_classes is {m.num_classes}, the student's is "
+                                     f"{self.student.num_classes}: sources with other classes need "
+                                     "`labelled_data`")
+        return self
+
+    def architectures(self) -> list[tuple[str, "_Architecture"]]:
+        """(field path, reference) of every network the spec names: the model, or the sources and student."""
+        out: list[tuple[str, _Architecture]] = [("model", self.model)] if self.model is not None else []
+        out += [(f"models[{i}]", m) for i, m in enumerate(self.models or [])]
+        return out + ([("student", self.student)] if self.student is not None else [])
+
+    def model_refs(self) -> list[tuple[str, str]]:
+        """(field path, upload id) of every model upload the spec names."""
+        refs = [("model", self.model.upload_id)] if self.model is not None else []
+        refs += [(f"models[{i}]", m.upload_id) for i, m in enumerate(self.models or [])]
+        if self.student is not None and self.student.upload_id is not None:
+            refs.append(("student", self.student.upload_id))
+        return refs
 
 
 class Progress(BaseModel):
@@ -120,12 +183,12 @@ class ArtifactOut(BaseModel):
     sha256: str
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A row of `GET /v1/jobs`: the job without its spec, params and artifacts, and only the scalar
+    metrics (the nested reports stay in `GET /v1/jobs/{id}`). `?view=full` lists JobOut rows."""
     id: str
     status: JobStatus
     method: str
-    params: dict
-    spec: dict
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -135,9 +198,14 @@ class JobOut(BaseModel):
     progress: Progress
     metrics: dict | None
     error: JobError | None
+
+
+class JobOut(JobSummary):
+    params: dict
+    spec: dict
     artifacts: list[ArtifactOut]
 
 
 class JobList(BaseModel):
-    items: list[JobOut]
+    items: list[JobOut | JobSummary]
     next_cursor: str | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -35,9 +36,33 @@ def get_job_by_idempotency_key(s: Session, key: str) -> Job | None:
     return s.scalar(select(Job).where(Job.idempotency_key == key))
 
 
-def list_jobs(s: Session, status: str | None, limit: int, before: tuple[datetime, str] | None,
-              tenant_id: str | None = None) -> list[Job]:
-    q = select(Job)
+# The read path of the API (GET /v1/jobs, /v1/jobs/{id}, the event streams): Core statements on an
+# autocommit connection (app.db.session.read / read_scope), one round trip each. Rows carry the attributes
+# app.services.jobs.to_out reads, under the same names as the ORM's.
+_SUMMARY = (Job.id, Job.tenant_id, Job.status, Job.method, Job.created_at, Job.started_at, Job.finished_at,
+            Job.heartbeat_at, Job.attempts, Job.cancel_requested, Job.progress_done, Job.progress_total,
+            Job.phase, Job.metrics, Job.error_code, Job.error_message, Job.error_detail)
+_FULL = (*_SUMMARY, Job.params, Job.spec)
+_ARTIFACT = (Artifact.name.label("artifact_name"), Artifact.size.label("artifact_size"),
+             Artifact.sha256.label("artifact_sha256"))
+
+
+def job_views(c: Connection | Session, job_ids: list[str], tenant_id: str | None = None) -> list[Row]:
+    """Jobs and their artifacts in one statement: one row per artifact (artifact_* None for a job
+    without any), ordered by job id and artifact name; absent ids (or another tenant's) have no rows.
+    One statement, so a job and its artifacts come from one snapshot."""
+    q = (select(*_FULL, *_ARTIFACT).outerjoin(Artifact, Artifact.job_id == Job.id)
+         .where(Job.id.in_(job_ids)).order_by(Job.id, Artifact.name))
+    if tenant_id is not None:
+        q = q.where(Job.tenant_id == tenant_id)
+    return list(c.execute(q))
+
+
+def job_summaries(c: Connection | Session, status: str | None, limit: int, before: tuple[datetime, str] | None,
+                  tenant_id: str | None = None, full: bool = False) -> list[Row]:
+    """A page of jobs, newest first, as list rows: no spec or params unless `full` (artifacts are not
+    read here; `full` callers read them with artifacts_of_jobs)."""
+    q = select(*(_FULL if full else _SUMMARY))
     if tenant_id is not None:
         q = q.where(Job.tenant_id == tenant_id)
     if status:
@@ -45,7 +70,25 @@ def list_jobs(s: Session, status: str | None, limit: int, before: tuple[datetime
     if before:
         created, job_id = before
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
-    return list(s.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+    return list(c.execute(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+
+
+def artifacts_of_jobs(c: Connection | Session, job_ids: list[str]) -> dict[str, list[Row]]:
+    """Artifacts (name, size, sha256) of several jobs in one statement, by job id, ordered by name."""
+    out: dict[str, list[Row]] = {j: [] for j in job_ids}
+    if job_ids:
+        q = (select(Artifact.job_id, Artifact.name, Artifact.size, Artifact.sha256)
+             .where(Artifact.job_id.in_(job_ids)).order_by(Artifact.job_id, Artifact.name))
+        for row in c.execute(q):
+            out[row.job_id].append(row)
+    return out
+
+
+def job_beats(c: Connection | Session, job_ids: list[str]) -> dict[str, tuple]:
+    """(status, heartbeat_at, progress_done, phase) of several jobs in one statement: what changes when
+    a worker writes. Missing jobs are absent."""
+    q = select(Job.id, Job.status, Job.heartbeat_at, Job.progress_done, Job.phase).where(Job.id.in_(job_ids))
+    return {row.id: tuple(row[1:]) for row in c.execute(q)}
 
 
 def artifacts_of(s: Session, job_id: str) -> list[Artifact]:
@@ -148,7 +191,7 @@ def claim_notification(s: Session, job_id: str) -> bool:
     return res.rowcount == 1
 
 
-def live_steps(s: Session, job_id: str) -> list[dict]:
+def live_steps(s: Connection | Session, job_id: str) -> list[dict]:
     return s.scalar(select(Job.live_steps).where(Job.id == job_id)) or []
 
 
@@ -251,7 +294,9 @@ def active_jobs_using_upload(s: Session, upload_id: str, tenant_id: str) -> list
 
 
 def _upload_ids(spec: dict) -> set[str]:
-    return {(spec.get(k) or {}).get("upload_id") for k in ("model", "data", "eval_data")} - {None}
+    refs = [spec.get(k) or {} for k in ("model", "student", "data", "eval_data", "labelled_data")]
+    refs += spec.get("models") or []
+    return {r.get("upload_id") for r in refs} - {None}
 
 
 def delete_job(s: Session, job_id: str) -> list[str]:

@@ -1,13 +1,17 @@
 """Jobs: validate everything before queueing, commit, then enqueue; idempotency; cancel; views."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import logging
 import math
 import uuid
+import weakref
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -18,20 +22,22 @@ from ..contract.catalog import CATALOG, MethodInfo
 from ..config import Settings
 from ..db import repo
 from ..db.models import Job
-from ..db.session import session_scope
+from ..db.session import read, read_scope, session_scope
 from ..errors import ApiError
 from ..netguard import NotAllowed, check_url
 from ..queue import enqueue_job, get_celery
 from ..storage import delete_blob_if_unreferenced
-from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, Progress
+from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, JobSummary, Progress
 
 log = logging.getLogger("adaptd.jobs")
+T = TypeVar("T")
 
 
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     """Method, params against the method's schema, the task against method and architecture, upload ids
     and kinds. Returns the validated params (authors' defaults filled in)."""
-    _check_numbers({"params": spec.params, "model": {"arch_kwargs": spec.model.arch_kwargs}})
+    _check_numbers({"params": spec.params, **{field: {"arch_kwargs": ref.arch_kwargs}
+                                              for field, ref in spec.architectures()}})
     size = spec.preprocess.size
     if size is not None and size > settings.max_preprocess_size:
         raise ApiError("validation_error", f"preprocess.size: at most {settings.max_preprocess_size} "
@@ -53,10 +59,13 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         raise ApiError("invalid_params", f"{errors[0]['field']}: {errors[0]['msg']}",
                        {"errors": errors, "schema": info.params_schema()}) from None
+    check_models(spec, info)
     check_task(spec, info)
-    refs = [("model", spec.model.upload_id, "model"), ("data", spec.data.upload_id, "dataset")]
-    if spec.eval_data is not None:
-        refs.append(("eval_data", spec.eval_data.upload_id, "dataset"))
+    refs = [(field, upload_id, "model") for field, upload_id in spec.model_refs()]
+    refs.append(("data", spec.data.upload_id, "dataset"))
+    for field in ("eval_data", "labelled_data"):
+        if getattr(spec, field) is not None:
+            refs.append((field, getattr(spec, field).upload_id, "dataset"))
     with session_scope(settings.resolved_database_url) as s:
         for field, upload_id, kind in refs:
             upload = repo.get_upload(s, upload_id, tenant_id)
@@ -67,6 +76,16 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
     return params
+
+
+def check_models(spec: JobSpec, info: MethodInfo) -> None:
+    """Multi-source methods take `models` (and a `student`), every other method one `model`."""
+    multisource = info.kind == "multisource"
+    if multisource != (spec.models is not None):
+        field = "model" if multisource else "models"  # the one given that the method does not take
+        raise ApiError("invalid_spec", f"{field}: {spec.method} takes "
+                       + ("`models` (source models) and a `student`, not `model`" if multisource
+                          else "one `model`, not `models`"), {"field": field})
 
 
 MAX_ABS_NUMBER = 1e12  # no parameter of any method is sanely larger; keeps overflow out of the engine
@@ -88,15 +107,17 @@ def _check_numbers(value, path: str = "") -> None:
 
 
 def check_task(spec: JobSpec, info: MethodInfo) -> None:
-    """The job's task must be one the method supports and the one a built-in architecture declares."""
+    """The job's task must be one the method supports and the one every built-in architecture of the
+    spec (model, sources, student) declares."""
     if spec.task not in info.tasks:
         raise ApiError("task_mismatch", f"method: {spec.method} supports the tasks {list(info.tasks)}, not "
                        f"{spec.task!r}", {"field": "method", "task": spec.task, "supported": list(info.tasks)})
-    arch_task = task_of(spec.model.architecture)
-    if arch_task is not None and arch_task != spec.task:
-        raise ApiError("task_mismatch", f"model.architecture: {spec.model.architecture} is a {arch_task} "
-                       f"architecture, the job's task is {spec.task!r}",
-                       {"field": "model.architecture", "task": spec.task, "architecture_task": arch_task})
+    for field, ref in spec.architectures():
+        arch_task = task_of(ref.architecture)
+        if arch_task is not None and arch_task != spec.task:
+            raise ApiError("task_mismatch", f"{field}.architecture: {ref.architecture} is a {arch_task} "
+                           f"architecture, the job's task is {spec.task!r}",
+                           {"field": f"{field}.architecture", "task": spec.task, "architecture_task": arch_task})
 
 
 def create_job(settings: Settings, tenant_id: str, spec: JobSpec, idempotency_key: str | None
@@ -156,19 +177,102 @@ def _by_key(url: str, key: str, request_hash: str) -> JobOut | None:
 
 
 def get_job(settings: Settings, tenant_id: str | None, job_id: str) -> JobOut:
-    with session_scope(settings.resolved_database_url) as s:
-        job = repo.get_job(s, job_id, tenant_id)
-        if job is None:
-            raise ApiError("job_not_found", f"no job {job_id!r}")
-        return to_out(job, repo.artifacts_of(s, job_id))
+    with read_scope(settings.resolved_database_url) as c:
+        job = views_out(repo.job_views(c, [job_id], tenant_id)).get(job_id)
+    if job is None:
+        raise ApiError("job_not_found", f"no job {job_id!r}")
+    return job
 
 
-def list_jobs(settings: Settings, tenant_id: str, status: str | None, limit: int, cursor: str | None
-              ) -> JobList:
+def views_out(rows) -> dict[str, JobOut]:
+    """JobOut by id from repo.job_views's rows (a job's columns, one row per artifact)."""
+    by_id: dict[str, list] = {}
+    for r in rows:
+        by_id.setdefault(r.id, []).append(r)
+    return {job_id: to_out(rs[0], [ArtifactOut(name=r.artifact_name, size=r.artifact_size, sha256=r.artifact_sha256)
+                                   for r in rs if r.artifact_name is not None])
+            for job_id, rs in by_id.items()}
+
+
+@dataclass(frozen=True)
+class View:
+    tenant_id: str
+    json: bytes  # the body of GET /v1/jobs/{id}
+
+
+class ViewReader:
+    """`GET /v1/jobs/{id}` in one API process (and event loop). A request that finds no read in flight
+    starts one; requests arriving meanwhile wait for the next, which reads all their jobs in one
+    statement, and requests for the same job share its JSON. So every answer comes from a read that
+    started after its request arrived (a client reads its own writes), a process has at most one
+    such read in flight, and N pollers cost a few statements per round trip instead of N."""
+
+    MAX_IDS = 500  # per statement
+
+    def __init__(self, url: str):
+        self.url = url
+        self.pending: dict[str, list[asyncio.Future]] = {}
+        self.busy = False
+
+    async def get(self, job_id: str) -> View | None:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.setdefault(job_id, []).append(future)
+        if not self.busy:
+            self.busy = True
+            asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                ids = list(self.pending)[:self.MAX_IDS]
+                batch = {job_id: self.pending.pop(job_id) for job_id in ids}
+                try:
+                    views = await read(self.url, _read_views, ids)
+                except Exception as exc:  # noqa: BLE001 - every waiting request gets it (503 etc.)
+                    for futures in batch.values():
+                        for f in futures:
+                            if not f.done():
+                                f.set_exception(exc)
+                    continue
+                for job_id, futures in batch.items():
+                    for f in futures:
+                        if not f.done():
+                            f.set_result(views.get(job_id))
+        finally:
+            self.busy = False
+
+
+def _read_views(c, job_ids: list[str]) -> dict[str, View]:
+    rows = repo.job_views(c, job_ids)
+    tenants = {r.id: r.tenant_id for r in rows}
+    return {job_id: View(tenants[job_id], job.model_dump_json().encode())
+            for job_id, job in views_out(rows).items()}
+
+
+_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
+
+
+def per_loop(key: tuple, make: Callable[[], T]) -> T:
+    """One object per event loop and key (its futures and tasks belong to that loop)."""
+    objects = _per_loop.setdefault(asyncio.get_running_loop(), {})
+    if key not in objects:
+        objects[key] = make()
+    return objects[key]
+
+
+def view_reader(settings: Settings) -> ViewReader:
+    url = settings.resolved_database_url
+    return per_loop(("views", url), lambda: ViewReader(url))
+
+
+def job_page(c, tenant_id: str, status: str | None, limit: int, cursor: str | None, full: bool = False
+             ) -> JobList:
+    """GET /v1/jobs on a read connection: one statement (two with `full`: the page's artifacts)."""
     before = _decode_cursor(cursor) if cursor else None
-    with session_scope(settings.resolved_database_url) as s:
-        jobs = repo.list_jobs(s, status, limit + 1, before, tenant_id)
-        items = [to_out(j, repo.artifacts_of(s, j.id)) for j in jobs[:limit]]
+    jobs = repo.job_summaries(c, status, limit + 1, before, tenant_id, full=full)
+    artifacts = repo.artifacts_of_jobs(c, [j.id for j in jobs[:limit]]) if full else None
+    items = [to_out(j, artifacts[j.id]) if full else to_summary(j) for j in jobs[:limit]]
     next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return JobList(items=items, next_cursor=next_cursor)
 
@@ -209,18 +313,28 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ApiError("validation_error", "cursor: invalid cursor", {"field": "cursor"}) from None
 
 
-def to_out(job: Job, artifacts) -> JobOut:
+def _common(job) -> dict:
+    """The fields JobSummary and JobOut share, from an ORM Job or a repo row with the same names."""
     total = job.progress_total or 0
     done = job.progress_done or 0
     # A job's correlation id is its id: the worker logs every line of the job, tracebacks included, under it.
     error = JobError(code=job.error_code, message=job.error_message or "", detail=job.error_detail or {},
                      correlation_id=job.id) if job.error_code else None
-    return JobOut(
-        id=job.id, status=job.status, method=job.method, params=job.params, spec=job.spec,
+    return dict(
+        id=job.id, status=job.status, method=job.method,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         heartbeat_at=job.heartbeat_at, attempts=job.attempts, cancel_requested=job.cancel_requested,
         progress=Progress(done=done, total=total, fraction=(done / total) if total else
                           (1.0 if job.status == "succeeded" else 0.0), phase=job.phase),
-        metrics=job.metrics, error=error,
-        artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256) for a in artifacts],
-    )
+        error=error)
+
+
+def to_out(job, artifacts) -> JobOut:
+    return JobOut(**_common(job), params=job.params, spec=job.spec, metrics=job.metrics,
+                  artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256) for a in artifacts])
+
+
+def to_summary(job) -> JobSummary:
+    metrics = None if job.metrics is None else \
+        {k: v for k, v in job.metrics.items() if not isinstance(v, (dict, list))}
+    return JobSummary(**_common(job), metrics=metrics)

@@ -1,6 +1,7 @@
 """Uploads: stream bytes into the blob store, enforce the size limit, dedupe by content."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import AsyncIterator
 
@@ -45,17 +46,26 @@ async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: 
         raise _over_quota(quota, used)
     url = settings.resolved_database_url
     writer = await run_in_threadpool(BlobWriter, url)
-    buf = bytearray()
+    buf, received, chunk = bytearray(), 0, settings.chunk_bytes
+    # The previous chunk's insert (and hash) runs in a thread while the next chunk arrives: receiving
+    # and storing overlap, and memory stays at two chunks per upload.
+    writing: asyncio.Future | None = None
     try:
         async for piece in chunks:
-            buf += piece
-            if writer.size + len(buf) > limit:
+            received += len(piece)
+            if received > limit:
                 raise _too_large(limit)
-            if used + writer.size + len(buf) > quota:
+            if used + received > quota:
                 raise _over_quota(quota, used)
-            if len(buf) >= settings.chunk_bytes:
-                data, buf = bytes(buf[:settings.chunk_bytes]), buf[settings.chunk_bytes:]
-                await run_in_threadpool(writer.write, data)
+            buf += piece
+            if len(buf) >= chunk:
+                data = bytes(buf[:chunk])
+                del buf[:chunk]
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(run_in_threadpool(writer.write, data))
+        if writing is not None:
+            await writing
         if buf:
             await run_in_threadpool(writer.write, bytes(buf))
         if writer.size == 0:
@@ -75,6 +85,8 @@ async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: 
 
         await run_in_threadpool(writer.finish, record, within_quota)
     except BaseException:
+        if writing is not None:
+            await asyncio.wait([writing])  # never two writers on one blob: let it end, then abort
         await run_in_threadpool(writer.abort)
         raise
     return writer.recorded

@@ -1,6 +1,8 @@
 """Blob bytes live in `blob_chunks` rows of at most `chunk_bytes`. Writers commit chunk by chunk (so
 neither side ever holds a whole file in memory); a blob becomes visible under its sha256 only when it is
-complete, and identical content is stored once."""
+complete, and identical content is stored once. Chunk commits do not wait for the disk; the seal's
+commit does, and flushes the chunks before it (app.db.session.deferred_durability_scope): one disk
+flush per blob instead of one per chunk."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..db.models import Blob, BlobChunk
-from ..db.session import session_scope
+from ..db.session import deferred_durability_scope, session_scope
 
 
 class BlobWriter:
@@ -29,9 +31,8 @@ class BlobWriter:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        with session_scope(self.db_url) as s:
-            # Core insert: the ORM would keep every chunk in the session's identity map.
-            s.execute(insert(BlobChunk).values(blob_id=self.blob_id, seq=self._seq, offset=self.size, data=data))
+        with deferred_durability_scope(self.db_url) as conn:
+            conn.execute(insert(BlobChunk).values(blob_id=self.blob_id, seq=self._seq, offset=self.size, data=data))
         self._hash.update(data)
         self._seq += 1
         self.size += len(data)

@@ -23,8 +23,10 @@ from worker.adaptation.runner import RunRequest, run
 
 from .conftest import CNN_KWARGS, PRE
 
-# Every method that adapts classifiers; the segmentation-only ones keep theirs in test_segmentation.py.
-ALL_METHODS = sorted(n for n in METHODS if "classification" in get_method_info(n).tasks)
+# Every per-batch method that adapts classifiers (the segmentation-only ones keep theirs in
+# test_segmentation.py; multi-model jobs theirs in test_multisource*).
+ALL_METHODS = sorted(n for n in METHODS if "classification" in get_method_info(n).tasks
+                     and get_method_info(n).kind in ("baseline", "tta", "sfda"))
 BATCH = 16
 
 # Whether BatchNorm running statistics may change (methods that normalise with batch statistics keep

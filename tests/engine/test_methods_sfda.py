@@ -26,7 +26,8 @@ from worker.adaptation.models.loading import load_model
 from worker.adaptation.runner import RunRequest, run
 from worker.adaptation.training import train_classifier
 
-SFDA_METHODS = sorted(n for n, i in CATALOG.items() if i.kind == "sfda")
+# The source-free classification methods (sfda_prior is segmentation-only: tests/engine/test_segmentation.py).
+SFDA_METHODS = sorted(n for n, i in CATALOG.items() if i.kind == "sfda" and "classification" in i.tasks)
 ARCH_KWARGS = {"width": 8, "bottleneck": 64}
 PRE = Preprocess(size=None, channels=1, mean=[0.5], std=[0.5])
 TARGET_SIZE = 641

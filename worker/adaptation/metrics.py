@@ -62,12 +62,6 @@ def agreement(probs_a: torch.Tensor, probs_b: torch.Tensor) -> float:
     return float((probs_a.argmax(1) == probs_b.argmax(1)).float().mean())
 
 
-def average_confidence(probs: torch.Tensor) -> float:
-    """Label-free accuracy estimate: the mean max-probability (Hendrycks & Gimpel's baseline; Garg et
-    al. 2022 compare ATC against it). ATC proper needs labelled source validation data we don't have."""
-    return mean_max_probability(probs)
-
-
 def prediction_summary(probs: torch.Tensor, num_classes: int) -> dict:
     """Label-free summary of a model's predictions on a set."""
     hist = class_histogram(probs.argmax(1), num_classes)

@@ -19,6 +19,7 @@ from app.contract.catalog import CollapseGuard as GuardParams
 from app.contract.catalog import ProtocolParams, get_method_info
 from app.contract.jobs import JobSpec
 
+from . import estimation as E
 from .collapse import CollapseGuard
 from .data import ImageSet, Preprocess, open_image_set
 from .device import (peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision,
@@ -173,7 +174,8 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         "target": {"before": source_summary, "after": after_summary},
         "collapse": {"enabled": guard.enabled, "threshold": guard.threshold, "events": guard.events},
         "batchnorm_recalibration_batches": recalibrated,
-        "estimator": "average_confidence",
+        "notes": [n for n in [E.entropy_note(source_summary.get("mean_entropy"), after_summary.get("mean_entropy"),
+                                             recalibrated)] if n],
         "model_load": load_report,
         "timing": {"adapt_seconds": loop.seconds, "steps": loop.done},
         "method_report": method_report,

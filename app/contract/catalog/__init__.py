@@ -5,7 +5,7 @@ The API validates job params and serves `GET /v1/methods` from it without torch;
 implementation (`worker/adaptation/methods/`) registers against its params class here
 (`@implements(TentParams)`), so an entry and its implementation are bound by one object and a test
 keeps the two sets equal. Defaults are the authors' and exist only here. Adding a method: a params
-class + `@describe` in the module of its kind (`baselines`, `tta`, `sfda`), and one implementation
+class + `@describe` in the module of its kind (`baselines`, `tta`, `sfda`, `segmentation`, `multimodel`), and one implementation
 file (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ UpdateScope = Literal["nothing", "norm_affine", "norm_affine_but_last", "all", "
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
-    kind: Literal["baseline", "tta", "sfda"]
+    kind: Literal["baseline", "tta", "sfda", "multisource", "auto"]
     description: str
     params_model: type[MethodParams]
     updates: UpdateScope
@@ -111,4 +111,4 @@ def get_method_info(name: str) -> MethodInfo:
 
 
 # Importing the per-kind modules runs their @describe decorators.
-from . import baselines, segmentation, sfda, tta  # noqa: E402,F401
+from . import baselines, multimodel, segmentation, sfda, tta  # noqa: E402,F401

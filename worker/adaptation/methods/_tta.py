@@ -45,6 +45,13 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     return (values * m).sum() / count.clamp_min(1.0), count
 
 
+def nothing_selected(mask: torch.Tensor) -> bool:
+    """No sample selected, when the host can tell without waiting for the device (CPU tensors): the
+    update is then skipped, as the reference skips it. On an accelerator the masked update runs
+    instead (a zero-gradient no-op) rather than stalling the stream with a sync every step."""
+    return mask.device.type == "cpu" and not bool(mask.any())
+
+
 def symmetric_cross_entropy(x: torch.Tensor, x_ema: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Per-sample (1 − α)·CE(softmax(x_ema) → x) + α·CE(softmax(x) → x_ema), fp32."""
     x, x_ema = x.float(), x_ema.float()

@@ -13,9 +13,9 @@ The returned prediction, and the exported model, are the teacher's.
 
 The augmented views are made in one batched call per chunk (`augment.BatchAugment`: per-image random
 colour, affine, blur, flip and noise on the device) and forwarded through the teacher a chunk of views at
-a time (at most `AUG_FORWARD_IMAGES` images per forward); the reference instead runs 32 sequential
-torchvision pipelines. With BatchNorm, statistics are computed over each chunk of views rather than per
-view (both are batches of independently augmented images).
+a time (at most `AUG_FORWARD_IMAGES` images per forward; one view per forward on a CPU); the reference
+instead runs 32 sequential torchvision pipelines. With BatchNorm, statistics are computed over each
+chunk of views rather than per view (both are batches of independently augmented images).
 
 One host sync per step: the branch on the anchor confidence (skipping 32 forwards is worth it)."""
 from __future__ import annotations
@@ -33,7 +33,10 @@ from .base import Method, StepOutput
 from .norm import use_batch_statistics
 from .registry import implements
 
-AUG_FORWARD_IMAGES = 2048  # at most this many augmented images per teacher forward
+AUG_FORWARD_IMAGES = 2048  # at most this many augmented images per teacher forward on an accelerator
+# On a CPU one view (a batch) per forward, as the reference does: its activations stay in cache, while
+# a forward of many views streams every layer's activations through memory (measured: 32 views of 32
+# images through a WRN-10-1 took 1.4x the CPU time as one forward; benchmarks/engine_vs_reference.py).
 
 
 @implements(CoTTAParams)
@@ -70,7 +73,7 @@ class CoTTA(Method):
         if not bool(anchor_conf < p.ap):  # the step's one host sync
             return standard, torch.zeros((), device=x.device)
         n = x.shape[0]
-        per_chunk = max(1, AUG_FORWARD_IMAGES // n)
+        per_chunk = 1 if x.device.type == "cpu" else max(1, AUG_FORWARD_IMAGES // n)
         total = torch.zeros_like(standard)
         done = 0
         while done < p.n_augmentations:

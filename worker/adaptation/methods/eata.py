@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from app.contract.catalog.tta import EATAParams
 
-from ._tta import NormAffineMethod, masked_mean
+from ._tta import NormAffineMethod, masked_mean, nothing_selected
 from .base import StepOutput, softmax_entropy
 from .registry import implements
 
@@ -55,15 +55,16 @@ class EATA(NormAffineMethod):
             used = reliable & novel
             coeff = torch.exp(-(ent.detach() - self.e0))  # 1 / exp(H − E0)
         loss, n_used = masked_mean(ent * coeff, used)
-
-        before = [q.detach().clone() for q in self.norm_params]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        keep = n_used > 0
+        if not nothing_selected(used):
+            before = [q.detach().clone() for q in self.norm_params]
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            with torch.no_grad():
+                for q, old in zip(self.norm_params, before):
+                    q.copy_(torch.where(keep, q, old))
         with torch.no_grad():
-            keep = n_used > 0
-            for q, old in zip(self.norm_params, before):
-                q.copy_(torch.where(keep, q, old))
             # EMA of the mean softmax of the used samples (initialised by the first non-empty batch)
             sel_mean = (probs.detach() * used.unsqueeze(1)).sum(0) / n_used.clamp_min(1.0)
             mixed = torch.where(self.probs_ema_valid,

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import examples as E
+from .. import estimation as E
 from .. import metrics as M
 from ..errors import AdaptationError
+from ..examples import pick as pick_examples
 from ..models.export import recalibrate_batch_norm
 
 
@@ -44,7 +45,7 @@ class Classification:
                 "entropy_after": after_summary["mean_entropy"],
                 "predicted_class_entropy_after": after_summary["predicted_class_entropy"],
                 "agreement_with_source": M.agreement(after, source),
-                "estimated_accuracy_after": M.average_confidence(after)}
+                **E.accuracy_estimate(after)}
 
     def evaluate(self, predictions: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict:
         return M.labelled_summary(predictions, torch.from_numpy(labels), num_classes)
@@ -57,7 +58,7 @@ class Classification:
         return {"accuracy": float((signals == torch.from_numpy(labels[:seen])).float().mean()), "num_images": seen}
 
     def examples(self, data, before: torch.Tensor, after: torch.Tensor, labelled: bool) -> dict:
-        return E.pick(data, before, after, labelled)
+        return pick_examples(data, before, after, labelled)
 
     def recalibrate(self, model, batches, autocast) -> int:
         return recalibrate_batch_norm(model, batches, autocast)

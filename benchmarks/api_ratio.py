@@ -1,0 +1,369 @@
+"""The API's read path as ratios measured in one run: how close `GET /v1/jobs/{id}` comes to `GET /healthz`
+(a route that touches nothing) under the same concurrency, and what open event streams cost the pollers.
+
+For each backend (PostgreSQL + Redis as `adaptd api` + `adaptd worker`; SQLite as `adaptd up`) it starts
+the service on a fresh database, runs a few small `source` jobs to completion (the worker is idle after
+that), inserts a few queued jobs that no worker will take (the streams' subjects), then repeats --rounds
+times, interleaved so that background load drifts over all phases alike:
+
+    healthz        --pollers clients GET /healthz back to back
+    job            --pollers clients GET /v1/jobs/{id} back to back (finished jobs, with artifacts)
+    job+streams    the same, while --streams clients hold GET /v1/jobs/{id}/events open on queued jobs
+    job            again (the streams' cost is measured against the mean of the two job phases)
+    list           --pollers clients GET /v1/jobs?limit=20 back to back
+    job paced      --pollers clients GET /v1/jobs/{id}, each once per --every seconds (latency at a
+                   fixed offered load; back-to-back clients measure throughput, and their latency is
+                   concurrency / throughput by Little's law, whatever the route)
+
+The clients speak HTTP/1.1 over raw asyncio streams (one keep-alive connection each, a few µs of client
+CPU per request), so the 2-core machine's CPU goes to the server, not to the load generator. Prints, per
+backend, a table per round and the ratios: job/healthz, (job+streams)/job, and p99s. Loopback only and
+bounded: every phase lasts --duration seconds.
+
+    python benchmarks/api_ratio.py [--backend postgres,sqlite] [--pollers 200] [--streams 200]
+        [--duration 10] [--rounds 2] [--every 1] [--profile DIR]
+
+--profile DIR runs `py-spy record` (if installed) on the API processes during the first `job` phase
+and writes DIR/<backend>-job.txt (collapsed stacks) and prints the top frames (self and inclusive).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from load import CpuSampler, cpu_model, create_jobs, postgres_pids  # noqa: E402
+
+
+# --- a minimal HTTP/1.1 client ---------------------------------------------------------------------
+
+class Conn:
+    """One keep-alive connection; GET only; Content-Length bodies (what the API answers to GETs)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def get(self, path: str) -> tuple[int, int]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        if length:
+            await self.reader.readexactly(length)
+        return status, length
+
+    async def stream(self, path: str, opened: asyncio.Event, counts: Counter) -> None:
+        """Hold an event stream open, reading (and discarding) what it sends."""
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        counts[int(head[9:12])] += 1
+        opened.set()
+        while await self.reader.read(65536):
+            counts["bytes"] += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+async def phase(host: str, port: int, paths: list[str], pollers: int, duration: float, every_s: float = 0.0
+                ) -> dict:
+    """`pollers` clients GET `paths` in turn for `duration` s: back to back, or each at most once per
+    `every_s` (a paced client, as the CLI and the dashboard poll)."""
+    latencies: list[float] = []
+    status: Counter = Counter()
+    stop_at = time.monotonic() + duration
+
+    async def poller(k: int) -> None:
+        conn, i = Conn(host, port), k
+        if every_s:  # spread the paced clients over the interval instead of a burst each second
+            await asyncio.sleep(every_s * k / pollers)
+        try:
+            while time.monotonic() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    code, _ = await conn.get(paths[i % len(paths)])
+                except (OSError, asyncio.IncompleteReadError):
+                    code = "conn_error"
+                    conn.close()
+                latencies.append(time.perf_counter() - t0)
+                status[code] += 1
+                i += 1
+                if every_s:
+                    await asyncio.sleep(max(0.0, every_s - (time.perf_counter() - t0)))
+        finally:
+            conn.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(poller(k) for k in range(pollers)))
+    elapsed = time.perf_counter() - t0
+    lat = np.asarray(latencies) * 1000
+    ok = sum(n for s, n in status.items() if s == 200)
+    return {"n": len(latencies), "ok": ok, "errors": {s: n for s, n in status.items() if s != 200},
+            "rate": ok / elapsed, "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+
+
+async def open_streams(host: str, port: int, paths: list[str], n: int, counts: Counter) -> list:
+    conns = [Conn(host, port) for _ in range(n)]
+    events = [asyncio.Event() for _ in range(n)]
+    tasks = [asyncio.create_task(c.stream(paths[k % len(paths)], events[k], counts)) for k, c in enumerate(conns)]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+    return [conns, tasks]
+
+
+def close_streams(held) -> None:
+    conns, tasks = held
+    for t in tasks:
+        t.cancel()
+    for c in conns:
+        c.close()
+
+
+# --- services --------------------------------------------------------------------------------------
+
+def queued_jobs(db_url: str, n: int, like: str) -> list[str]:
+    """Jobs left queued (never enqueued, so no worker takes them): subjects for event streams."""
+    from app.db import repo
+    from app.db.models import Job
+    from app.db.session import session_scope
+
+    ids = [str(uuid.uuid4()) for _ in range(n)]
+    with session_scope(db_url) as s:
+        model = repo.get_job(s, like)
+        for job_id in ids:
+            s.add(Job(id=job_id, tenant_id=model.tenant_id, status="queued", method=model.method,
+                      params=model.params, spec=model.spec))
+    return ids
+
+
+class Stack:
+    def __init__(self, backend: str, work: Path):
+        from tests.services import REDIS_URL, Service, base_env, create_pg_database
+
+        self.backend, self.db_name = backend, None
+        env = {"ADAPTD_HOME": str(work / "home"), "ADAPTD_REAPER_QUEUED_AFTER_S": "100000"}
+        if backend == "postgres":
+            self.db_name, self.db_url = create_pg_database()
+            env |= {"ADAPTD_DATABASE_URL": self.db_url, "ADAPTD_BROKER_URL": REDIS_URL,
+                    "ADAPTD_QUEUE": f"adaptd-ratio-{uuid.uuid4().hex[:8]}"}
+        else:
+            self.db_url = f"sqlite:///{work / 'home' / 'adaptd.db'}"
+        self.service = Service(env=base_env(**env), log_dir=work)
+
+    def start(self) -> str:
+        if self.backend == "postgres":
+            subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=self.service.env,
+                           check=True, stdout=subprocess.DEVNULL)
+            self.service.start_api()
+            self.service.start_worker()
+        else:
+            self.service.start_embedded()
+        return self.service.url
+
+    def pids(self, role: str) -> list[int]:
+        """The API processes (uvicorn and its workers) or the Celery worker processes."""
+        import psutil
+
+        out = []
+        procs = [self.service.api] if role == "api" else self.service.workers
+        for proc in procs:
+            if proc is None or proc.poll() is not None:
+                continue
+            try:
+                p = psutil.Process(proc.pid)
+                tree = [p, *p.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for q in tree:
+                try:
+                    celery = "celery" in " ".join(q.cmdline()) or "worker" in q.cmdline()
+                except psutil.Error:
+                    continue
+                if (role == "worker") == celery:
+                    out.append(q.pid)
+        return out
+
+    def stop(self) -> None:
+        from tests.services import drop_pg_database
+
+        self.service.stop()
+        if self.db_name:
+            drop_pg_database(self.db_name)
+
+
+def pyspy(pids: list[int], seconds: float, out: Path) -> subprocess.Popen | None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists() or not pids:
+        return None
+    # One recording per process would need several py-spy processes; the main API process (or the
+    # first uvicorn worker) is representative: they serve the same code.
+    return subprocess.Popen([exe, "record", "-p", str(pids[-1]), "-d", str(int(seconds)), "-r", "50", "-f", "raw", "--gil",
+                             "-o", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def top_frames(collapsed: Path, n: int = 15) -> str:
+    """Top frames of a py-spy collapsed-stack file: self samples and inclusive samples, % of all."""
+    self_c, incl, total = Counter(), Counter(), 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        c = int(count)
+        total += c
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  if " (" in f else f for f in stack.split(";")]
+        self_c[frames[-1]] += c
+        for f in set(frames):
+            incl[f] += c
+    if not total:
+        return "(no samples)"
+    rows = ["| self % | frame | | inclusive % | frame |", "|---:|---|---|---:|---|"]
+    for (fs, cs), (fi, ci) in zip(self_c.most_common(n), incl.most_common(n)):
+        rows.append(f"| {100 * cs / total:.1f} | `{fs}` | | {100 * ci / total:.1f} | `{fi}` |")
+    return "\n".join(rows) + f"\n\n({total} samples)"
+
+
+# --- one backend -----------------------------------------------------------------------------------
+
+# `job` runs before and after `job+streams` (the second spelled with a trailing space here): the streams'
+# cost is measured against the mean of both, so drifting background load does not bias it.
+PHASES = ("healthz", "job", "job+streams", "job ", "list", "job paced")
+
+
+def run_backend(backend: str, args) -> list[dict]:
+    work = Path(tempfile.mkdtemp(prefix=f"adaptd-ratio-{backend}-"))
+    stack, ok = Stack(backend, work), False
+    try:
+        url = stack.start()
+        host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+        done = create_jobs(url, 4, 180.0, {})
+        queued = queued_jobs(stack.db_url, 4, done[0])
+        job_paths = [f"/v1/jobs/{j}" for j in done]
+        stream_paths = [f"/v1/jobs/{j}/events" for j in queued]
+        rows = []
+        groups = {"API": lambda: stack.pids("api"), "worker": lambda: stack.pids("worker"),
+                  "client": lambda: [os.getpid()]}
+        if backend == "postgres":
+            groups["PostgreSQL"] = postgres_pids
+
+        async def rounds() -> None:
+            for r in range(args.rounds):
+                for name in PHASES:
+                    held, counts = None, Counter()
+                    if name == "job+streams":
+                        held = await open_streams(host, port, stream_paths, args.streams, counts)
+                    paths = {"healthz": ["/healthz"], "list": ["/v1/jobs?limit=20"]}.get(name, job_paths)
+                    name = name.strip()
+                    spy = None
+                    if args.profile and r == 0 and name in ("job", "job+streams"):
+                        spy = pyspy(stack.pids("api"), args.duration,
+                                    args.profile / f"{backend}-{name.replace('+', '-')}.txt")
+                    with CpuSampler(groups) as cpu:
+                        res = await phase(host, port, paths, args.pollers, args.duration,
+                                          args.every if name == "job paced" else 0.0)
+                    if held is not None:
+                        res["streams_ok"] = counts.get(200, 0)
+                        close_streams(held)
+                    if spy is not None:
+                        spy.wait(timeout=args.duration + 30)
+                    res |= {"round": r + 1, "phase": name, "cpu": cpu.seconds()}
+                    rows.append(res)
+                    print(f"{backend} round {r + 1} {name}: {res['rate']:.0f} req/s p99 {res['p99']:.0f} ms "
+                          f"errors {res['errors']}", file=sys.stderr)
+                    await asyncio.sleep(1)
+
+        asyncio.run(rounds())
+        ok = True
+        return rows
+    finally:
+        stack.stop()
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"api_ratio: failed; logs in {work}", file=sys.stderr)
+
+
+def report(backend: str, rows: list[dict], args) -> str:
+    out = [f"### {backend}: {args.pollers} pollers, {args.streams} streams, {args.duration:.0f} s per phase, "
+           f"{args.rounds} rounds", "",
+           "| round | phase | req/s | p50 ms | p99 ms | errors | CPU s: API / client / database / worker |",
+           "|---:|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        cpu = r["cpu"]
+        db = cpu.get("PostgreSQL")
+        streams = f" ({r['streams_ok']} streams open)" if "streams_ok" in r else ""
+        out.append(f"| {r['round']} | {r['phase']}{streams} | {r['rate']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | "
+                   f"{r['errors'] or 'none'} | {cpu['API']:.1f} / {cpu['client']:.1f} / "
+                   f"{'—' if db is None else f'{db:.1f}'} / {cpu['worker']:.1f} |")
+    out += ["", "job: the mean rate and the larger p99 of the two `job` phases around `job+streams`.", "",
+            f"| round | job / healthz | (job+streams) / job | job p99 ms | job+streams p99 ms | list / job "
+                f"| paced ({args.pollers / args.every:.0f} req/s offered) p50 / p99 ms |",
+            "|---:|---:|---:|---:|---:|---:|---|"]
+    for k in range(1, args.rounds + 1):
+        mine = [r for r in rows if r["round"] == k]
+        by = {r["phase"]: r for r in mine}
+        h, s, li, pc = by["healthz"], by["job+streams"], by["list"], by["job paced"]
+        jobs = [r for r in mine if r["phase"] == "job"]
+        j = {"rate": statistics.mean(r["rate"] for r in jobs), "p99": max(r["p99"] for r in jobs)}
+        out.append(f"| {k} | {j['rate'] / h['rate']:.2f} | {s['rate'] / j['rate']:.2f} | {j['p99']:.0f} | "
+                   f"{s['p99']:.0f} | {li['rate'] / j['rate']:.2f} | {pc['p50']:.0f} / {pc['p99']:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", default="postgres,sqlite")
+    p.add_argument("--pollers", type=int, default=200)
+    p.add_argument("--streams", type=int, default=200)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--every", type=float, default=1.0, help="seconds between one paced client's polls")
+    p.add_argument("--profile", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not (0 < args.duration <= 120 and 1 <= args.rounds <= 5 and 1 <= args.pollers <= 1000
+            and 0 <= args.streams <= 1000):
+        p.error("duration in (0, 120], rounds 1-5, pollers 1-1000, streams 0-1000")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} CPUs ({cpu_model()}); load average "
+          f"{os.getloadavg()[0]:.1f} at the start")
+    for backend in args.backend.split(","):
+        rows = run_backend(backend, args)
+        print()
+        print(report(backend, rows, args))
+        if args.profile:
+            for name in ("job", "job-streams"):
+                f = args.profile / f"{backend}-{name}.txt"
+                if f.exists():
+                    print(f"\nTop frames, {backend} `{name}` phase, one API process (py-spy --gil, 50 Hz: where its CPU goes):\n")
+                    print(top_frames(f))
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Upload throughput over HTTP on loopback, and where its time goes, for both backends, in one run.
+
+For each backend (PostgreSQL as `adaptd api`; SQLite as `adaptd up`) on a fresh database:
+
+    sha256            hashing the bytes alone (hashlib, this process): the floor of the server's work
+    blob store        app.storage.BlobWriter in this process, no HTTP: chunk inserts + commits + hashing
+    HTTP x1           one client uploading --mib MiB (octet-stream, streamed), --repeat times
+    HTTP x4           four clients uploading --mib / 4 MiB each at once
+
+Every upload has distinct bytes (no deduplication). Prints MiB/s and MB/s per row, the API's peak RSS
+during the HTTP rows (memory must stay bounded: it may not grow with the upload size), and the CPU
+seconds per GiB of the API, the database server (all PostgreSQL processes) and the client. On a shared
+machine the wall-clock rate mostly says how much CPU the run was given; CPU per GiB does not depend on
+that, and gives the rate the API and the database could sustain with a core each.
+
+    python benchmarks/upload_throughput.py [--backend postgres,sqlite] [--mib 256] [--repeat 2]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from api_ratio import Stack  # noqa: E402
+from load import CpuSampler, cpu_model, postgres_pids  # noqa: E402
+
+MiB = 1 << 20
+
+
+def body(template: bytes, mib: int, tag: str):
+    """`mib` MiB in 1 MiB pieces, distinct from every other upload (a tag in front)."""
+    head = tag.encode().ljust(64, b"-")
+    yield head + template[len(head):MiB]
+    for _ in range(mib - 1):
+        yield template
+
+
+class PeakRss:
+    def __init__(self, pids):
+        self.pids, self.peak, self._stop = pids, 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.wait(0.05):
+            total = 0
+            for pid in self.pids():
+                try:
+                    total += psutil.Process(pid).memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def run_backend(backend: str, args, template: bytes) -> list[tuple]:
+    import httpx
+
+    from app.config import Settings
+    from app.storage.blobs import BlobWriter
+
+    work = Path(tempfile.mkdtemp(prefix=f"adaptd-upload-{backend}-"))
+    stack, rows = Stack(backend, work), []
+    try:
+        url = stack.start()
+        n = args.mib
+        groups = {"API": lambda: stack.pids("api"), "client": lambda: [os.getpid()]}
+        if backend == "postgres":
+            groups["PostgreSQL"] = postgres_pids
+        here = {"API": lambda: [os.getpid()], "client": lambda: []} | (
+            {"PostgreSQL": postgres_pids} if backend == "postgres" else {})
+        with CpuSampler(here) as cpu:
+            t = time.perf_counter()
+            h = hashlib.sha256()
+            for piece in body(template, n, "hash"):
+                h.update(piece)
+            rows.append(("sha256 alone (hashlib, one thread; CPU in the API column)", n, time.perf_counter() - t,
+                         None, None))
+        rows[-1] = rows[-1][:4] + (cpu.seconds(),)
+
+        chunk = Settings().chunk_bytes
+        with CpuSampler(here) as cpu:
+            t = time.perf_counter()
+            w = BlobWriter(stack.db_url)
+            for piece in body(template, n, f"direct-{time.time()}"):
+                for i in range(0, len(piece), chunk):
+                    w.write(piece[i:i + chunk])
+            w.finish()
+            wall = time.perf_counter() - t
+        rows.append((f"blob store alone, no HTTP ({chunk // 1024} KiB chunk inserts + commits + sha256; CPU "
+                     "of this process in the API column)", n, wall, None, cpu.seconds()))
+
+        def upload(mib: int, tag: str) -> None:
+            with httpx.Client(base_url=url, timeout=600) as c:
+                r = c.post("/v1/uploads", params={"kind": "dataset", "filename": "big.bin"},
+                           content=body(template, mib, tag), headers={"content-type": "application/octet-stream",
+                                                                     "content-length": str(mib * MiB)})
+                r.raise_for_status()
+
+        for rep in range(args.repeat):
+            with PeakRss(lambda: stack.pids("api")) as rss, CpuSampler(groups) as cpu:
+                t = time.perf_counter()
+                upload(n, f"x1-{rep}-{time.time()}")
+                rows.append((f"HTTP, 1 client (run {rep + 1})", n, time.perf_counter() - t, rss, cpu.seconds()))
+            with PeakRss(lambda: stack.pids("api")) as rss, CpuSampler(groups) as cpu:
+                t = time.perf_counter()
+                with ThreadPoolExecutor(4) as pool:
+                    list(pool.map(lambda k: upload(n // 4, f"x4-{rep}-{k}-{time.time()}"), range(4)))
+                rows.append((f"HTTP, 4 clients (run {rep + 1})", n // 4 * 4, time.perf_counter() - t, rss,
+                             cpu.seconds()))
+        return rows
+    finally:
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", default="postgres,sqlite")
+    p.add_argument("--mib", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=2)
+    args = p.parse_args(argv)
+    if not (4 <= args.mib <= 4096 and 1 <= args.repeat <= 5):
+        p.error("--mib 4..4096, --repeat 1..5")
+    template = np.random.default_rng(0).integers(0, 256, MiB, dtype=np.uint8).tobytes()
+    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} CPUs ({cpu_model()}); load average "
+          f"{os.getloadavg()[0]:.1f} at the start")
+    for backend in args.backend.split(","):
+        rows = run_backend(backend, args, template)
+        print(f"\n### {backend}\n")
+        print("| what | MiB | s | MiB/s | MB/s | API peak RSS MiB | CPU s per GiB: API / database / client "
+              "| MB/s if the API and the database each had a core |")
+        print("|---|---:|---:|---:|---:|---:|---|---:|")
+        for name, mib, s, rss, cpu in rows:
+            gib = mib / 1024
+            db = cpu.get("PostgreSQL")
+            cpu_s = (f"{cpu['API'] / gib:.1f} / {'—' if db is None else f'{db / gib:.1f}'} / "
+                     f"{cpu['client'] / gib:.1f}")
+            busiest = max(cpu["API"], db or 0.0)
+            bound = f"{mib * MiB / 1e6 / busiest:.0f}" if busiest > 0 else ""
+            print(f"| {name} | {mib} | {s:.2f} | {mib / s:.0f} | {mib * MiB / 1e6 / s:.0f} | "
+                  f"{'' if rss is None else f'{rss.peak / MiB:.0f}'} | {cpu_s} | {bound} |")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
