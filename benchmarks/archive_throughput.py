@@ -1,10 +1,13 @@
-"""Archive loading throughput: decoded images per second from a zip of JPEGs, and peak memory.
+"""Archive loading throughput: decoded images per second from a container of JPEGs, and peak memory.
 
 Generates N JPEGs of about 256 px (sizes vary from 240 to 272, so every image is resized to 224 on the
-CPU in the loader, the path a real photo archive takes), then times one pass over the archive at
-224 px with 0 and with 2 loader worker processes. Not part of the test run.
+CPU in the loader, the path a real photo archive takes), packs the same bytes as a zip, a WebDataset
+tar shard (`.jpg` + `.cls`), a Hugging Face parquet file and a zipped save_to_disk folder, then times
+indexing and one pass over each at 224 px with 0 and with 2 loader worker processes. Not part of the
+test run.
 
     .venv/bin/python benchmarks/archive_throughput.py [--images 2000] [--batch-size 128] [--workers 0 2]
+        [--formats zip webdataset parquet hf_dataset]
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+SUFFIX = {"zip": "zip", "webdataset": "tar", "parquet": "parquet", "hf_dataset": "hf.zip"}  # format -> file
 
 
 def natural_ish_jpeg(rng: np.random.Generator, quality: int = 90) -> bytes:
@@ -33,12 +37,24 @@ def natural_ish_jpeg(rng: np.random.Generator, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def build_zip(path: Path, n: int, seed: int = 0) -> int:
+def build(path: Path, fmt: str, n: int, seed: int = 0) -> None:
+    from tests import builders as B
+
     rng = np.random.default_rng(seed)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        for i in range(n):
-            zf.writestr(f"class_{i % 10}/img_{i:06d}.jpg", natural_ish_jpeg(rng))
-    return path.stat().st_size
+    images = [natural_ish_jpeg(rng) for _ in range(n)]
+    labels = [i % 10 for i in range(n)]
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+            for i, data in enumerate(images):
+                zf.writestr(f"class_{labels[i]}/img_{i:06d}.jpg", data)
+    elif fmt == "webdataset":
+        B.build_tar(path, B.webdataset_files(images, labels, ext="jpg"))
+    else:
+        table = B.hf_table(images, labels, [str(c) for c in range(10)])
+        if fmt == "parquet":
+            B.hf_parquet(path, table)
+        else:
+            B.hf_saved_dataset_zip(path, table)
 
 
 class MemorySampler:
@@ -80,10 +96,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)  # internal: build the zip and exit
+    ap.add_argument("--formats", nargs="+", default=list(SUFFIX), choices=list(SUFFIX))
+    ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)  # internal: build one file and exit
     args = ap.parse_args()
     if args.build_only:
-        build_zip(args.build_only, args.images)
+        build(args.build_only, args.formats[0], args.images)
         return
 
     import subprocess
@@ -91,35 +108,33 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from worker.adaptation.data.archives import ArchiveImageSet
+    from worker.adaptation.data import open_image_set
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "images.zip"
-        t0 = time.perf_counter()
-        # built in a child process, so this process' peak memory is the loader's alone
-        subprocess.run([sys.executable, __file__, "--images", str(args.images), "--build-only", str(path)],
-                       check=True)
-        size = path.stat().st_size
-        print(f"archive: {args.images} JPEGs, 240-272 px, {size / 2**20:.1f} MiB, built in "
-              f"{time.perf_counter() - t0:.1f} s")
         import psutil
 
-        print(f"RSS after imports: {psutil.Process().memory_info().rss / 2**20:.0f} MiB")
-        print(f"{'workers':>7} | {'index s':>7} | {'decode images/s':>15} | {'epoch s':>7} | "
-              f"{'peak main RSS MiB':>17} | {'peak workers USS MiB':>20}")
-        for workers in args.workers:
-            t0 = time.perf_counter()
-            images = ArchiveImageSet(path, "zip", preprocess_size=args.size, num_workers=workers)
-            t_index = time.perf_counter() - t0
+        print(f"{args.images} JPEGs, 240-272 px; RSS after imports: "
+              f"{psutil.Process().memory_info().rss / 2**20:.0f} MiB")
+        print(f"{'format':>10} | {'MiB':>5} | {'workers':>7} | {'index s':>7} | {'decode images/s':>15} | "
+              f"{'epoch s':>7} | {'peak main RSS MiB':>17} | {'peak workers USS MiB':>20}")
+        for fmt, workers in [(f, w) for f in args.formats for w in args.workers]:
+            path = Path(tmp) / f"images.{SUFFIX[fmt]}"
+            if not path.exists():  # built in a child process: this process' peak memory is the loader's alone
+                subprocess.run([sys.executable, __file__, "--images", str(args.images), "--formats", fmt,
+                                "--build-only", str(path)], check=True)
             n = 0
-            with MemorySampler() as mem:
+            with MemorySampler() as mem:  # indexing included: tables are copied to a spill file then
+                t0 = time.perf_counter()
+                images = open_image_set(path, preprocess_size=args.size, num_workers=workers)
+                t_index = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 for xb, _ in images.batches(args.batch_size):
                     assert xb.shape[1:] == (args.size, args.size, 3)
                     n += xb.shape[0]
                 t_epoch = time.perf_counter() - t0
             images.close()
-            print(f"{workers:>7} | {t_index:>7.2f} | {n / t_epoch:>15.0f} | {t_epoch:>7.2f} | "
+            print(f"{fmt:>10} | {path.stat().st_size / 2**20:>5.1f} | {workers:>7} | {t_index:>7.2f} | "
+                  f"{n / t_epoch:>15.0f} | {t_epoch:>7.2f} | "
                   f"{mem.peak_main / 2**20:>17.0f} | {mem.peak_workers / 2**20:>20.0f}")
         decoded = args.images * args.size * args.size * 3 / 2**20
         print(f"(all {args.images} images decoded at {args.size} px would take {decoded:.0f} MiB; "

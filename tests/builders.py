@@ -300,3 +300,89 @@ def write_user_arch_package(root: Path, package: str, import_marker: Path | None
     (pkg / "models.py").write_text(textwrap.dedent(USER_ARCH_SOURCE.format(
         marker=str(import_marker) if import_marker else "")))
     return f"{package}.models"
+
+
+# --- Hugging Face `datasets` exports and WebDataset shards --------------------------------------------
+# Written with pyarrow in `datasets`' own on-disk layout (no `datasets` package needed): an Image column
+# is a struct of `bytes` and `path`, a ClassLabel an int64 column whose names sit in the schema's
+# `huggingface` metadata; save_to_disk writes Arrow *stream* files beside state.json and dataset_info.json.
+
+def hf_table(images: list[bytes | None], labels: list[int] | None = None, class_names: list[str] | None = None,
+             paths: list[str | None] | None = None, image_column: str = "image"):
+    import json
+
+    import pyarrow as pa
+
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": b, "path": p} for b, p in zip(images, paths or [None] * len(images))]
+    columns, features = {image_column: pa.array(rows, type=image_type)}, {image_column: {"_type": "Image"}}
+    if labels is not None:
+        columns["label"] = pa.array(labels, type=pa.int64())
+        features["label"] = ({"names": class_names, "_type": "ClassLabel"} if class_names
+                             else {"dtype": "int64", "_type": "Value"})
+    table = pa.table(columns)
+    return table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+
+
+def hf_parquet(path: Path, table, row_group_size: int | None = None) -> Path:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return Path(path)
+
+
+def hf_saved_dataset_zip(path: Path, table, shards: int = 1, folder: str = "my_dataset",
+                         splits: Iterable[str] = ()) -> Path:
+    """A zipped save_to_disk folder: `folder/data-0000i-of-0000n.arrow` (+ json), or one such folder per
+    split under `folder/` with dataset_dict.json when `splits` is given (a DatasetDict)."""
+    import json
+
+    import pyarrow as pa
+
+    def split_files(prefix: str) -> dict[str, bytes]:
+        files, names = {}, []
+        for i, part in enumerate(_split_rows(table, shards)):
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(part)
+            name = f"data-{i:05d}-of-{shards:05d}.arrow"
+            files[f"{prefix}{name}"] = sink.getvalue().to_pybytes()
+            names.append(name)
+        features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+        files[f"{prefix}dataset_info.json"] = json.dumps({"features": features}).encode()
+        files[f"{prefix}state.json"] = json.dumps({"_data_files": [{"filename": n} for n in names],
+                                                   "_fingerprint": "0123456789abcdef", "_format_columns": None,
+                                                   "_format_kwargs": {}, "_format_type": None,
+                                                   "_output_all_columns": False, "_split": None}).encode()
+        return files
+
+    splits = list(splits)
+    files: dict[str, bytes] = {}
+    if splits:
+        files[f"{folder}/dataset_dict.json"] = json.dumps({"splits": splits}).encode()
+        for s in splits:
+            files.update(split_files(f"{folder}/{s}/"))
+    else:
+        files.update(split_files(f"{folder}/"))
+    return build_zip(path, files)
+
+
+def _split_rows(table, shards: int):
+    n = table.num_rows
+    bounds = [round(i * n / shards) for i in range(shards + 1)]
+    return [table.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
+
+
+def webdataset_files(images: list[bytes], labels: list[int] | None, ext: str = "png",
+                     prefix: str = "shard0/sample", extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """`<prefix>000123.<ext>` with `<prefix>000123.cls` (the label as text) beside it; `extra` adds
+    per-sample metadata files (`{".json": b"{}"}`)."""
+    files: dict[str, bytes] = {}
+    for i, data in enumerate(images):
+        key = f"{prefix}{i:06d}"
+        files[f"{key}.{ext}"] = data
+        if labels is not None:
+            files[f"{key}.cls"] = str(labels[i]).encode()
+        for suffix, blob in (extra or {}).items():
+            files[f"{key}{suffix}"] = blob
+    return files

@@ -75,6 +75,19 @@ def service(request) -> Service:
     return request.getfixturevalue("pg_service" if request.param == "postgres" else "embedded_service")
 
 
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium's binary (the dashboard and /docs tests)."""
+    from tests.ux_helpers import chromium_binary
+
+    binary = chromium_binary()
+    if binary is None:
+        if os.environ.get("CI"):  # CI installs it (.ci/run): missing there is a failure, not a skip
+            pytest.fail("chromium is not installed")
+        pytest.skip("chromium is not installed (.ci/setup installs Debian's package where it can)")
+    return binary
+
+
 @pytest.fixture
 def client(service):
     from app.client import Client

@@ -114,6 +114,23 @@ def test_norm_method_on_model_without_batchnorm(c, base, tmp_path):
     assert job["status"] == "failed" and job["error"]["code"] == "no_norm_layers", job
 
 
+def test_timm_model_adapts(c, tmp_path):
+    """A real timm architecture (random init, nothing downloaded) through the whole service."""
+    import numpy as np
+    import timm  # the dev extra installs it
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=10)
+    path = builders.save_checkpoint(model.state_dict(), tmp_path / "timm.safetensors", fmt="safetensors")
+    x = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", x=x)
+    job = run_job(c, c.upload(path, "model")["id"], c.upload(tmp_path / "rgb.npz", "dataset")["id"], method="tent",
+                  model={"architecture": "timm:test_efficientnet", "arch_kwargs": {}},
+                  pre={"size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["num_images"] == 24 and job["progress"]["total"] == 2
+
+
 # --- data -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt, image_format, mode", [
@@ -131,6 +148,41 @@ def test_image_archives_adapt(c, base, tmp_path, fmt, image_format, mode):
     m = job["metrics"]
     assert m["num_images"] == 16 and m["eval"]["num_images"] == 12
     assert m["eval"]["class_names"] == ["0", "1", "2"]
+
+
+def _digits(n: int, seed: int = 0) -> tuple[list[bytes], list[int]]:
+    images = [builders.encode_image(builders.random_image(12, 12, "L", seed=seed + i)) for i in range(n)]
+    return images, [i % 3 for i in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf_dataset", "webdataset"])
+def test_dataset_exports_adapt(c, base, tmp_path, fmt):
+    """Hugging Face `datasets` exports and a WebDataset shard, uploaded as they are, as target and eval data."""
+    def build(name: str, n: int, seed: int):
+        images, labels = _digits(n, seed)
+        if fmt == "webdataset":
+            return builders.build_tar(tmp_path / f"{name}.tar", builders.webdataset_files(images, labels))
+        table = builders.hf_table(images, labels, ["0", "1", "2"])
+        if fmt == "parquet":
+            return builders.hf_parquet(tmp_path / f"{name}.parquet", table)
+        return builders.hf_saved_dataset_zip(tmp_path / f"{name}.zip", table, shards=2)
+
+    job = run_job(c, base["model"]["id"], c.upload(build("data", 20, 0), "dataset")["id"],
+                  c.upload(build("eval", 9, 100), "dataset")["id"], method="bn_adapt")
+    assert job["status"] == "succeeded", job["error"]
+    m = job["metrics"]
+    assert m["num_images"] == 20 and m["eval"]["num_images"] == 9
+    assert m["eval"]["class_names"] == (None if fmt == "webdataset" else ["0", "1", "2"])
+    assert 0 <= m["accuracy_after"] <= 1  # labels were read: accuracy is computed
+
+
+def test_dataset_export_refusal_is_a_precise_code(c, base, tmp_path):
+    images, _ = _digits(2)
+    table = builders.hf_table([images[0], None], paths=[None, "/data/cats/1.png"])
+    data = c.upload(builders.hf_parquet(tmp_path / "paths.parquet", table), "dataset")
+    job = run_job(c, base["model"]["id"], data["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "image_not_embedded", job
+    assert "/data/cats/1.png" in job["error"]["message"]
 
 
 def _zip(tmp_path, files):

@@ -4,27 +4,15 @@ per-class accuracy (asserted on the DOM, screenshot checked not blank); a runnin
 from the event stream, and the job list shows it."""
 from __future__ import annotations
 
-import os
 import re
 
 import httpx
 import pytest
 
 from app.client import Client
-from tests.ux_helpers import (Chromium, chromium_binary, chromium_run, finished_job, long_dataset, png_stats,
-                              spec_kwargs)
+from tests.ux_helpers import Chromium, chromium_run, finished_job, long_dataset, png_stats, spec_kwargs
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    binary = chromium_binary()
-    if binary is None:
-        if os.environ.get("CI"):  # CI installs it (.ci/run): missing there is a failure, not a skip
-            pytest.fail("chromium is not installed")
-        pytest.skip("chromium is not installed (.ci/setup installs Debian's package where it can)")
-    return binary
 
 
 def test_static_files_and_routes(embedded_service):

@@ -29,7 +29,8 @@ def test_tent_job_end_to_end(client, service, assets, tmp_path):
     assert STABLE_KEYS <= set(m)
     assert m["accuracy_after"] > m["accuracy_before"], m
     assert m["collapse_detected"] is False
-    assert {a["name"] for a in job["artifacts"]} == {"model.safetensors", "metrics.json", "history.json"}
+    assert {a["name"] for a in job["artifacts"]} == {"model.safetensors", "metrics.json", "history.json",
+                                                     "examples.json"}
 
     weights = client.download(job["id"], "model.safetensors", tmp_path / "adapted.safetensors")
     listed = {a["name"]: a for a in job["artifacts"]}["model.safetensors"]
@@ -41,6 +42,16 @@ def test_tent_job_end_to_end(client, service, assets, tmp_path):
     assert len(history["steps"]) == job["progress"]["total"]
     assert all("loss" in s and "entropy" in s for s in history["steps"])
     assert client.artifact_json(job["id"], "metrics.json")["accuracy_after"] == m["accuracy_after"]
+
+    # a few eval images with the labels and the predictions before and after, small enough to show
+    examples = client.artifact_json(job["id"], "examples.json")
+    assert examples["set"] == "eval" and 1 <= len(examples["items"]) <= 8
+    assert {a["name"]: a for a in job["artifacts"]}["examples.json"]["size"] < 20_000
+    for item in examples["items"]:
+        assert item["image"].startswith("data:image/png;base64,")
+        assert item["label"] == int(assets["y"][item["index"]])
+        assert 0 <= item["before"]["class"] < 10 and 0 < item["after"]["confidence"] <= 1
+    assert examples["changed"] > 0 and any(i["before"]["class"] != i["after"]["class"] for i in examples["items"])
 
 
 def test_artifact_etag_and_range(client, service, assets, tmp_path):

@@ -108,7 +108,7 @@ def test_kill_9_mid_job_is_redelivered_and_completes(make_service, assets, long_
         assert final["status"] == "succeeded", (final, service.logs())
         assert final["attempts"] == 2
         assert holder_pid(service, job["id"]) != victim
-        assert len(final["artifacts"]) == 3
+        assert len(final["artifacts"]) == 4
 
 
 def test_job_that_keeps_killing_workers_fails_with_worker_lost(make_service, assets, long_data):
@@ -211,7 +211,7 @@ def test_postgres_restart_loses_no_job(make_service, private_pg, assets, long_da
             private_pg.start()
         final = c.wait(job["id"], timeout=240)
         assert final["status"] == "succeeded", (final, service.logs())
-        assert final["attempts"] == 1 and len(final["artifacts"]) == 3
+        assert final["attempts"] == 1 and len(final["artifacts"]) == 4
 
 
 def test_out_of_memory_fails_the_job_and_the_worker_survives(make_service, assets, tmp_path):

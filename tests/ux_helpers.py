@@ -91,7 +91,7 @@ class Chromium:
     """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: commands
     on fd 3, replies on fd 4, NUL-terminated JSON), for pages whose JavaScript must be waited for."""
 
-    def __init__(self, binary: str, width: int = 1280, height: int = 1600):
+    def __init__(self, binary: str, width: int = 1280, height: int = 1600, flags: tuple[str, ...] = ()):
         self.profile = tempfile.mkdtemp(prefix="adaptd-chromium-")
         child_in, self._w = os.pipe()
         self._r, child_out = os.pipe()
@@ -102,13 +102,15 @@ class Chromium:
             os.dup2(w, 4)
 
         self.proc = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
-                                      f"--window-size={width},{height}", "--remote-debugging-pipe", "about:blank"],
+                                      f"--window-size={width},{height}", "--remote-debugging-pipe", *flags,
+                                      "about:blank"],
                                      preexec_fn=wire_fds, close_fds=False,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(child_in)
         os.close(child_out)
         self.width, self.height = width, height
         self._buf, self._id, self.session = b"", 0, None
+        self.events: list[dict] = []  # protocol events (no "id"), in arrival order
 
     def call(self, method: str, params: dict | None = None, timeout: float = 30, browser: bool = False) -> dict:
         self._id += 1
@@ -121,7 +123,9 @@ class Chromium:
             while b"\0" in self._buf:
                 raw, self._buf = self._buf.split(b"\0", 1)
                 reply = json.loads(raw)
-                if reply.get("id") == self._id:
+                if "id" not in reply:
+                    self.events.append(reply)
+                elif reply["id"] == self._id:
                     if "error" in reply:
                         raise RuntimeError(f"{method}: {reply['error']}")
                     return reply["result"]
@@ -134,14 +138,25 @@ class Chromium:
                     raise RuntimeError("chromium exited")
                 self._buf += chunk
 
-    def open(self, url: str) -> None:
+    def open(self, url: str, record_network: bool = False) -> None:
+        """Navigate a new tab to `url`; with `record_network`, every request the page makes is kept in
+        `self.events` (Network.requestWillBeSent)."""
         target = self.call("Target.createTarget", {"url": "about:blank"}, browser=True)["targetId"]
         self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True},
                                  browser=True)["sessionId"]
         self.call("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": self.height,
                                                          "deviceScaleFactor": 1, "mobile": False})
         self.call("Page.enable")
+        if record_network:
+            self.call("Network.enable")
         self.call("Page.navigate", {"url": url})
+
+    def requested_urls(self) -> list[str]:
+        """URLs the page asked for, less those the browser blocked before sending (CSP, mixed content)."""
+        blocked = {e["params"]["requestId"] for e in self.events
+                   if e.get("method") == "Network.loadingFailed" and e["params"].get("blockedReason")}
+        return [e["params"]["request"]["url"] for e in self.events
+                if e.get("method") == "Network.requestWillBeSent" and e["params"]["requestId"] not in blocked]
 
     def eval(self, expression: str):
         r = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})

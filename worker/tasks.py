@@ -285,11 +285,15 @@ def _store_and_finish(url: str, settings, job_id: str, me: str, tmpdir: Path, re
         metrics["non_finite"] = bad
     (tmpdir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str, allow_nan=False))
     (tmpdir / "history.json").write_text(json.dumps(finite_json(result.history), default=str, allow_nan=False))
+    files = [("model.safetensors", result.model_path), ("metrics.json", tmpdir / "metrics.json"),
+             ("history.json", tmpdir / "history.json")]
+    if result.examples is not None:
+        (tmpdir / "examples.json").write_text(json.dumps(finite_json(result.examples), allow_nan=False))
+        files.append(("examples.json", tmpdir / "examples.json"))
     writers: list[tuple[str, BlobWriter]] = []
     kept: set[str] = set()
     try:
-        for name, path in [("model.safetensors", result.model_path), ("metrics.json", tmpdir / "metrics.json"),
-                           ("history.json", tmpdir / "history.json")]:
+        for name, path in files:
             writer = BlobWriter(url)
             writers.append((name, writer))
             with open(path, "rb") as f:

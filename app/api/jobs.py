@@ -18,7 +18,7 @@ from .deps import PrincipalDep, SettingsDep, json_response
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 ARTIFACT_TYPES = {"model.safetensors": "application/octet-stream", "metrics.json": "application/json",
-                  "history.json": "application/json"}
+                  "history.json": "application/json", "examples.json": "application/json"}
 
 
 @router.post("", status_code=202, response_model=JobOut)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import click
 
+from ..contract.jobs import DatasetFormat
 from ..contract.tasks import TASKS
 
 from .options import (EXIT_INTERRUPTED, EXIT_OK, JOB_STATUSES, STATUS_EXIT, connection_options, guarded,
@@ -15,7 +17,7 @@ from .options import (EXIT_INTERRUPTED, EXIT_OK, JOB_STATUSES, STATUS_EXIT, conn
 from .render import Line, job_table, job_view, json_text, log_line, transfer_progress
 from .watch import finish, follow
 
-FORMATS = click.Choice(["npz", "zip", "tar"])
+FORMATS = click.Choice(list(get_args(DatasetFormat)))
 SUBMIT_EPILOG = """\b
 example:
   adaptd submit --method tent --param lr=1e-3 --model model.safetensors --arch resnet18 \\
@@ -59,7 +61,8 @@ def read_prior(path: str) -> list:
 @click.option("--num-classes", type=int)
 @click.option("--arch-kwarg", multiple=True, metavar="KEY=VALUE", help="architecture keyword; repeatable")
 @click.option("--arch-kwargs", metavar="JSON", help="architecture keywords as a JSON object")
-@click.option("--data", metavar="FILE|UPLOAD_ID", help="unlabelled target data (npz, zip, tar)")
+@click.option("--data", metavar="FILE|UPLOAD_ID", help="unlabelled target data (npz, zip, tar, parquet, a zipped Hugging Face save_to_disk folder); "
+              "detected when no format is given")
 @click.option("--data-format", type=FORMATS)
 @click.option("--eval-data", metavar="FILE|UPLOAD_ID", help="labelled data: accuracy before and after")
 @click.option("--eval-format", type=FORMATS)

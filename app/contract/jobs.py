@@ -59,9 +59,15 @@ class StudentRef(_Architecture):
 MAX_SOURCES = 8  # source models per multi-source job: each one's features on the target are held in memory
 
 
+# What the worker reads (worker/adaptation/data/images.py READERS; a test holds the two equal). A
+# WebDataset shard is a "tar"; "parquet" and "hf_dataset" (a zipped save_to_disk folder) are Hugging Face
+# `datasets` exports.
+DatasetFormat = Literal["npz", "zip", "tar", "parquet", "hf_dataset"]
+
+
 class DataRef(_Strict):
     upload_id: str
-    format: Literal["npz", "zip", "tar"] | None = None
+    format: DatasetFormat | None = None
 
 
 class PreprocessSpec(_Strict):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pickle
 import sys
-import types
 import uuid
 from pathlib import Path
 
@@ -382,52 +381,42 @@ def test_user_architecture_bad_factories(tmp_path, user_arch, monkeypatch):
     refused("architecture_unavailable", load, path, "adaptd_no_such_pkg.models:small_net")
 
 
-# --- timm (optional; a stand-in module here: timm itself needs torchvision) -------------------------
+# --- timm (the dev extra installs it: a real model, random init, nothing downloaded) ---------------
 
-def fake_timm(calls: list) -> types.ModuleType:
-    class TimmNet(nn.Module):
-        def __init__(self, num_classes):
-            super().__init__()
-            self.stem = nn.Conv2d(3, 4, 3)
-            self.norm = nn.BatchNorm2d(4)
-            self.fc = nn.Linear(4, num_classes)
-            self.extra = nn.Linear(num_classes, num_classes)  # the last Linear is not the head
-
-        def get_classifier(self):
-            return self.fc
-
-        def forward_features(self, x):  # timm: unpooled features
-            return self.norm(self.stem(x))
-
-        def forward(self, x):
-            return self.fc(self.forward_features(x).mean((2, 3)))
-
-    def create_model(name, pretrained=False, num_classes=1000, **kwargs):
-        calls.append({"name": name, "pretrained": pretrained, "num_classes": num_classes, **kwargs})
-        if name != "tiny_net":
-            raise RuntimeError(f"Unknown model ({name})")
-        return TimmNet(num_classes)
-
-    mod = types.ModuleType("timm")
-    mod.create_model = create_model
-    mod.is_model = lambda name: name == "tiny_net"
-    return mod
-
-
-def test_timm_names_when_timm_is_installed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("timm_name, norm", [("test_efficientnet", nn.BatchNorm2d), ("test_vit", nn.LayerNorm)])
+def test_timm_models_load_for_real(tmp_path, monkeypatch, timm_name, norm):
+    import timm  # the dev extra installs it
     calls: list = []
-    monkeypatch.setitem(sys.modules, "timm", fake_timm(calls))
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **kw: calls.append(kw) or real_create(*a, **kw))
     torch.manual_seed(0)
-    state = sys.modules["timm"].create_model("tiny_net", num_classes=5).state_dict()
+    state = real_create(timm_name, pretrained=False, num_classes=5).state_dict()
     path = B.save_checkpoint(state, tmp_path / "t.safetensors", "safetensors")
-    model, _ = load(path, "timm:tiny_net", 5)
+    model, _ = load(path, f"timm:{timm_name}", 5)
     assert calls[-1]["pretrained"] is False and calls[-1]["num_classes"] == 5
     assert_same_state(model, state)
-    assert classifier_of(model) is model.fc  # timm's get_classifier(), not the last Linear
-    refused("unknown_architecture", load, path, "timm:huge_net", 5)
+    assert classifier_of(model) is model.get_classifier()  # timm's head, by timm's own convention
+    assert any(isinstance(m, norm) for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, *model.pretrained_cfg["input_size"][1:])).shape == (2, 5)
+    refused("num_classes_mismatch", load, path, f"timm:{timm_name}", 7)
+    refused("unknown_architecture", load, path, "timm:no_such_net", 5)
     refused("unknown_architecture", load, path, "timm:", 5)
     for kwargs in [{"pretrained": True}, {"checkpoint_path": "/etc/passwd"}, {"pretrained_cfg_overlay": {}}]:
-        refused("invalid_arch_kwargs", load, path, "timm:tiny_net", 5, arch_kwargs=kwargs)
+        refused("invalid_arch_kwargs", load, path, f"timm:{timm_name}", 5, arch_kwargs=kwargs)
+
+
+def test_tent_adapts_a_timm_model():
+    """A norm-based method finds timm's norm layers and takes a step that changes them."""
+    import timm  # the dev extra installs it
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=5)
+    method = make_method("tent", model, num_classes=5)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "bn" in k and k.endswith("weight")}
+    method.step(torch.rand(8, 3, 64, 64), torch.arange(8))
+    after = model.state_dict()
+    assert before and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_timm_not_installed(tmp_path, monkeypatch):
@@ -439,13 +428,13 @@ def test_timm_not_installed(tmp_path, monkeypatch):
 
 # --- norm-based methods need norm layers ------------------------------------------------------------
 
-def make_method(name: str, model: nn.Module):
+def make_method(name: str, model: nn.Module, num_classes: int = 10):
     from app.contract.catalog import get_method_info
     from worker.adaptation.methods import get_method
     from worker.adaptation.methods.base import MethodContext
 
     params = get_method_info(name).params_model.model_validate({})
-    ctx = MethodContext(num_classes=10, device=torch.device("cpu"), batch_size=8, epochs=1, dataset_size=16)
+    ctx = MethodContext(num_classes=num_classes, device=torch.device("cpu"), batch_size=8, epochs=1, dataset_size=16)
     return get_method(name)(model, params, ctx)
 
 

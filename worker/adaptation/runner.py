@@ -66,6 +66,7 @@ class RunResult:
     metrics: dict
     history: dict
     model_path: Path
+    examples: dict | None = None  # a few thumbnails with predictions before/after (examples.py)
 
 
 class Hooks(Protocol):
@@ -195,7 +196,9 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         # Labels in `data` never reach the method; they only score the online predictions.
         metrics["online"] = task.online(loop.online_predictions, data.labels)
     history = {"steps": loop.history, "collapse_events": guard.events}
-    return RunResult(metrics=metrics, history=history, model_path=model_path)
+    shown = (eval_data, source_eval, after_eval) if eval_data is not None else (data, source_target, after_target)
+    examples = task.examples(*shown, labelled=eval_data is not None)
+    return RunResult(metrics=metrics, history=history, model_path=model_path, examples=examples)
 
 
 # --- internals -----------------------------------------------------------------------------------

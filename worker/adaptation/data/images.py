@@ -1,4 +1,4 @@
-"""The image-set interface the engine adapts on, and the format dispatch."""
+"""The image-set interface the engine adapts on, and the format dispatch (formats: formats.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import AdaptationError
+from .formats import ARCHIVE_FORMATS, detect_format
 
 
 class ImageSet(Protocol):
@@ -115,41 +116,16 @@ def _read_npz(path: Path, **_options) -> ArrayImageSet:
     return read_npz(path)  # arrays share one size: preprocess_size and loader options do not apply
 
 
-def _read_zip(path: Path, **options) -> ImageSet:
-    from .archives import ArchiveImageSet  # Pillow is imported only when an archive is read
+def _read_archive(fmt: str):
+    def read(path: Path, **options) -> ImageSet:
+        from .archives import ArchiveImageSet  # Pillow (and pyarrow for tables) imported only when read
 
-    return ArchiveImageSet(path, "zip", **options)
-
-
-def _read_tar(path: Path, **options) -> ImageSet:
-    from .archives import ArchiveImageSet
-
-    return ArchiveImageSet(path, "tar", **options)
+        return ArchiveImageSet(path, fmt, **options)
+    return read
 
 
 # format name -> reader(path, preprocess_size=None, **options)
-READERS = {"npz": _read_npz, "zip": _read_zip, "tar": _read_tar}
-
-
-def detect_format(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(512)
-    if head.startswith(b"PK"):
-        # npz is a zip whose members end in .npy
-        import zipfile
-        try:
-            with open(path, "rb") as f:
-                endrec = zipfile._EndRecData(f)
-            if endrec and endrec[zipfile._ECD_ENTRIES_TOTAL] > 1_000_000:
-                return "zip"  # not parsed here: the archive reader refuses it by its entry limit
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile:
-            raise AdaptationError("unsupported_format", "the file looks like a zip but cannot be opened") from None
-        return "npz" if names and all(n.endswith(".npy") for n in names) else "zip"
-    if head[:2] == b"\x1f\x8b" or (len(head) > 262 and head[257:262] == b"ustar"):
-        return "tar"
-    raise AdaptationError("unsupported_format", "could not detect the dataset format (expected npz, zip or tar)")
+READERS = {"npz": _read_npz, **{fmt: _read_archive(fmt) for fmt in ARCHIVE_FORMATS}}
 
 
 def open_image_set(path: Path, fmt: str | None = None, *, preprocess_size: int | None = None,

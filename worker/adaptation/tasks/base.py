@@ -48,5 +48,9 @@ class TaskEngine(Protocol):
         """Scores the online predictions (collapse signals of each step, in stored order) against the
         labels the target data happens to carry."""
 
+    def examples(self, data, before, after, labelled: bool) -> dict | None:
+        """A few images of `data` with the predictions `before`/`after` adaptation, for people to look at
+        (the `examples.json` artifact, kept small); None: this task shows none."""
+
     def recalibrate(self, model: nn.Module, batches: Iterable[torch.Tensor], autocast: Callable) -> int:
         """Re-estimate the exported model's normalisation statistics on the target; returns batches used."""

@@ -7,6 +7,7 @@ import torch
 from .. import estimation as E
 from .. import metrics as M
 from ..errors import AdaptationError
+from ..examples import pick as pick_examples
 from ..models.export import recalibrate_batch_norm
 
 
@@ -55,6 +56,9 @@ class Classification:
     def online(self, signals: torch.Tensor, labels: np.ndarray) -> dict:
         seen = len(signals)
         return {"accuracy": float((signals == torch.from_numpy(labels[:seen])).float().mean()), "num_images": seen}
+
+    def examples(self, data, before: torch.Tensor, after: torch.Tensor, labelled: bool) -> dict:
+        return pick_examples(data, before, after, labelled)
 
     def recalibrate(self, model, batches, autocast) -> int:
         return recalibrate_batch_norm(model, batches, autocast)

@@ -97,5 +97,8 @@ class Segmentation:
         return {"pixel_accuracy": float((signals[keep] == flat[keep]).float().mean()) if keep.any() else None,
                 "num_images": len(signals) // per_image}
 
+    def examples(self, data, before: dict, after: dict, labelled: bool) -> None:
+        return None  # no gallery for masks yet: the job simply has no examples.json
+
     def recalibrate(self, model, batches, autocast) -> int:
         return recalibrate_batch_norm(model, batches, autocast)

@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 from ...errors import AdaptationError
+from ..formats import ARCHIVE_FORMATS, detect_format
 from .index import Spill, build_index, list_tar, list_zip
 from .limits import Limits
+from .tables import list_hf_dataset, list_parquet
 from .reader import Reader
 
 MIN_BATCHES_FOR_WORKERS = 4      # fewer batches than this: decode in-process (worker start-up costs more)
@@ -43,7 +45,7 @@ class _BatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, indices):
         try:
-            return ("ok", self.reader.load_batch(np.asarray(indices)))
+            return ("ok", torch.from_numpy(self.reader.load_batch(np.asarray(indices))))
         except AdaptationError as exc:
             return ("error", exc.code, exc.message, exc.detail)
 
@@ -53,7 +55,8 @@ def _identity(x):
 
 
 class ArchiveImageSet:
-    """An ImageSet over a zip or tar(.gz) archive of PNG/JPEG/WebP images.
+    """An ImageSet over a zip or tar(.gz) archive of PNG/JPEG/WebP images (a WebDataset shard is a tar),
+    or over a Hugging Face `datasets` export: `parquet`, or `hf_dataset` (a zipped save_to_disk folder).
 
     `preprocess_size`: the job's square input size; images of different sizes are resized to it on the
     CPU (Pillow, bilinear with antialiasing) so batches stack. Without it, mixed sizes are refused.
@@ -66,8 +69,8 @@ class ArchiveImageSet:
                  max_entry_bytes: int = 1 << 30, max_ratio: float = 200.0, ratio_min_bytes: int = 1 << 20,
                  max_pixels: int | None = None, spill_dir: str | None = None):
         self.path = Path(path)
-        self.format = fmt or _detect_archive(self.path)
-        if self.format not in ("zip", "tar"):
+        self.format = fmt or detect_format(self.path)
+        if self.format not in ARCHIVE_FORMATS:
             raise AdaptationError("unsupported_format", f"not an image archive format: {self.format!r}")
         if preprocess_size is not None and int(preprocess_size) <= 0:
             raise AdaptationError("invalid_preprocess", f"preprocess size must be positive, got {preprocess_size}")
@@ -83,16 +86,22 @@ class ArchiveImageSet:
         self.notes: list[str] = []
         self._spill: Spill | None = None
 
+        ignored, class_names = 0, None
         if self.format == "zip":
             entries, ignored = list_zip(self.path, self.limits)
             kind, source = "zip", str(self.path)
-        else:
+        elif self.format == "tar":
             entries, ignored, self._spill = list_tar(self.path, self.limits, self.max_pixels, spill_dir)
             kind, source = "raw", self._spill.path if self._spill else str(self.path)
+        else:
+            list_table = list_parquet if self.format == "parquet" else list_hf_dataset
+            entries, self._spill, class_names, notes = list_table(self.path, self.limits, spill_dir)
+            self.notes.extend(notes)
+            kind, source = "raw", self._spill.path
         try:
             index, self.labels, self.class_names = build_index(
                 entries, ignored, kind, source, max_pixels=self.max_pixels, preprocess_size=preprocess_size,
-                notes=self.notes)
+                notes=self.notes, class_names=class_names)
         except BaseException:
             self.close_spill()
             raise
@@ -128,7 +137,7 @@ class ArchiveImageSet:
         workers = self.num_workers if len(chunks) >= MIN_BATCHES_FOR_WORKERS else 0
         if workers == 0:
             for chunk in chunks:
-                yield self._reader.load_batch(chunk), torch.from_numpy(chunk)
+                yield torch.from_numpy(self._reader.load_batch(chunk)), torch.from_numpy(chunk)
             return
         yield from self._batches_with_workers(chunks, workers)
 
@@ -143,7 +152,7 @@ class ArchiveImageSet:
             self.notes.append(f"loader workers unavailable ({exc}); decoding in-process")
             self.num_workers = 0
             for chunk in chunks:
-                yield self._reader.load_batch(chunk), torch.from_numpy(chunk)
+                yield torch.from_numpy(self._reader.load_batch(chunk)), torch.from_numpy(chunk)
             return
         try:
             for chunk in chunks:
@@ -177,9 +186,3 @@ class ArchiveImageSet:
     def close_spill(self) -> None:
         if self._spill is not None:
             self._spill.remove()
-
-
-def _detect_archive(path: Path) -> str:
-    from ..images import detect_format
-
-    return detect_format(path)

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import AdaptationError
-from .decode import CHANNEL_MODE, probe_image
-from .layout import duplicates, folder_labels, ignored, normalise
+from .decode import CHANNEL_MODE, probe_image, undecodable
+from .layout import (LABEL_SUFFIX, MAX_LABEL_BYTES, duplicates, folder_labels, ignored, is_sidecar, normalise,
+                     sidecar_labels)
 from .limits import Limits
 from .reader import COPY_CHUNK, Index, Reader
 
@@ -37,6 +38,9 @@ class Entry:
     method: int = 0           # zip compression method (0 for raw)
     crc: int = 0
     dims: tuple[int, int, int] | None = None  # (width, height, channels) when probed while listing
+    sidecar: bool = False     # a WebDataset metadata file (`.cls`, `.json`, `.txt`), not an image
+    text: bytes | None = None  # a `.cls` file's content, read while listing
+    label: int | None = None  # the class given beside the image (a table's label column)
 
 
 class Spill:
@@ -173,6 +177,9 @@ def _list_tar_plain(path: Path, limits: Limits) -> tuple[list[Entry], int]:
                 if m.offset_data + m.size > archive_size:
                     raise AdaptationError("invalid_archive", f"the tar archive is truncated ({m.name!r} runs "
                                           "past its end)", {"entry": m.name})
+                if is_sidecar(name):
+                    entries.append(_sidecar(name, m, tf.extractfile(m)))
+                    continue
                 entries.append(Entry(name, m.offset_data, m.size, m.size))
     except AdaptationError:
         raise
@@ -216,6 +223,10 @@ def _list_tar_gz(path: Path, limits: Limits, max_pixels: int, spill_dir: str | N
                     continue
                 limits.check_entry_size(m.name, m.size)
                 src = tf.extractfile(m)
+                if is_sidecar(name):
+                    entries.append(_sidecar(name, m, src))
+                    limits.check_stream(m.offset_data + m.size, raw.count)
+                    continue
                 start, head, done = out.tell(), b"", 0  # only the header bytes are kept in memory
                 while done < m.size:
                     chunk = src.read(min(COPY_CHUNK, m.size - done))
@@ -242,6 +253,16 @@ def _list_tar_gz(path: Path, limits: Limits, max_pixels: int, spill_dir: str | N
     return entries, n_ignored, spill
 
 
+def _sidecar(name: str, m: tarfile.TarInfo, src) -> Entry:
+    """A WebDataset metadata member: a `.cls` label is read (a few bytes), the others are skipped."""
+    if not name.lower().endswith(LABEL_SUFFIX):
+        return Entry(name, m.offset_data, m.size, m.size, sidecar=True)
+    if m.size > MAX_LABEL_BYTES:
+        raise AdaptationError("invalid_label", f"{name} is {m.size} bytes; a {LABEL_SUFFIX} file holds one integer "
+                              f"(at most {MAX_LABEL_BYTES} bytes)", {"entry": name})
+    return Entry(name, m.offset_data, m.size, m.size, sidecar=True, text=src.read(m.size))
+
+
 def _read_back(out, path: str, start: int, size: int) -> bytes:
     out.flush()
     with open(path, "rb") as f:
@@ -252,9 +273,15 @@ def _read_back(out, path: str, start: int, size: int) -> bytes:
 # --- the index --------------------------------------------------------------------------------------
 
 def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *, max_pixels: int,
-                preprocess_size: int | None, notes: list[str]
+                preprocess_size: int | None, notes: list[str], class_names: list[str] | None = None
                 ) -> tuple[Index, np.ndarray | None, list[str] | None]:
-    """(index, labels, class_names) from the listed entries; every image header is probed."""
+    """(index, labels, class_names) from the listed entries; every image header is probed. Labels come
+    from the entries' own `label` (tables; `class_names` names them), from `.cls` files (WebDataset)
+    or from the folders."""
+    sidecars = {e.name: e.text for e in entries if e.sidecar}
+    if sidecars and not any(n.lower().endswith(LABEL_SUFFIX) for n in sidecars):
+        raise undecodable(next(iter(sidecars)), b"", ValueError("a metadata file without .cls labels"))
+    entries = [e for e in entries if not e.sidecar]
     if n_ignored:
         notes.append(f"ignored {n_ignored} entries (__MACOSX/, dotfiles, Thumbs.db, desktop.ini)")
     if not entries:
@@ -267,7 +294,12 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
                               {"entries": dupes[:20]})
     entries.sort(key=lambda e: e.name)
     names = [e.name for e in entries]
-    labels, class_names = folder_labels(names, notes)
+    if any(e.label is not None for e in entries):
+        labels = np.fromiter((e.label for e in entries), np.int64, len(entries))
+    elif sidecars:
+        labels, class_names = sidecar_labels(names, sidecars, notes), None
+    else:
+        labels, class_names = folder_labels(names, notes)
     n = len(entries)
     index = Index(
         source=source, kind=kind, names=names,

@@ -68,3 +68,50 @@ def folder_labels(names: list[str], notes: list[str]) -> tuple[np.ndarray | None
                           "class with the images directly inside",
                           {"top_level_examples": flat, "nested_examples": nested,
                            "depths": sorted(d for d in depths)})
+
+
+# --- WebDataset shards: `<key>.jpg` beside `<key>.cls` ------------------------------------------------
+
+LABEL_SUFFIX = ".cls"                       # the integer class of the sample with the same key
+SIDECAR_SUFFIXES = (LABEL_SUFFIX, ".json", ".txt")  # per-sample metadata files of a WebDataset shard
+MAX_LABEL_BYTES = 64
+
+
+def is_sidecar(name: str) -> bool:
+    return name.lower().endswith(SIDECAR_SUFFIXES)
+
+
+def sample_key(name: str) -> str:
+    """WebDataset's sample key: the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    return f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
+
+
+def sidecar_labels(names: list[str], sidecars: dict[str, bytes | None], notes: list[str]) -> np.ndarray:
+    """Labels of the images `names` from the `.cls` files among `sidecars` (name -> content; None
+    for metadata files, which are not read). Every image needs one."""
+    labels_by_key: dict[str, int] = {}
+    for name, text in sidecars.items():
+        if not name.lower().endswith(LABEL_SUFFIX):
+            continue
+        try:
+            value = int((text or b"").decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            value = -1
+        if value < 0:
+            raise AdaptationError("invalid_label", f"{name} must hold a non-negative integer class, got "
+                                  f"{(text or b'')[:MAX_LABEL_BYTES]!r}", {"entry": name})
+        labels_by_key[sample_key(name)] = value
+    keys = [sample_key(n) for n in names]
+    twice = duplicates(keys)
+    if twice:
+        raise AdaptationError("invalid_archive_layout", f"{len(twice)} samples hold more than one image (one "
+                              "image per WebDataset key)", {"keys": twice[:5]})
+    missing = [n for n, k in zip(names, keys) if k not in labels_by_key]
+    if missing:
+        raise AdaptationError("invalid_archive_layout", f"{len(missing)} images have no {LABEL_SUFFIX} file "
+                              "(a WebDataset shard labels every sample or none)", {"examples": missing[:5]})
+    others = len(sidecars) - len(labels_by_key)
+    notes.append(f"WebDataset shard: labels from {len(labels_by_key)} {LABEL_SUFFIX} files"
+                 + (f"; {others} .json/.txt metadata files not read" if others else ""))
+    return np.fromiter((labels_by_key[k] for k in keys), np.int64, len(keys))

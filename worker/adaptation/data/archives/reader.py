@@ -1,7 +1,7 @@
 """Reading one indexed image at its offset: a zip entry (inflated within its declared size, CRC
 checked) or plain bytes (a tar member, or the spill file), then decoded to pixels. The `Index` is the
 compact, picklable description a loader worker process needs; the `Reader` keeps one open file per
-process."""
+process. No torch here (nor in index, limits, layout, decode): only dataset.py feeds torch."""
 from __future__ import annotations
 
 import bz2
@@ -11,9 +11,9 @@ import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
-import torch
 
 from ...errors import AdaptationError
 from .decode import decode_image
@@ -81,12 +81,12 @@ class Reader:
                                   f"archive's images are {out_w}×{out_h}", {"entry": name})
         return arr
 
-    def load_batch(self, indices: np.ndarray) -> torch.Tensor:
+    def load_batch(self, indices: np.ndarray) -> np.ndarray:
         h, w = self.index.out_hw
         out = np.empty((len(indices), h, w, self.index.channels), dtype=np.uint8)
         for j, i in enumerate(indices):
             out[j] = self.decode(int(i))
-        return torch.from_numpy(out)
+        return out
 
 
 def read_member(f, kind: str, off: int, csize: int, usize: int, method: int, crc: int, name: str,
@@ -98,30 +98,66 @@ def read_member(f, kind: str, off: int, csize: int, usize: int, method: int, crc
         if len(data) != want:
             raise AdaptationError("invalid_archive", f"{name!r} is cut short in the archive", {"entry": name})
         return data
-    f.seek(off)
-    header = f.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise AdaptationError("invalid_archive", f"{name!r}: bad zip local header", {"entry": name})
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    f.seek(off + 30 + name_len + extra_len)
+    f.seek(_data_start(f, off, name))
     want = usize if limit is None else min(limit, usize)
     if method == zipfile.ZIP_STORED:
         data = f.read(want)
         if len(data) != want:
             raise AdaptationError("invalid_archive", f"{name!r} is cut short in the archive", {"entry": name})
     else:  # a full read asks for one byte more than declared, to catch an entry that lies about its size
-        data = _inflate(f, csize, want + 1 if limit is None else want, method, name)
+        data = b"".join(_inflate(f, csize, want + 1 if limit is None else want, method, name))
     if limit is None:
-        if len(data) != usize:
-            raise AdaptationError("invalid_archive", f"{name!r} holds {len(data)} bytes, its header says {usize}",
-                                  {"entry": name})
-        if zlib.crc32(data) != crc:
-            raise AdaptationError("invalid_archive", f"{name!r} is corrupt (CRC mismatch)", {"entry": name})
+        _check_whole(name, len(data), zlib.crc32(data), usize, crc)
     return data
 
 
-def _inflate(f, csize: int, max_out: int, method: int, name: str) -> bytes:
-    """Decompress at most `max_out` bytes: an entry that lies about its size cannot expand further."""
+def copy_member(f, out, entry) -> None:
+    """Write a zip entry's bytes (an index `Entry`) to the file `out`, a chunk at a time, checked as a
+    full `read_member` is: for members too large to hold in memory."""
+    f.seek(_data_start(f, entry.offset, entry.name))
+    if entry.method == zipfile.ZIP_STORED:
+        chunks = _stored(f, entry.usize, entry.name)
+    else:
+        chunks = _inflate(f, entry.csize, entry.usize + 1, entry.method, entry.name)
+    size = crc = 0
+    for chunk in chunks:
+        out.write(chunk)
+        size += len(chunk)
+        crc = zlib.crc32(chunk, crc)
+    _check_whole(entry.name, size, crc, entry.usize, entry.crc)
+
+
+def _data_start(f, off: int, name: str) -> int:
+    """The offset of a zip entry's data, past its local header."""
+    f.seek(off)
+    header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise AdaptationError("invalid_archive", f"{name!r}: bad zip local header", {"entry": name})
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return off + 30 + name_len + extra_len
+
+
+def _check_whole(name: str, size: int, crc: int, usize: int, expected_crc: int) -> None:
+    if size != usize:
+        raise AdaptationError("invalid_archive", f"{name!r} holds {size} bytes, its header says {usize}",
+                              {"entry": name})
+    if crc != expected_crc:
+        raise AdaptationError("invalid_archive", f"{name!r} is corrupt (CRC mismatch)", {"entry": name})
+
+
+def _stored(f, size: int, name: str) -> Iterator[bytes]:
+    left = size
+    while left > 0:
+        chunk = f.read(min(COPY_CHUNK, left))
+        if not chunk:
+            raise AdaptationError("invalid_archive", f"{name!r} is cut short in the archive", {"entry": name})
+        left -= len(chunk)
+        yield chunk
+
+
+def _inflate(f, csize: int, max_out: int, method: int, name: str) -> Iterator[bytes]:
+    """Decompress at most `max_out` bytes, a piece at a time: an entry that lies about its size cannot
+    expand further."""
     left = csize
     if method == zipfile.ZIP_LZMA:  # zip's lzma: 2-byte version, 2-byte props size, props, raw stream
         head = f.read(4)
@@ -139,11 +175,11 @@ def _inflate(f, csize: int, max_out: int, method: int, name: str) -> bytes:
         d = None
     else:  # pragma: no cover - refused while listing
         raise AdaptationError("unsupported_format", f"zip compression method {method} is not supported")
-    out = bytearray()
+    produced = 0
     try:
         if d is None:
             z = zlib.decompressobj(-15)
-            while len(out) < max_out and not z.eof:
+            while produced < max_out and not z.eof:
                 if z.unconsumed_tail:
                     chunk = z.unconsumed_tail
                 else:
@@ -151,9 +187,11 @@ def _inflate(f, csize: int, max_out: int, method: int, name: str) -> bytes:
                     left -= len(chunk)
                     if not chunk:
                         break
-                out += z.decompress(chunk, max_out - len(out))
+                piece = z.decompress(chunk, max_out - produced)
+                produced += len(piece)
+                yield piece
         else:
-            while len(out) < max_out and not d.eof:
+            while produced < max_out and not d.eof:
                 if d.needs_input:
                     chunk = f.read(min(COPY_CHUNK, left)) if left > 0 else b""
                     left -= len(chunk)
@@ -161,7 +199,8 @@ def _inflate(f, csize: int, max_out: int, method: int, name: str) -> bytes:
                         break
                 else:
                     chunk = b""
-                out += d.decompress(chunk, max_out - len(out))
+                piece = d.decompress(chunk, max_out - produced)
+                produced += len(piece)
+                yield piece
     except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
         raise AdaptationError("invalid_archive", f"{name!r} is corrupt: {exc}", {"entry": name}) from None
-    return bytes(out)
