@@ -79,3 +79,20 @@ def _imported_top_packages(root: Path) -> dict[str, set[str]]:
 def test_no_app_module_imports_the_worker_package():
     offenders = {m: t for m, t in _imported_top_packages(REPO / "app").items() if "worker" in t}
     assert offenders == {}
+
+
+# What the worker may use of app/: the contract and the platform, never the API's routes or services.
+WORKER_MAY_IMPORT = ("app.contract", "app.checks", "app.config", "app.db", "app.storage", "app.queue",
+                     "app.netguard", "app.spawn", "app.capabilities", "app.demo_data")
+
+
+def test_the_worker_uses_only_the_contract_and_the_platform():
+    offenders = {}
+    for path in (REPO / "worker").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for name in names:
+                if name.split(".")[0] == "app" and not name.startswith(WORKER_MAY_IMPORT):
+                    offenders.setdefault(str(path.relative_to(REPO)), []).append(name)
+    assert offenders == {}

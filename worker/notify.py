@@ -112,7 +112,7 @@ def notify_if_finished(settings: Settings, job_id: str, wait: bool = False) -> F
     claimed its webhook yet: claims it and delivers it in a background thread (returns the Future), or
     here with `wait=True` (returns whether it was delivered). None when there is nothing to send. Never
     raises."""
-    from app.services.jobs import to_out  # the same JSON as GET /v1/jobs/{id}
+    from app.db.views import to_out  # the same JSON as GET /v1/jobs/{id}
 
     try:
         with session_scope(settings.resolved_database_url) as s:

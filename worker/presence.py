@@ -16,7 +16,7 @@ from app.capabilities import static_capabilities
 from app.config import Settings
 from app.db import repo
 from app.db.session import session_scope
-from app.services.workers import fleet_in
+from app.db.fleet import fleet_in
 
 log = logging.getLogger("adaptd.presence")
 

@@ -8,7 +8,7 @@ from ..db import repo
 from ..db.session import session_scope
 from ..errors import error_body
 from ..queue import get_celery
-from ..services.workers import fleet
+from ..db.fleet import fleet
 from .deps import SettingsDep
 
 router = APIRouter(tags=["health"])

@@ -51,7 +51,7 @@ def get_job_by_idempotency_key(s: Session, key: str) -> Job | None:
 
 # The read path of the API (GET /v1/jobs, /v1/jobs/{id}, the event streams): Core statements on an
 # autocommit connection (app.db.session.read / read_scope), one round trip each. Rows carry the attributes
-# app.services.jobs.to_out reads, under the same names as the ORM's.
+# app.db.views.to_out reads, under the same names as the ORM's.
 _SUMMARY = (Job.id, Job.tenant_id, Job.status, Job.method, Job.created_at, Job.started_at, Job.finished_at,
             Job.heartbeat_at, Job.attempts, Job.cancel_requested, Job.progress_done, Job.progress_total,
             Job.phase, Job.metrics, Job.error_code, Job.error_message, Job.error_detail, Job.name, Job.tags)

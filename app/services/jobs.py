@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from ..config import Settings
 from ..contract.architectures import task_of
 from ..contract.catalog import CATALOG, MethodInfo
-from ..contract.jobs import ArtifactOut, JobError, JobList, JobOut, JobSpec, JobSummary, Progress
+from ..contract.jobs import ArtifactOut, JobList, JobOut, JobSpec
 from ..db import repo
 from ..db.models import Job
 from ..db.session import read, read_scope, session_scope
@@ -28,8 +28,9 @@ from ..errors import ApiError
 from ..netguard import NotAllowed, check_url
 from ..queue import enqueue_job, get_celery
 from ..storage import delete_blob_if_unreferenced
+from ..db.views import to_out, to_summary
 from .submit_checks import complete_spec
-from .workers import fleet
+from ..db.fleet import fleet
 
 log = logging.getLogger("adaptd.jobs")
 T = TypeVar("T")
@@ -357,30 +358,3 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).astimezone(timezone.utc), job_id
     except Exception:  # noqa: BLE001
         raise ApiError("validation_error", "cursor: invalid cursor", {"field": "cursor"}) from None
-
-
-def _common(job) -> dict:
-    """The fields JobSummary and JobOut share, from an ORM Job or a repo row with the same names."""
-    total = job.progress_total or 0
-    done = job.progress_done or 0
-    # A job's correlation id is its id: the worker logs every line of the job, tracebacks included, under it.
-    error = JobError(code=job.error_code, message=job.error_message or "", detail=job.error_detail or {},
-                     correlation_id=job.id) if job.error_code else None
-    return dict(
-        id=job.id, name=job.name, tags=job.tags or [], status=job.status, method=job.method,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        heartbeat_at=job.heartbeat_at, attempts=job.attempts, cancel_requested=job.cancel_requested,
-        progress=Progress(done=done, total=total, fraction=(done / total) if total else
-                          (1.0 if job.status == "succeeded" else 0.0), phase=job.phase),
-        error=error)
-
-
-def to_out(job, artifacts) -> JobOut:
-    return JobOut(**_common(job), params=job.params, spec=job.spec, metrics=job.metrics,
-                  artifacts=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256) for a in artifacts])
-
-
-def to_summary(job) -> JobSummary:
-    metrics = None if job.metrics is None else \
-        {k: v for k, v in job.metrics.items() if not isinstance(v, (dict, list))}
-    return JobSummary(**_common(job), metrics=metrics)

@@ -14,7 +14,7 @@ from ..checks.preprocess import resolve
 from ..config import Settings
 from ..errors import ApiError
 from ..contract.jobs import JobSpec, ModelRef
-from .workers import fleet_in
+from ..db.fleet import fleet_in
 
 
 def _refused(field: str, exc: CheckError) -> ApiError:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from ..capabilities import OPTIONAL_ARCHITECTURE_LIBRARIES
 from ..config import Settings
-from ..db import repo
-from ..db.session import session_scope
+from . import repo
+from .session import session_scope
 
 
 @dataclass(frozen=True)
