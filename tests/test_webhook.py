@@ -113,7 +113,8 @@ def test_job_webhooks_end_to_end(pg_service, assets, receiver):
         assert err.value.status == 422 and "notify_url" in err.value.message
 
         ok = c.submit(method="source", num_classes=10, **common)
-        bad = c.submit(method="source", num_classes=7, **common)  # the checkpoint has 10 classes: fails
+        # eval_data without labels passes the submit checks and fails in the worker (eval_data_unlabelled)
+        bad = c.submit(method="source", num_classes=10, eval_data=data, **common)
         finals = {j: c.wait(j, timeout=180) for j in (ok["id"], bad["id"])}
     assert finals[ok["id"]]["status"] == "succeeded", finals[ok["id"]]["error"]
     assert finals[bad["id"]]["status"] == "failed"
