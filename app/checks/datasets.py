@@ -8,23 +8,9 @@ import zipfile
 from typing import IO
 
 from . import CheckError
+from .formats import detect_format
 
 NPY_MAGIC = b"\x93NUMPY"
-
-
-def sniff_format(f: IO[bytes]) -> str:
-    f.seek(0)
-    head = f.read(512)
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(f) as zf:
-                names = zf.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError):
-            raise CheckError("unsupported_format", "the file looks like a zip but cannot be opened") from None
-        return "npz" if names and all(n.endswith(".npy") for n in names) else "zip"
-    if head[:2] == b"\x1f\x8b" or (len(head) > 262 and head[257:262] == b"ustar"):
-        return "tar"
-    raise CheckError("unsupported_format", "could not detect the dataset format (expected npz, zip or tar)")
 
 
 def _npy_header(raw: IO[bytes], name: str) -> tuple[str, tuple[int, ...]]:
@@ -75,7 +61,7 @@ def check_npz(f: IO[bytes]) -> dict:
 
 
 def check_dataset(f: IO[bytes], declared: str | None) -> dict:
-    fmt = sniff_format(f)
+    fmt = detect_format(f)
     if declared is not None and declared != fmt and not (declared == "zip" and fmt == "npz"):
         raise CheckError("format_mismatch", f"the dataset was declared {declared!r} but is {fmt!r}",
                          {"declared": declared, "detected": fmt})

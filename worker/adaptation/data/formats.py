@@ -1,46 +1,19 @@
-"""Which dataset format a file is, told from its bytes alone (and a zip's directory): the one place formats
-are told apart. Light on purpose (standard library only): whoever checks an upload can call it."""
+"""The dataset format of a local file: app/checks/formats.py tells formats apart (the API's submit checks use
+the same function); here its refusal becomes the failed job's error."""
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
+
+from app.checks import CheckError
+from app.checks.formats import ARCHIVE_FORMATS, ARROW_SUFFIX, HF_MARKERS, is_hf_dataset_zip  # noqa: F401
+from app.checks.formats import detect_format as _detect
 
 from ..errors import AdaptationError
 
-# Read by archives.ArchiveImageSet. A WebDataset shard is a "tar"; "parquet" and "hf_dataset" (a zipped
-# save_to_disk folder) are Hugging Face `datasets` exports.
-ARCHIVE_FORMATS = ("zip", "tar", "parquet", "hf_dataset")
-ARROW_SUFFIX = ".arrow"
-HF_MARKERS = ("state.json", "dataset_info.json")  # save_to_disk writes both beside its .arrow files
-
-
-def is_hf_dataset_zip(names: list[str]) -> bool:
-    """A zipped `save_to_disk` folder: Arrow files beside `datasets`' own json files."""
-    return (any(n.endswith(ARROW_SUFFIX) for n in names)
-            and any(n.rsplit("/", 1)[-1] in HF_MARKERS for n in names))
-
 
 def detect_format(path: Path) -> str:
-    """One of "npz", "parquet", "hf_dataset", "zip", "tar" (plain or gzip; WebDataset shards too)."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    if head.startswith(b"PAR1"):
-        return "parquet"
-    if head.startswith(b"PK"):
-        # npz is a zip whose members end in .npy
-        try:
-            with open(path, "rb") as f:
-                endrec = zipfile._EndRecData(f)
-            if endrec and endrec[zipfile._ECD_ENTRIES_TOTAL] > 1_000_000:
-                return "zip"  # not parsed here: the archive reader refuses it by its entry limit
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile:
-            raise AdaptationError("unsupported_format", "the file looks like a zip but cannot be opened") from None
-        if names and all(n.endswith(".npy") for n in names):
-            return "npz"
-        return "hf_dataset" if is_hf_dataset_zip(names) else "zip"
-    if head[:2] == b"\x1f\x8b" or (len(head) > 262 and head[257:262] == b"ustar"):
-        return "tar"
-    raise AdaptationError("unsupported_format", "could not detect the dataset format (expected npz, zip, tar, "
-                          "parquet, or a zipped Hugging Face save_to_disk folder)")
+    try:
+        with open(path, "rb") as f:
+            return _detect(f)
+    except CheckError as exc:
+        raise AdaptationError(exc.code, exc.message, exc.detail) from None
