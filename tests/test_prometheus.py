@@ -31,7 +31,10 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def test_metrics_exposition(service, assets, tmp_path):
+    states = ("queued", "running", "succeeded", "failed", "cancelled")
     with Client(service.url) as c:
+        # The gauges count every tenant's jobs; this client sees its own: compare the changes.
+        counts_before = {st: len(c.jobs(status=st, limit=500)["items"]) for st in states}
         before = scrape(service.url)
         path = tmp_path / "fresh.npz"
         np.savez(path, x=np.random.default_rng().integers(0, 256, size=(32, 16, 16), dtype=np.uint8))
@@ -42,14 +45,14 @@ def test_metrics_exposition(service, assets, tmp_path):
         job = c.wait(job["id"], timeout=180)
         assert job["status"] == "succeeded", job["error"]
         after = scrape(service.url)
-        counts = {st: len(c.jobs(status=st, limit=500)["items"])
-                  for st in ("queued", "running", "succeeded", "failed", "cancelled")}
+        counts = {st: len(c.jobs(status=st, limit=500)["items"]) for st in states}
 
     assert after["adaptd_upload_bytes_total"] - before["adaptd_upload_bytes_total"] == upload["size"] + model["size"]
     assert after["adaptd_uploads_total"] - before["adaptd_uploads_total"] == 2
     for st, n in counts.items():
-        assert after[f'adaptd_jobs{{state="{st}"}}'] == n, st
-    assert after["adaptd_queue_depth"] == counts["queued"]
+        key = f'adaptd_jobs{{state="{st}"}}'
+        assert after[key] - before[key] == n - counts_before[st], st
+    assert after["adaptd_queue_depth"] - before["adaptd_queue_depth"] == counts["queued"] - counts_before["queued"]
     assert after['adaptd_jobs{state="succeeded"}'] == before['adaptd_jobs{state="succeeded"}'] + 1
 
     buckets = [(k, v) for k, v in after.items() if k.startswith('adaptd_job_duration_seconds_bucket{state="succeeded"')]

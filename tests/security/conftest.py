@@ -83,7 +83,8 @@ def _fixture(backend: str, worker: bool, **env):
     return fixture
 
 
-sec_postgres = _fixture("postgres", True)
+# tests.security.boom: an allow-listed user architecture whose forward fails unclassified (test_error_details)
+sec_postgres = _fixture("postgres", True, ADAPTD_ARCHITECTURE_MODULES="tests.security.boom")
 sec_sqlite = _fixture("sqlite", True)
 sec_postgres_api = _fixture("postgres", False)
 sec_sqlite_api = _fixture("sqlite", False)
