@@ -15,7 +15,11 @@ T = TypeVar("T")
 @lru_cache
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # As many connections as PostgreSQL's pool: writers queue on SQLite's lock (busy_timeout), and a
+        # request must not wait for a pooled connection instead (20 simultaneous submits: a pool of 5 + 10
+        # ran dry and answered 503).
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
+                               max_overflow=30, pool_timeout=30)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _record):  # WAL: the API reads while the worker writes
