@@ -14,9 +14,12 @@ from .device import seed_everything
 
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preprocess, epochs: int = 5,
                      batch_size: int = 64, lr: float = 1e-3, seed: int = 0, augment_shift: int = 0,
-                     device: str = "cpu") -> nn.Module:
+                     device: str = "cpu", ignore_index: int = -100) -> nn.Module:
     """Adam + cross-entropy, shuffled mini-batches; optional random translation by up to
-    `augment_shift` pixels (batched roll) for a more robust source model."""
+    `augment_shift` pixels (batched roll) for a more robust source model. `y` may hold per-pixel masks
+    (train_segmenter), whose `ignore_index` pixels do not count."""
+    if augment_shift and y.ndim > 1:
+        raise ValueError("augment_shift would move the images but not their masks")
     seed_everything(seed)
     dev = torch.device(device)
     model.to(dev).train()
@@ -32,7 +35,7 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess:
             if augment_shift:
                 dx, dy = (int(v) for v in rng.integers(-augment_shift, augment_shift + 1, size=2))
                 xt = torch.roll(xt, shifts=(dy, dx), dims=(2, 3))
-            loss = F.cross_entropy(model(xt), labels[idx].to(dev))
+            loss = F.cross_entropy(model(xt), labels[idx].to(dev), ignore_index=ignore_index)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -41,20 +44,7 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess:
 
 def train_segmenter(model: nn.Module, x: np.ndarray, masks: np.ndarray, preprocess: Preprocess, epochs: int = 5,
                     batch_size: int = 32, lr: float = 3e-3, seed: int = 0, device: str = "cpu") -> nn.Module:
-    """Adam + per-pixel cross-entropy (mask value 255 ignored), shuffled mini-batches."""
-    seed_everything(seed)
-    dev = torch.device(device)
-    model.to(dev).train()
-    data = ArrayImageSet(x, masks)
-    targets = torch.from_numpy(masks.astype(np.int64))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        for xb, idx in data.batches(batch_size, rng.permutation(len(data))):
-            if len(idx) < 2:
-                continue
-            loss = F.cross_entropy(model(preprocess(xb, dev)), targets[idx].to(dev), ignore_index=255)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model.eval()
+    """Adam + per-pixel cross-entropy (mask value 255 ignored), shuffled mini-batches: the classifier's
+    loop with masks as the targets."""
+    return train_classifier(model, x, masks, preprocess, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                            device=device, ignore_index=255)
