@@ -2,6 +2,7 @@
 small real assets (a digit CNN trained on sklearn's digits, a shifted target set)."""
 from __future__ import annotations
 
+import os
 import uuid
 
 import numpy as np

@@ -350,6 +350,14 @@ function artifacts(job) {
     `<a href="${esc(`/v1/jobs/${job.id}/artifacts/${a.name}`)}" download>${esc(a.name)}</a> <span class="muted">${bytes(a.size)}</span>`).join(" &nbsp; ")}</div>`;
 }
 
+// Views by task: app/static/<task>.js registers `TASK_VIEWS[task] = {kpis(job), body(job, examples)}`;
+// classification's is this file's own. Sections any job may have (several source models, auto's
+// candidates) are pushed onto EXTRA_SECTIONS by their own files: (job) => html.
+const CLASSIFICATION_VIEW = { kpis, body: (job, examples) => histograms(job) + gallery(examples) };
+const TASK_VIEWS = { classification: CLASSIFICATION_VIEW };
+const EXTRA_SECTIONS = [];
+function taskView(job) { return TASK_VIEWS[(job.spec && job.spec.task) || "classification"] || CLASSIFICATION_VIEW; }
+
 function jobView(id) {
   let job = null, steps = [], events = [], examples = null, live = null, es = null, alive = true, pending = false, poll = null;
   app.innerHTML = `<p class="muted">Loading job ${esc(id)}…</p>`;
@@ -357,7 +365,7 @@ function jobView(id) {
   function render() {
     pending = false;
     if (!alive || !job) return;
-    const m = job.metrics || {};
+    const m = job.metrics || {}, view = taskView(job);
     const collapsed = m.collapse_detected ? `<div class="warn-box">Collapse guard fired: ${esc((m.collapse && m.collapse.events || []).map(e => `step ${e.step}: ${e.reason} → ${e.action}`).join("; "))}</div>` : "";
     const err = job.error ? `<div class="error-box" id="job-error"><b>${esc(job.error.code)}</b>: ${esc(job.error.message)}</div>` : "";
     app.innerHTML = `<div class="jobhead"><a href="#/">← Jobs</a><h1>${esc(job.method)} <span class="mono muted">${esc(job.id.slice(0, 8))}</span>${nameTags(job)}</h1>
@@ -365,7 +373,7 @@ function jobView(id) {
       ${TERMINAL.includes(job.status) ? "" : `<button class="danger" id="cancel">Cancel</button>`}</div>
       ${err}${collapsed}
       ${job.status === "running" || job.status === "queued" ? progressBlock(job, live) : ""}
-      ${kpis(job)}${curves(steps, events, TERMINAL.includes(job.status))}${histograms(job)}${gallery(examples)}${artifacts(job)}${details(job)}`;
+      ${view.kpis(job)}${curves(steps, events, TERMINAL.includes(job.status))}${view.body(job, examples)}${EXTRA_SECTIONS.map(f => f(job)).join("")}${artifacts(job)}${details(job)}`;
     const btn = document.getElementById("cancel");
     if (btn) btn.onclick = async () => { btn.disabled = true; try { job = await api(`/v1/jobs/${id}/cancel`, { method: "POST" }); schedule(); } catch (e) { alert(e.message); } };
   }
