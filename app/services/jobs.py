@@ -1,7 +1,6 @@
 """Jobs: validate everything before queueing, commit, then enqueue; idempotency; cancel; views."""
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -9,10 +8,8 @@ import logging
 import math
 import re
 import uuid
-import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -23,6 +20,7 @@ from ..contract.catalog import CATALOG, MethodInfo
 from ..contract.jobs import ArtifactOut, JobList, JobOut, JobSpec
 from ..db import repo
 from ..db.models import Job
+from ..db.batched import Batched, per_loop
 from ..db.session import read, read_scope, session_scope
 from ..errors import ApiError
 from ..netguard import NotAllowed, check_url
@@ -33,7 +31,6 @@ from .submit_checks import complete_spec
 from ..db.fleet import fleet
 
 log = logging.getLogger("adaptd.jobs")
-T = TypeVar("T")
 
 
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
@@ -249,49 +246,6 @@ class View:
     json: bytes  # the body of GET /v1/jobs/{id}
 
 
-class ViewReader:
-    """`GET /v1/jobs/{id}` in one API process (and event loop). A request that finds no read in flight
-    starts one; requests arriving meanwhile wait for the next, which reads all their jobs in one
-    statement, and requests for the same job share its JSON. So every answer comes from a read that
-    started after its request arrived (a client reads its own writes), a process has at most one
-    such read in flight, and N pollers cost a few statements per round trip instead of N."""
-
-    MAX_IDS = 500  # per statement
-
-    def __init__(self, url: str):
-        self.url = url
-        self.pending: dict[str, list[asyncio.Future]] = {}
-        self.busy = False
-
-    async def get(self, job_id: str) -> View | None:
-        future = asyncio.get_running_loop().create_future()
-        self.pending.setdefault(job_id, []).append(future)
-        if not self.busy:
-            self.busy = True
-            asyncio.create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            while self.pending:
-                ids = list(self.pending)[:self.MAX_IDS]
-                batch = {job_id: self.pending.pop(job_id) for job_id in ids}
-                try:
-                    views = await read(self.url, _read_views, ids)
-                except Exception as exc:  # noqa: BLE001 - every waiting request gets it (503 etc.)
-                    for futures in batch.values():
-                        for f in futures:
-                            if not f.done():
-                                f.set_exception(exc)
-                    continue
-                for job_id, futures in batch.items():
-                    for f in futures:
-                        if not f.done():
-                            f.set_result(views.get(job_id))
-        finally:
-            self.busy = False
-
-
 def _read_views(c, job_ids: list[str]) -> dict[str, View]:
     rows = repo.job_views(c, job_ids)
     tenants = {r.id: r.tenant_id for r in rows}
@@ -299,20 +253,10 @@ def _read_views(c, job_ids: list[str]) -> dict[str, View]:
             for job_id, job in views_out(rows).items()}
 
 
-_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
-
-
-def per_loop(key: tuple, make: Callable[[], T]) -> T:
-    """One object per event loop and key (its futures and tasks belong to that loop)."""
-    objects = _per_loop.setdefault(asyncio.get_running_loop(), {})
-    if key not in objects:
-        objects[key] = make()
-    return objects[key]
-
-
-def view_reader(settings: Settings) -> ViewReader:
+def view_reader(settings: Settings) -> Batched[str, View]:
+    """`GET /v1/jobs/{id}`: concurrent requests of a process share one statement (app.db.batched)."""
     url = settings.resolved_database_url
-    return per_loop(("views", url), lambda: ViewReader(url))
+    return per_loop(("views", url), lambda: Batched(url, _read_views))
 
 
 def job_page(c, tenant_id: str, status: str | None, limit: int, cursor: str | None, full: bool = False,
