@@ -216,7 +216,9 @@ class Stack:
                 continue
             for q in tree:
                 try:
-                    celery = "celery" in " ".join(q.cmdline()) or "worker" in q.cmdline()
+                    # a Celery worker: `adaptd worker`, `celery ...`, or started as `python -c "from
+                    # worker.__main__ import main; ..."` (app/spawn.py; embedded mode's children)
+                    celery = any("celery" in a or "worker.__main__" in a or a == "worker" for a in q.cmdline())
                 except psutil.Error:
                     continue
                 if (role == "worker") == celery:
