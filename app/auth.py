@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from fastapi import Request
+from starlette.requests import cookie_parser
 
 from .config import Settings
 from .db import repo
@@ -46,11 +47,32 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def presented_credentials(request: Request) -> tuple[str | None, str | None]:
+    """(the API key, the dashboard session cookie) a request presents, in one pass over its raw
+    headers (the first authorization header counts, as with `request.headers.get`; cookies from every
+    cookie header, as `request.cookies`): every request of the hot path asks, so it does not build
+    Starlette's header and cookie mappings for it."""
+    auth = api_key = None
+    cookies: list[str] = []
+    for name, value in request.scope["headers"]:
+        if name == b"authorization" and auth is None:
+            auth = value.decode("latin-1")
+        elif name == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1")
+        elif name == b"cookie":
+            cookies.append(value.decode("latin-1"))
+    if auth is not None and auth.lower().startswith("bearer "):
+        key = auth[7:].strip() or None
+    else:
+        key = api_key or None
+    session = None
+    for cookie in cookies:
+        session = cookie_parser(cookie).get(SESSION_COOKIE, session)
+    return key, session
+
+
 def presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
+    return presented_credentials(request)[0]
 
 
 def _is_admin_hash(settings: Settings, key_hash: str) -> bool:
@@ -88,7 +110,7 @@ async def principal_of(request: Request, settings: Settings) -> Principal:
     """`resolve` for a request, on the event loop: the key's row is read with those of the requests
     waiting at the same time, in one statement (app.db.batched: every answer from a read that started
     after its request arrived, so a revoked key is refused from the next request on, in every process)."""
-    key, session = presented_key(request), request.cookies.get(SESSION_COOKIE)
+    key, session = presented_credentials(request)
     if key is not None:
         key_hash = hash_key(key)
     elif session is not None and settings.auth == "keys":
