@@ -25,25 +25,30 @@ def set_sqlite_page_size(dbapi_conn) -> None:
     cur.close()
 
 
+def _sqlite_engine(url: str, synchronous: str, **options) -> Engine:
+    # As many connections as PostgreSQL's pool: writers queue on SQLite's lock (busy_timeout), and a
+    # request must not wait for a pooled connection instead (20 simultaneous submits: a pool of 5 + 10
+    # ran dry and answered 503).
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
+                           max_overflow=30, pool_timeout=30, **options)
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(conn, _record):  # WAL: the API reads while the worker writes
+        set_sqlite_page_size(conn)
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.close()
+
+    return engine
+
+
 @lru_cache
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        # As many connections as PostgreSQL's pool: writers queue on SQLite's lock (busy_timeout), and a
-        # request must not wait for a pooled connection instead (20 simultaneous submits: a pool of 5 + 10
-        # ran dry and answered 503).
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
-                               max_overflow=30, pool_timeout=30)
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(conn, _record):  # WAL: the API reads while the worker writes
-            set_sqlite_page_size(conn)
-            cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        return engine
+        return _sqlite_engine(url, "FULL")
     # More connections than the API's threadpool (anyio: 40 threads), so a request never waits for one.
     return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_timeout=10)
 
@@ -104,34 +109,17 @@ async def read(url: str, fn: Callable[..., T], *args: Any) -> T:
         return await conn.run_sync(fn, *args)
 
 
-def deferred_durability_connection(url: str) -> Connection:
-    """A pooled connection in autocommit whose commits do not wait for the disk (PostgreSQL:
-    synchronous_commit off for the session; SQLite in WAL mode: synchronous=NORMAL): each statement is
-    its own transaction, one round trip. Only for rows that count once a later ordinary commit refers
-    to them, such as blob chunks before their blob is sealed: the log is written in order, so that
-    later commit's flush makes them durable too, and a crash before it leaves an unsealed blob that
-    nothing refers to. Hand it back with release_deferred_durability."""
-    conn = get_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT")
-    try:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
-        else:
-            conn.exec_driver_sql("SET synchronous_commit TO OFF")
-    except BaseException:
-        conn.invalidate()
-        conn.close()
-        raise
-    return conn
-
-
-def release_deferred_durability(conn: Connection) -> None:
-    """The connection back to the pool with ordinary durability (dropped if that fails)."""
-    try:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("PRAGMA synchronous=FULL")
-        else:
-            conn.exec_driver_sql("RESET synchronous_commit")
-    except Exception:  # noqa: BLE001 - a broken connection is not pooled again
-        conn.invalidate()
-    finally:
-        conn.close()
+@lru_cache
+def get_deferred_durability_engine(url: str) -> Engine:
+    """A pool of its own for rows that count once a later ordinary commit refers to them, such as blob
+    chunks before their blob is sealed: autocommit (each statement its own transaction, one round
+    trip), and commits that do not wait for the disk (PostgreSQL: synchronous_commit off for these
+    sessions; SQLite in WAL mode: synchronous=NORMAL). The log is written in order, so the later
+    commit's flush makes them durable too, and a crash before it leaves an unsealed blob that nothing
+    refers to. No pre-ping (a round trip per checkout): after a server restart one statement fails
+    (503) and SQLAlchemy drops the pool. Connections are taken per statement, so concurrent uploads
+    share the pool instead of holding one each."""
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url, "NORMAL", isolation_level="AUTOCOMMIT")
+    return create_engine(url, pool_size=10, max_overflow=30, pool_timeout=30, isolation_level="AUTOCOMMIT",
+                         connect_args={"options": "-c synchronous_commit=off"})

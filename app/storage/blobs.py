@@ -1,9 +1,8 @@
 """Blob bytes live in `blob_chunks` rows of at most `chunk_bytes`. Writers commit chunk by chunk (so
 neither side ever holds a whole file in memory); a blob becomes visible under its sha256 only when it is
-complete, and identical content is stored once. A writer holds one connection while it writes (each
-chunk one autocommitted statement: one round trip); chunk commits do not wait for the disk; the seal's
-commit does, and flushes the chunks before it (app.db.session.deferred_durability_connection): one
-disk flush per blob instead of one per chunk."""
+complete, and identical content is stored once. Each chunk is one autocommitted insert (one round
+trip) whose commit does not wait for the disk; the seal's commit does, and flushes the chunks before
+it (app.db.session.get_deferred_durability_engine): one disk flush per blob instead of one per chunk."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..db.models import Blob, BlobChunk
-from ..db.session import deferred_durability_connection, release_deferred_durability, session_scope
+from ..db.session import get_deferred_durability_engine, session_scope
 
 
 _INSERT_CHUNK = insert(BlobChunk)
@@ -29,25 +28,18 @@ class BlobWriter:
         self.size = 0
         self._seq = 0
         self._hash = hashlib.sha256()
-        self._conn = None  # held from the first chunk until seal() or abort()
         with session_scope(db_url) as s:
             s.add(Blob(id=self.blob_id, sha256=None, size=0))
 
     def write(self, data: bytes) -> None:
         if not data:
             return
-        if self._conn is None:
-            self._conn = deferred_durability_connection(self.db_url)
-        self._conn.execute(_INSERT_CHUNK, {"blob_id": self.blob_id, "seq": self._seq, "offset": self.size,
-                                           "data": data})
+        with get_deferred_durability_engine(self.db_url).connect() as conn:
+            conn.execute(_INSERT_CHUNK, {"blob_id": self.blob_id, "seq": self._seq, "offset": self.size,
+                                         "data": data})
         self._hash.update(data)
         self._seq += 1
         self.size += len(data)
-
-    def _release(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            release_deferred_durability(conn)
 
     @property
     def sha256(self) -> str:
@@ -58,7 +50,6 @@ class BlobWriter:
         or, when identical content is already stored, that blob's id, locked (a concurrent deletion waits
         for the caller's commit, so the reference the caller adds cannot dangle). The caller drops this
         copy with abort() after committing when the returned id is not `self.blob_id`."""
-        self._release()  # no more chunks
         digest = self.sha256
         # A write first: SQLite then holds its write lock before it reads (no stale snapshot).
         s.execute(update(Blob).where(Blob.id == self.blob_id).values(size=self.size))
@@ -90,7 +81,6 @@ class BlobWriter:
         return blob_id, self.sha256, self.size
 
     def abort(self) -> None:
-        self._release()
         with session_scope(self.db_url) as s:
             s.execute(delete(BlobChunk).where(BlobChunk.blob_id == self.blob_id))
             s.execute(delete(Blob).where(Blob.id == self.blob_id))
