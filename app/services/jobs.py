@@ -70,6 +70,7 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     for field in ("eval_data", "labelled_data"):
         if getattr(spec, field) is not None:
             refs.append((field, getattr(spec, field).upload_id, "dataset"))
+    refs += [(f"params.{name}", params[name], kind) for name, kind in info.upload_params() if params.get(name)]
     uploads = {}
     with session_scope(settings.resolved_database_url) as s:
         for field, upload_id, kind in refs:
@@ -81,7 +82,7 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
             uploads[field] = upload
-        stored = complete_spec(settings, s, spec, uploads)
+        stored = complete_spec(settings, s, spec, uploads, params)
     if spec.model is not None and spec.model.architecture is None:  # taken from the checkpoint's metadata
         check_task(spec, info, stored["model"]["architecture"])
     return {**stored, "params": params}

@@ -11,6 +11,7 @@ from ..checks.checkpoints import inspect_checkpoint
 from ..checks.datasets import check_dataset
 from ..checks.metadata import decode
 from ..checks.preprocess import resolve
+from ..checks.priors import MAX_PRIOR_BYTES, read_prior
 from ..config import Settings
 from ..errors import ApiError
 from ..contract.jobs import JobSpec, ModelRef
@@ -21,8 +22,9 @@ def _refused(field: str, exc: CheckError) -> ApiError:
     return ApiError(exc.code, f"{field}: {exc.message}", {"field": field, **exc.detail})
 
 
-def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
-    """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row."""
+def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict, params: dict | None = None) -> dict:
+    """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row (a method
+    param's file under `params.<name>`); `params`: the validated params."""
     url = settings.resolved_database_url
     body = spec.model_dump(mode="json")
     for field, ref in spec.architectures():  # sources and student name theirs; only `model` may omit them
@@ -32,15 +34,34 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
     meta = _complete_model(settings, s, spec, uploads, body) if spec.model is not None else {}
     architecture = spec.architectures()[-1][1].architecture if spec.model is None else body["model"]["architecture"]
     body["preprocess"] = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"), architecture)
+    found = {}
     for field in ("data", "eval_data", "labelled_data"):
         if field in uploads:
             up = uploads[field]
             try:
                 with open_blob(url, up.blob_id, up.size) as f:
-                    check_dataset(f, getattr(spec, field).format)
+                    found[field] = check_dataset(f, getattr(spec, field).format, masks=spec.task == "segmentation",
+                                                 labelled=field == "eval_data")
             except CheckError as exc:
                 raise _refused(field, exc) from None
+    num_classes = (body["model"] or {}).get("num_classes") if spec.model is not None else spec.student.num_classes
+    for field, up in uploads.items():
+        if up.kind == "prior":
+            _check_prior(url, field, up, num_classes, found["data"].get("images"))
     return body
+
+
+def _check_prior(url: str, field: str, up, num_classes: int, num_images: int | None) -> None:
+    """A class-ratio prior file: parsed, K classes, one row or one per target image (when the data's
+    headers tell the count; the worker checks it otherwise)."""
+    try:
+        if up.size > MAX_PRIOR_BYTES:
+            raise CheckError("invalid_prior", f"the prior file is {up.size} bytes (limit {MAX_PRIOR_BYTES})",
+                             {"limit_bytes": MAX_PRIOR_BYTES})
+        with open_blob(url, up.blob_id, up.size) as f:
+            read_prior(f.read()).rows(num_classes, num_images)
+    except CheckError as exc:
+        raise _refused(field, exc) from None
 
 
 def _complete_model(settings: Settings, s, spec: JobSpec, uploads: dict, body: dict) -> dict:

@@ -132,7 +132,7 @@ def open_image_set(path: Path, fmt: str | None = None, *, preprocess_size: int |
                    **options) -> ImageSet:
     """Open a dataset upload. `preprocess_size` is the job's square input size: archives whose images
     differ in size are resized to it while loading (without it they are refused). Other options go to
-    the archive reader (num_workers, limits...)."""
+    the archive reader (num_workers, limits, `masks` for a segmentation archive...)."""
     fmt = fmt or detect_format(path)
     try:
         reader = READERS[fmt]
