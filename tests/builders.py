@@ -128,11 +128,11 @@ def encode_mask(mask: np.ndarray, mode: str = "L") -> bytes:
     palette whose colours are not the indices)."""
     from PIL import Image
 
-    img = Image.fromarray(mask, "L")
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    img = Image.frombytes("L", (mask.shape[1], mask.shape[0]), mask.tobytes())
     if mode == "P":
-        img = img.convert("P")
+        img = Image.frombytes("P", img.size, mask.tobytes())  # the indices themselves, whatever the palette
         img.putpalette([(37 * i) % 256 for i in range(768)])
-        img.frombytes(mask.tobytes())  # the indices themselves, whatever the palette
     elif mode != "L":
         img = img.convert(mode)
     buf = io.BytesIO()
