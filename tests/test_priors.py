@@ -77,6 +77,7 @@ def test_rows_unknown_until_the_worker_counts_the_images():
     ("0,1,2\n1,x,1\n", {"row": 0, "column": 1}),
     ("0,1,2\n1,1\n", {"row": 0}),
     ("1,2,3\n1,1,1\n", {"header": ["1", "2", "3"]}),                          # indices must be 0..K-1
+    ("0.5,0.3,0.2\n0.4,0.4,0.2\n", {"header": ["0.5", "0.3", "0.2"]}),      # no header row
     ("a,a,b\n1,1,1\n", {}),                                                  # a class named twice
     ("0,1,2\n", {}),                                                         # no numbers
     ("a,b,c,tag:a,tag:c\n1,1,1,1,1\n", {}),                                  # a tag for every class

@@ -42,7 +42,8 @@ def seg_uploads(pg_service, tmp_path_factory):
                [("model", "model.safetensors", "model"), ("data", "target.npz", "dataset"),
                 ("eval", "eval.npz", "dataset")]}
     prior = [float((src.masks == c).mean()) for c in range(NUM_CLASSES)]
-    return ids, prior
+    np.savez(root / "target-masks.npz", y=tgt.masks)  # for the archive and prior files of the tests below
+    return ids, prior, root
 
 
 def _spec(ids, method, params=None, task="segmentation", architecture="unet_small", epochs=1):
@@ -57,7 +58,7 @@ def _spec(ids, method, params=None, task="segmentation", architecture="unet_smal
 def test_segmentation_job_over_http(pg_service, seg_uploads, tmp_path, method, params, epochs):
     from app.client import Client
 
-    ids, prior = seg_uploads
+    ids, prior, _ = seg_uploads
     if method == "sfda_prior":
         params = {**params, "class_ratio_prior": prior}
     with Client(pg_service.url) as c:
@@ -86,7 +87,7 @@ def test_segmentation_job_over_http(pg_service, seg_uploads, tmp_path, method, p
 def test_task_mismatches_are_refused_at_submit(pg_service, seg_uploads, change, field):
     from app.client import Client
 
-    ids, _ = seg_uploads
+    ids, _, _ = seg_uploads
     spec = _spec(ids, change.get("method", "tent"), task=change.get("task", "segmentation"),
                  architecture=change.get("architecture", "unet_small"))
     with Client(pg_service.url) as c, pytest.raises(ApiError) as err:
@@ -98,7 +99,137 @@ def test_task_mismatches_are_refused_at_submit(pg_service, seg_uploads, change, 
 def test_sfda_prior_needs_its_prior(pg_service, seg_uploads):
     from app.client import Client
 
-    ids, _ = seg_uploads
+    ids, _, _ = seg_uploads
     with Client(pg_service.url) as c, pytest.raises(ApiError) as err:
         c.submit(_spec(ids, "sfda_prior"))
     assert err.value.status == 422 and "class_ratio_prior" in str(err.value.detail)
+
+
+# --- archives, prior files and the CLI ----------------------------------------------------------------
+
+CLASS_NAMES = ["background", *(f"digit{d}" for d in range(10))]
+
+
+def _mask_archive(root, name, x, y=None, drop=()):
+    from tests import builders as B
+
+    files = {f"canvases/images/c{i:03d}.png": B.encode_image(x[i]) for i in range(len(x))}
+    if y is not None:
+        files.update({f"canvases/masks/c{i:03d}.png": B.encode_mask(y[i], "P") for i in range(len(y)) if i not in drop})
+    return B.build_zip(root / name, files)
+
+
+def _prior_csv(root, masks, prior, name="prior.csv") -> "Path":
+    """Bateson's estimate: a typical size per class (pixels) times each image's tags (class present or not)."""
+    sizes = [f"{1024 * p:.2f}" for p in prior]
+    lines = [",".join(["image", *CLASS_NAMES, *(f"tag:{c}" for c in CLASS_NAMES)])]
+    for i, m in enumerate(masks):
+        tags = ["1" if (m == c).any() else "0" for c in range(NUM_CLASSES)]
+        lines.append(",".join([f"c{i:03d}.png", *sizes, *tags]))
+    (root / name).write_text("\n".join(lines) + "\n")
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def cli_prior_job(pg_service, seg_uploads):
+    """`adaptd submit --task segmentation --prior prior.csv --watch` on archives of images + masks: the CLI
+    uploads the prior (kind prior) and prints mIoU before -> after. One real job, shared with the dashboard."""
+    from tests.ux_helpers import adaptd
+
+    _, prior, root = seg_uploads
+    with np.load(root / "eval.npz") as f:
+        x, y = f["x"], f["y"]
+    _mask_archive(root, "target.zip", x)
+    _mask_archive(root, "eval.zip", x, y)
+    csv = _prior_csv(root, y, prior)
+    r = adaptd("submit", "--task", "segmentation", "--method", "sfda_prior", "--prior", csv, "--param", "lr=1e-4",
+               "--model", root / "model.safetensors", "--arch", "unet_small", "--num-classes", str(NUM_CLASSES),
+               "--arch-kwarg", "width=8", "--data", root / "target.zip", "--eval-data", root / "eval.zip",
+               "--size", "32", "--channels", "3", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",
+               "--batch-size", "32", "--epochs", "2", "--seed", "0", "--watch", "--no-download",
+               "--url", pg_service.url, timeout=400)
+    assert r.returncode == 0, r.stderr + pg_service.logs()
+    job_id = r.stderr.split("submitted sfda_prior job ")[1].split()[0]
+    from app.client import Client
+
+    with Client(pg_service.url) as c:
+        return c.job(job_id), r.stderr
+
+
+def test_cli_runs_sfda_prior_from_a_prior_file_on_mask_archives(pg_service, cli_prior_job):
+    from app.client import Client
+
+    job, err = cli_prior_job
+    m = job["metrics"]
+    assert "upload prior.csv" in err and "upload eval.zip" in err
+    assert f"mIoU       {m['miou_before']:.1%} -> {m['miou_after']:.1%}" in err, err
+    assert f"Dice       {m['dice_before']:.1%} -> {m['dice_after']:.1%}" in err
+    assert m["miou_after"] > m["miou_before"] + 0.01 and not m["collapse_detected"]
+    assert "class_ratio_prior" not in job["spec"]["params"] or job["spec"]["params"]["class_ratio_prior"] is None
+    assert m["method_report"]["prior"] == "per_image" and len(m["method_report"]["prior_mean"]) == NUM_CLASSES
+    assert m["eval"]["num_images"] == 96 and m["num_images"] == 96
+    with Client(pg_service.url) as c:
+        upload = c.get_upload(job["spec"]["params"]["prior_upload"])
+        assert upload["kind"] == "prior" and upload["filename"] == "prior.csv"
+        examples = c.artifact_json(job["id"], "examples.json")
+    assert examples["kind"] == "masks" and examples["items"][0]["label"] is not None
+
+
+def _submit_refused(pg_service, spec) -> "ApiError":
+    from app.client import Client
+
+    with Client(pg_service.url) as c, pytest.raises(ApiError) as err:
+        c.submit(spec)
+    assert err.value.status == 422, err.value
+    return err.value
+
+
+@pytest.mark.parametrize("case,code,field", [
+    ("three_classes", "prior_shape_mismatch", "params.prior_upload"),
+    ("five_rows", "prior_shape_mismatch", "params.prior_upload"),
+    ("negative", "invalid_prior", "params.prior_upload"),
+    ("dataset_as_prior", "invalid_upload_kind", "params.prior_upload"),
+    ("both_priors", "invalid_params", None),
+    ("missing_mask", "missing_mask", "eval_data"),
+    ("no_masks", "eval_data_unlabelled", "eval_data"),
+    ("small_masks", "mask_size_mismatch", "eval_data"),
+])
+def test_segmentation_inputs_refused_at_submit(pg_service, seg_uploads, tmp_path, case, code, field):
+    from app.client import Client
+
+    ids, prior, root = seg_uploads
+    with np.load(root / "eval.npz") as f:
+        x, y = f["x"][:4], f["y"][:4]
+    spec = _spec(ids, "sfda_prior", {"class_ratio_prior": prior})
+    with Client(pg_service.url) as c:
+        def prior_file(text):
+            (tmp_path / "p.csv").write_text(text)
+            spec["params"] = {"prior_upload": c.upload(tmp_path / "p.csv", kind="prior")["id"]}
+
+        if case == "three_classes":
+            prior_file("0,1,2\n1,1,1\n")
+        elif case == "five_rows":
+            prior_file(",".join(map(str, range(NUM_CLASSES))) + "\n" + (",".join(["1"] * NUM_CLASSES) + "\n") * 5)
+        elif case == "negative":
+            prior_file(",".join(map(str, range(NUM_CLASSES))) + "\n-1" + ",1" * (NUM_CLASSES - 1) + "\n")
+        elif case == "dataset_as_prior":
+            spec["params"] = {"prior_upload": ids["data"]}
+        elif case == "both_priors":
+            prior_file(",".join(map(str, range(NUM_CLASSES))) + "\n" + ",".join(["1"] * NUM_CLASSES) + "\n")
+            spec["params"]["class_ratio_prior"] = prior
+        elif case in ("missing_mask", "no_masks"):
+            path = _mask_archive(tmp_path, "e.zip", x, None if case == "no_masks" else y, drop={2})
+            spec["eval_data"] = {"upload_id": c.upload(path, kind="dataset")["id"]}
+        elif case == "small_masks":
+            np.savez(tmp_path / "e.npz", x=x, y=y[:, :16, :16])
+            spec["eval_data"] = {"upload_id": c.upload(tmp_path / "e.npz", kind="dataset")["id"]}
+    err = _submit_refused(pg_service, spec)
+    assert err.code == code, err
+    if field is not None:
+        assert err.detail["field"] == field, err.detail
+    if case == "five_rows":
+        assert err.detail["rows"] == 5 and err.detail["images"] == 96
+    if case == "negative":
+        assert err.detail["row"] == 0 and err.detail["column"] == 0
+    if case == "missing_mask":
+        assert err.detail["examples"] == ["canvases/images/c002.png"]

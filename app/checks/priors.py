@@ -132,6 +132,14 @@ def _cell(text: str, i: int, j: int) -> float:
     return v
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _from_csv(text: str) -> Prior:
     lines = [row for row in csv.reader(io.StringIO(text)) if any(c.strip() for c in row)]
     if len(lines) < 2:
@@ -148,6 +156,9 @@ def _from_csv(text: str) -> Prior:
         as_indices = [int(n) for n in names]
     except ValueError:
         as_indices = None
+    if as_indices is None and all(_is_number(n) for n in names):
+        raise _refuse("the CSV's first row holds numbers: a CSV prior starts with a header row of class names or "
+                      "indices 0..K-1", header=names[:20])
     if as_indices is not None and as_indices != list(range(len(names))):
         raise _refuse("a CSV header of class indices lists 0..K-1 in order", header=names[:20])
     if tag_cols and [header[j][len(TAG_PREFIX):].strip() for j in tag_cols] != names:

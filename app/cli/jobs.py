@@ -27,32 +27,31 @@ example:
 exit codes: 0 succeeded, 1 failed, 2 usage error, 3 cancelled, 4 connection/API error"""
 
 
-def read_prior(path: str) -> list:
-    """--prior FILE: JSON (a list of K numbers, or a list of such lists) or CSV (one row per image)."""
+INLINE_PRIOR_BYTES = 64 * 1024  # a JSON list this small travels inline in the spec; anything else is uploaded
+
+
+def inline_prior(path: str) -> list | None:
+    """--prior FILE: a small JSON list (K proportions, or one list per target image) goes inline as
+    `params.class_ratio_prior`; None: upload the file (`params.prior_upload`: CSV, JSON objects with
+    sizes and tags, large files)."""
+    p = Path(path)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise click.UsageError(f"--prior {path}: {exc}") from None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        try:
-            rows = [[float(v) for v in line.split(",")] for line in text.splitlines() if line.strip()]
-        except ValueError:
-            raise click.UsageError(f"--prior {path}: neither JSON nor a CSV of numbers") from None
-        value = rows[0] if len(rows) == 1 else rows
-    if not isinstance(value, list) or not value:
-        raise click.UsageError(f"--prior {path}: must hold a list of proportions")
-    return value
+        if p.stat().st_size > INLINE_PRIOR_BYTES:
+            return None
+        value = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, list) and value else None
 
 
 @click.command("submit", epilog=SUBMIT_EPILOG, short_help="upload, submit a job, follow it (--watch)")
 @click.option("--spec", "spec_file", metavar="FILE", help="a job spec JSON file; the flags below override its fields")
 @click.option("--method", help="adaptation method (adaptd methods)")
 @click.option("--task", type=click.Choice(list(TASKS)), help="what the model predicts (default classification)")
-@click.option("--prior", "prior_file", metavar="FILE",
-              help="sfda_prior's class_ratio_prior: a JSON list (K proportions, or one list per target image) or "
-              "a CSV with one row of K numbers per image")
+@click.option("--prior", "prior_file", metavar="FILE|UPLOAD_ID",
+              help="sfda_prior's class-ratio prior: a JSON list (K proportions, or one list per target image) "
+              "goes inline; a CSV (header: class names or indices) or a JSON {\"sizes\", \"tags\"} / "
+              "{\"proportions\"} file is uploaded (params.prior_upload). Formats: README, Segmentation data")
 @click.option("--param", multiple=True, metavar="KEY=VALUE",
               help="method parameter, JSON-typed (lr=1e-3, collapse_guard=false); repeatable")
 @click.option("--model", metavar="FILE|UPLOAD_ID", help="source checkpoint (uploaded) or an upload id")
@@ -105,8 +104,9 @@ def submit(spec_file, method, task, prior_file, param, model, model_format, arch
     if task:
         base = {**(base or {}), "task": task}
     params = parse_pairs(param, "--param")
-    if prior_file:
-        params["class_ratio_prior"] = read_prior(prior_file)
+    prior_rows = inline_prior(prior_file) if prior_file else None
+    if prior_rows is not None:
+        params["class_ratio_prior"] = prior_rows
     kwargs = parse_pairs(arch_kwarg, "--arch-kwarg")
     if arch_kwargs:
         parsed = parse_value(arch_kwargs)
@@ -132,7 +132,7 @@ def submit(spec_file, method, task, prior_file, param, model, model_format, arch
                                      ("--data", (draft.get("data") or {}).get("upload_id"))] if not ok]
     if missing:
         raise click.UsageError(f"submit needs {', '.join(missing)} (as flags or in --spec)")
-    for flag, value in (("--model", model), ("--data", data), ("--eval-data", eval_data)):
+    for flag, value in (("--model", model), ("--data", data), ("--eval-data", eval_data), ("--prior", prior_file)):
         if value and not Path(value).is_file() and Path(value).suffix:
             raise click.UsageError(f"{flag}: no such file: {value}")
 
@@ -144,6 +144,11 @@ def submit(spec_file, method, task, prior_file, param, model, model_format, arch
                 refs[field] = client.upload_ref(value, "model" if field == "model" else "dataset",
                                                 lambda path, _kind: transfer_progress(f"upload {path.name}", line))
                 line.done()
+        if prior_file and prior_rows is None:
+            prior = client.upload_ref(prior_file, "prior", lambda path, _kind: transfer_progress(f"upload {path.name}",
+                                                                                             line))
+            line.done()
+            fields["params"] = {**params, "prior_upload": prior["upload_id"]}
         job = client.submit(build_spec(base, **fields, **refs), idempotency_key=idempotency_key)
         click.echo(f"submitted {job['method']} job {job['id']} ({job['status']})", err=True)
         if not watch:
