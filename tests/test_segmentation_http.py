@@ -233,3 +233,58 @@ def test_segmentation_inputs_refused_at_submit(pg_service, seg_uploads, tmp_path
         assert err.detail["row"] == 0 and err.detail["column"] == 0
     if case == "missing_mask":
         assert err.detail["examples"] == ["canvases/images/c002.png"]
+
+
+def _kl(p, q, eps=1e-10):
+    return sum(v * (np.log(v + eps) - np.log(w + eps)) for v, w in zip(p, q) if v > 0)
+
+
+def test_dashboard_shows_the_segmentation_job(pg_service, cli_prior_job, chromium, tmp_path):
+    """The finished sfda_prior job in headless Chromium: mIoU/Dice/pixel-accuracy cards before → after, KL
+    to the prior, per-class IoU and class proportions vs the prior as the API reports them, and the
+    example images with their masks (truth, before, after) and the class legend."""
+    import re
+
+    from app.client import Client
+    from tests.ux_helpers import chromium_run, png_stats
+
+    job, _ = cli_prior_job
+    m = job["metrics"]
+    with Client(pg_service.url) as c:
+        examples = c.artifact_json(job["id"], "examples.json")
+    page = f"{pg_service.url}/#/jobs/{job['id']}"
+    r = chromium_run(chromium, page, "--dump-dom", "--virtual-time-budget=10000")
+    dom = r.stdout
+    assert 'data-ready="1"' in dom, (r.stderr[-2000:], dom[-3000:])
+
+    def card(card_id):
+        return dom.split(f'id="{card_id}"', 1)[1].split('<div class="kpi', 1)[0]
+
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731 - app.js's pct
+    for card_id, key in (("miou", "miou"), ("dice", "dice"), ("pixel-acc", "pixel_accuracy")):
+        assert f"{pct(m[key + '_before'])} → {pct(m[key + '_after'])}" in card(card_id), card_id
+    prior = m["method_report"]["prior_mean"]
+    kl_before, kl_after = _kl(m["class_proportions_before"], prior), _kl(m["class_proportions_after"], prior)
+    assert f"{kl_before:.3f} → {kl_after:.3f}" in card("kl-prior")
+    assert "none" in card("collapse") and pct(m["agreement_with_source"]) in card("agreement")
+
+    iou = dom.split('id="iou-chart"', 1)[1].split("</svg>", 1)[0]
+    after = [float(v) for v in re.findall(r'data-series="after" data-category="[^"]+" data-value="([^"]+)"', iou)]
+    assert after == pytest.approx([v for v in m["eval"]["after"]["iou_per_class"] if v is not None])
+    props = dom.split('id="proportions-chart"', 1)[1].split("</svg>", 1)[0]
+    shown_prior = [float(v) for v in re.findall(r'data-series="prior" data-category="[^"]+" data-value="([^"]+)"', props)]
+    assert shown_prior == pytest.approx(prior) and len(shown_prior) == NUM_CLASSES
+    assert 'data-category="background"' in props
+
+    gallery = dom.split('id="examples"', 1)[1]
+    rows = re.findall(r'<div class="segrow" data-index="(\d+)"', gallery)
+    assert [int(i) for i in rows] == [it["index"] for it in examples["items"]] and rows
+    for label in ("truth", "before", "after"):
+        assert len(re.findall(rf'data-mask="{label}"', gallery)) == len(rows), label
+    assert len(re.findall(r'<span data-class="\d+">', gallery)) == NUM_CLASSES
+
+    shot = tmp_path / "segmentation-job.png"
+    chromium_run(chromium, page, f"--screenshot={shot}", "--window-size=1280,2200", "--virtual-time-budget=10000")
+    size, stddev, colours = png_stats(shot)
+    assert size == (1280, 2200) and stddev > 15 and colours > 100, (stddev, colours)
+    print(f"\nsegmentation dashboard screenshot: {shot}")
