@@ -88,8 +88,10 @@ def test_invalid_prior_files(data, detail):
     assert detail.items() <= err.detail.items(), err.detail
 
 
-def test_not_utf8_and_too_large():
+def test_not_utf8_too_large_or_too_deep():
     refused("invalid_prior", b"\xff\xfe\x00")
+    refused("invalid_prior", b"[" * 100_000)
+    refused("invalid_prior", b"0,1,2\n" + b"1" * 200_000 + b",1,1\n")
     refused("invalid_prior", b"[" + b" " * MAX_PRIOR_BYTES + b"]")
 
 

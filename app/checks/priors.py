@@ -187,7 +187,10 @@ def read_prior(data: bytes) -> Prior:
     if text.lstrip()[:1] in ("[", "{"):
         try:
             value = json.loads(text, parse_constant=lambda c: math.nan)  # NaN/Infinity: refused as numbers
-        except ValueError as exc:
-            raise _refuse(f"not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise _refuse(f"not valid JSON: {str(exc)[:200]}") from None
         return _from_json(value)
-    return _from_csv(text)
+    try:
+        return _from_csv(text)
+    except csv.Error as exc:  # e.g. a field past the csv module's size limit
+        raise _refuse(f"not a readable CSV: {exc}") from None
