@@ -101,3 +101,13 @@ def test_class_and_row_counts_must_match_the_job():
     err = refused("prior_shape_mismatch", "[[1,1,1],[1,1,1]]", n=5)
     assert err.detail == {"rows": 2, "images": 5}
     assert rows('{"sizes": [1, 1, 1], "tags": [[1, 1, 1]]}', n=5) == [[1 / 3] * 3]  # one row: every image
+
+
+def test_a_prior_upload_is_in_use_while_its_job_is():
+    """Deleting an upload a queued job names is refused (409 upload_in_use): the prior file counts."""
+    from app.db.repo import _upload_ids
+
+    spec = {"method": "sfda_prior", "params": {"prior_upload": "p1", "lr": 1e-4}, "model": {"upload_id": "m"},
+            "data": {"upload_id": "d"}, "eval_data": None}
+    assert _upload_ids(spec) == {"p1", "m", "d"}
+    assert _upload_ids({**spec, "params": {"class_ratio_prior": [0.5, 0.5]}}) == {"m", "d"}
