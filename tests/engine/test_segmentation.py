@@ -243,3 +243,20 @@ def test_a_prior_file_of_sizes_and_tags_is_the_prior_it_describes(seg_files):
     with pytest.raises(AdaptationError) as err:
         run(dataclasses.replace(req, param_files={"prior_upload": root / "prior.json"}))
     assert err.value.code == "prior_shape_mismatch" and err.value.detail["rows"] == 5
+
+
+def test_mask_examples_stay_within_their_byte_budget():
+    """Photos compress far less than digit canvases: the gallery stops before it grows past its budget."""
+    import json
+
+    from worker.adaptation.data.images import ArrayImageSet
+    from worker.adaptation.examples import MASK_BUDGET_BYTES, pick_masks
+
+    rng = np.random.default_rng(0)
+    data = ArrayImageSet(rng.integers(0, 256, (8, 256, 256, 3), dtype=np.uint8),
+                         rng.integers(0, 3, (8, 256, 256), dtype=np.uint8))
+    before = {"mask": torch.from_numpy(rng.integers(0, 3, (8, 64, 64), dtype=np.uint8))}
+    after = {"mask": torch.zeros(8, 64, 64, dtype=torch.uint8)}
+    ex = pick_masks(data, before, after, labelled=True, num_classes=3)
+    assert 1 <= len(ex["items"]) < 6 and len(json.dumps(ex)) <= MASK_BUDGET_BYTES + 1000
+    assert [it["image"][:22] for it in ex["items"]] == ["data:image/png;base64,"] * len(ex["items"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ def _thumbnail(hwc: np.ndarray) -> str:
 
 MASK_COUNT = 6
 MASK_THUMBNAIL_PX = 64
+MASK_BUDGET_BYTES = 48_000  # the whole gallery: items past it are left out (photos compress less than digits)
 IGNORE = 255
 # Class colours (class 0, background, dark); beyond these, evenly spread hues. The dashboard's legend
 # reads them from examples.json, so image and legend always agree.
@@ -80,7 +82,7 @@ def pick_masks(data, before: dict, after: dict, labelled: bool, num_classes: int
     mb, ma = before["mask"], after["mask"]
     changed = (mb != ma).float().mean(dim=(1, 2))
     order = torch.argsort(changed, descending=True, stable=True)
-    chosen = [int(i) for i in order[: count // 2] if changed[i] > 0]
+    chosen = [int(i) for i in order[: count // 2] if changed[i] > 0]  # kept in this order: most changed first
     for i in np.linspace(0, n - 1, min(n, count)).astype(int).tolist():
         if len(chosen) >= min(n, count):
             break
@@ -90,7 +92,7 @@ def pick_masks(data, before: dict, after: dict, labelled: bool, num_classes: int
     labels = getattr(data, "labels", None) if labelled else None
     colours = class_colours(num_classes)
     palette = _palette(colours)
-    items = []
+    items, spent = [], 0
     for k, i in enumerate(chosen):
         image = _thumbnail_image(images[k].numpy())
         size = image.size  # (width, height)
@@ -105,6 +107,9 @@ def pick_masks(data, before: dict, after: dict, labelled: bool, num_classes: int
                 pred = F.interpolate(m[None, None].float(), size=truth.shape, mode="nearest")[0, 0].to(truth.dtype)
                 item[side]["pixel_accuracy"] = (round(float((pred[keep] == truth[keep]).float().mean()), 4)
                                                 if keep.any() else None)
+        spent += len(json.dumps(item))
+        if items and spent > MASK_BUDGET_BYTES:
+            break
         items.append(item)
     return {"set": "eval" if labelled else "target", "kind": "masks",
             "class_names": getattr(data, "class_names", None), "colours": colours,
