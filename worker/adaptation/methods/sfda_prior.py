@@ -22,6 +22,9 @@ class SFDAPrior(Method):
     def check_compatible(self) -> None:
         rows, k = self.params.prior_rows, self.ctx.num_classes
         if rows is None:  # a prior file (params.prior_upload), read as the API read it at submit
+            if "prior_upload" not in self.ctx.files:
+                raise AdaptationError("invalid_params", "params.prior_upload: the run was given no file for this "
+                                      "upload", {"field": "params.prior_upload"})
             try:
                 self.rows = read_prior(self.ctx.files["prior_upload"].read_bytes()).rows(k, self.ctx.dataset_size)
             except CheckError as exc:
