@@ -8,7 +8,7 @@ import json
 import pytest
 
 from app.checks import CheckError
-from app.checks.priors import MAX_PRIOR_BYTES, read_prior
+from app.checks.priors import MAX_PRIOR_BYTES, image_key, read_prior
 
 
 def rows(data: str | bytes, k: int = 3, n: int | None = 4) -> list[list[float]]:
@@ -55,6 +55,31 @@ def test_csv_with_class_names_tags_and_an_image_column():
 def test_csv_with_indices_and_one_row():
     assert rows("0,1,2\n0.6,0.3,0.1\n") == [pytest.approx([0.6, 0.3, 0.1])]
     assert rows("\ufeff0,1,2\r\n6,3,1\r\n".encode("utf-8")) == [pytest.approx([0.6, 0.3, 0.1])]  # Excel's BOM and CRLF
+
+
+def test_named_rows_are_matched_to_the_target_images_in_any_order():
+    text = "image,0,1,2\nb.png,0,1,0\nsub/a.jpg,1,0,0\nc,0,0,1\n"
+    names = ["set/images/a.png", "set/images/b.png", "set/images/c.png"]  # stored order: sorted paths
+    assert read_prior(text.encode()).rows(3, 3, names) == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    as_json = json.dumps({"sizes": [1, 1, 1], "tags": [[0, 1, 0], [1, 0, 0], [0, 0, 1]], "images": ["b", "a", "c"]})
+    assert read_prior(as_json.encode()).rows(3, 3, names) == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    npz = "image,0,1\n1,0,1\n0,1,0\n"  # an npz's images are named by their index
+    assert read_prior(npz.encode()).rows(2, 2, ["0", "1"]) == [[1, 0], [0, 1]]
+    assert read_prior(npz.encode()).rows(2, 2) == [[0, 1], [1, 0]]  # names unknown (yet): file order
+    assert [image_key(n) for n in ("a/b/c.png", "c", "x.tar.gz", ".hidden", "d\\e.jpg")] == ["c", "c", "x.tar", ".hidden", "e"]
+
+
+def test_named_rows_that_do_not_match_are_refused():
+    text = "image,0,1,2\na.png,1,1,1\nzzz.png,1,1,1\n"
+    with pytest.raises(CheckError) as err:
+        read_prior(text.encode()).rows(3, 2, ["images/a.png", "images/b.png"])
+    assert err.value.code == "prior_shape_mismatch"
+    assert err.value.detail == {"images_without_row": ["images/b.png"], "rows_without_image": ["zzz.png"]}
+    with pytest.raises(CheckError) as err:
+        read_prior(b"image,0,1\na.png,1,1\n").rows(2, 2, ["x/a.png", "y/a.png"])
+    assert err.value.code == "prior_shape_mismatch" and err.value.detail["repeated"] == ["a"]
+    refused("invalid_prior", "image,0,1,2\na.png,1,1,1\na.jpg,1,1,1\n")        # one image named twice
+    refused("invalid_prior", '{"sizes": [1, 1, 1], "tags": [[1, 1, 1]], "images": ["a", "b"]}')
 
 
 def test_rows_unknown_until_the_worker_counts_the_images():

@@ -120,10 +120,11 @@ def _mask_archive(root, name, x, y=None, drop=()):
 
 
 def _prior_csv(root, masks, prior, name="prior.csv") -> "Path":
-    """Bateson's estimate: a typical size per class (pixels) times each image's tags (class present or not)."""
+    """Bateson's estimate: a typical size per class (pixels) times each image's tags (class present or not),
+    one row per image named in its `image` column, in reverse order (rows are matched by name)."""
     sizes = [f"{1024 * p:.2f}" for p in prior]
     lines = [",".join(["image", *CLASS_NAMES, *(f"tag:{c}" for c in CLASS_NAMES)])]
-    for i, m in enumerate(masks):
+    for i, m in reversed(list(enumerate(masks))):
         tags = ["1" if (m == c).any() else "0" for c in range(NUM_CLASSES)]
         lines.append(",".join([f"c{i:03d}.png", *sizes, *tags]))
     (root / name).write_text("\n".join(lines) + "\n")
@@ -188,6 +189,7 @@ def _submit_refused(pg_service, spec) -> "ApiError":
     ("three_classes", "prior_shape_mismatch", "params.prior_upload"),
     ("five_rows", "prior_shape_mismatch", "params.prior_upload"),
     ("negative", "invalid_prior", "params.prior_upload"),
+    ("unknown_image", "prior_shape_mismatch", "params.prior_upload"),
     ("dataset_as_prior", "invalid_upload_kind", "params.prior_upload"),
     ("both_priors", "invalid_params", None),
     ("missing_mask", "missing_mask", "eval_data"),
@@ -212,6 +214,9 @@ def test_segmentation_inputs_refused_at_submit(pg_service, seg_uploads, tmp_path
             prior_file(",".join(map(str, range(NUM_CLASSES))) + "\n" + (",".join(["1"] * NUM_CLASSES) + "\n") * 5)
         elif case == "negative":
             prior_file(",".join(map(str, range(NUM_CLASSES))) + "\n-1" + ",1" * (NUM_CLASSES - 1) + "\n")
+        elif case == "unknown_image":  # the npz target's images are named 0..95
+            prior_file("image," + ",".join(map(str, range(NUM_CLASSES))) + "\n"
+                       + "".join(f"{i if i != 7 else 'x'},{','.join(['1'] * NUM_CLASSES)}\n" for i in range(96)))
         elif case == "dataset_as_prior":
             spec["params"] = {"prior_upload": ids["data"]}
         elif case == "both_priors":
@@ -229,6 +234,8 @@ def test_segmentation_inputs_refused_at_submit(pg_service, seg_uploads, tmp_path
         assert err.detail["field"] == field, err.detail
     if case == "five_rows":
         assert err.detail["rows"] == 5 and err.detail["images"] == 96
+    if case == "unknown_image":
+        assert err.detail["images_without_row"] == ["7"] and err.detail["rows_without_image"] == ["x"]
     if case == "negative":
         assert err.detail["row"] == 0 and err.detail["column"] == 0
     if case == "missing_mask":

@@ -86,7 +86,7 @@ def zip_names(f: IO[bytes]) -> list[str] | None:
 
 def check_masks(fmt: str, f: IO[bytes], found: dict, labelled: bool) -> dict:
     """A segmentation dataset: npz `y` must be N×H×W masks (shape checked by check_npz); a zip holds
-    images/ (+ masks/ in eval data). Returns {"images": count} where the layout tells it."""
+    images/ (+ masks/ in eval data). Returns {"images": count, "names": [...]} where the layout tells it."""
     if fmt == "npz" and labelled and "y" not in found:
         raise CheckError("eval_data_unlabelled", "segmentation eval_data needs masks: 'y' N×H×W (255 = ignore)")
     if fmt == "npz" and "y" in found and len(found["y"]) != 3:
@@ -101,7 +101,7 @@ def check_masks(fmt: str, f: IO[bytes], found: dict, labelled: bool) -> dict:
     if labelled and layout.masks is None:
         raise CheckError("eval_data_unlabelled", "segmentation eval_data needs masks: masks/NAME.png beside "
                          "images/NAME.ext")
-    return {"images": len(layout.images)}
+    return {"images": len(layout.images), "names": layout.images}
 
 
 def check_dataset(f: IO[bytes], declared: str | None, masks: bool = False, labelled: bool = False) -> dict:

@@ -9,9 +9,15 @@ JSON, one of
     {"proportions": <a row or rows>}                 the same
     {"sizes": <a row or rows>, "tags": [[0/1, ...], ...], "class_names": [...]}
                                                       sizes (pixels) per class, times each image's tags
-CSV: a header row of K class names or indices 0..K-1 (an optional first column `image` is a label for
-people and ignored), then one row of K numbers per image, or one row for all; columns `tag:<class>`
-beside them are that image's tags (1 present, 0 absent), one per class in the same order.
+    optional "images": [name, ...]                  names the image of each row (below)
+CSV: a header row of K class names or indices 0..K-1 (an optional first column `image` names each row's
+image), then one row of K numbers per image, or one row for all; columns `tag:<class>` beside them are that
+image's tags (1 present, 0 absent), one per class in the same order.
+
+Rows without names follow the target set's stored order (npz index; archives sorted by path). Named rows
+are matched to the target images by file name without its folder and extension (`case01.png` ↔
+`images/case01.png`; an npz's images are named by their index, `0`, `1`, ...), in any order: every target
+image needs its row, and every row its image.
 
 Every row is normalised to sum 1 (so proportions and pixel counts mean the same); numbers are finite and
 non-negative, and each image keeps at least one class with a positive size."""
@@ -34,11 +40,19 @@ def _refuse(message: str, **detail) -> CheckError:
     return CheckError("invalid_prior", message, detail)
 
 
+def image_key(name: str) -> str:
+    """What a prior row's image name and a target image's name are matched on: the file name without its
+    folder and extension."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return base.rsplit(".", 1)[0] if "." in base[1:] else base
+
+
 @dataclass(frozen=True)
 class Prior:
     sizes: list[list[float]]                # 1×K (every image) or N×K
     tags: list[list[float]] | None = None   # N×K (or 1×K) of 0/1, or None
     class_names: list[str] | None = None
+    images: list[str] | None = None         # the image each row is for, when named
 
     @property
     def num_classes(self) -> int:
@@ -48,12 +62,15 @@ class Prior:
     def num_rows(self) -> int:
         return max(len(self.sizes), len(self.tags or []))
 
-    def rows(self, num_classes: int, num_images: int | None) -> list[list[float]]:
-        """The per-image proportions (one row for all images, or one per image), each summing to 1.
-        `num_images` None: not known yet (checked by the worker)."""
+    def rows(self, num_classes: int, num_images: int | None, names: list[str] | None = None) -> list[list[float]]:
+        """The per-image proportions (one row for all images, or one per image in stored order), each
+        summing to 1. `num_images` None: not known yet (checked by the worker); `names`: the target images'
+        names in stored order, to put named rows in that order."""
         if self.num_classes != num_classes:
             raise CheckError("prior_shape_mismatch", f"the prior has {self.num_classes} classes, the model "
                              f"predicts {num_classes}", {"classes": self.num_classes, "num_classes": num_classes})
+        if self.images is not None and names is not None:
+            return self._ordered(names).rows(num_classes, num_images)
         n = self.num_rows
         if n != 1 and num_images is not None and n != num_images:
             raise CheckError("prior_shape_mismatch", f"the prior has {n} rows: give one for every image, or one "
@@ -68,6 +85,37 @@ class Prior:
                 raise _refuse(f"row {i}: no class has a positive size (every class tagged absent or 0)", row=i)
             out.append([v / total for v in row])
         return out
+
+
+    def _ordered(self, names: list[str]) -> "Prior":
+        """The rows rearranged into the target set's order, matched by image name."""
+        keys = [image_key(n) for n in names]
+        where = {k: i for i, k in enumerate(keys)}
+        if len(where) != len(keys):
+            twice = sorted({k for k in keys if keys.count(k) > 1})[:5] if len(keys) < 10_000 else []
+            raise CheckError("prior_shape_mismatch", "the target images' file names repeat (in different folders): "
+                             "name the prior's rows in stored order instead (no image column)", {"repeated": twice})
+        given = {image_key(n): i for i, n in enumerate(self.images)}
+        missing = [n for n, k in zip(names, keys) if k not in given]
+        unknown = [n for n in self.images if image_key(n) not in where]
+        if missing or unknown:
+            raise CheckError("prior_shape_mismatch", f"the prior's image names do not match the target images: "
+                             f"{len(missing)} images have no row, {len(unknown)} rows name no image",
+                             {"images_without_row": missing[:5], "rows_without_image": unknown[:5]})
+        pick = [given[k] for k in keys]
+        return Prior([self.sizes[i] for i in pick] if len(self.sizes) > 1 else self.sizes,
+                     [self.tags[i] for i in pick] if self.tags and len(self.tags) > 1 else self.tags,
+                     self.class_names, None)
+
+
+def _names(value, rows: int) -> list[str]:
+    if (not isinstance(value, list) or len(value) != rows or not all(isinstance(n, str) and n.strip() for n in value)):
+        raise _refuse(f"images: {rows} file names, one per row")
+    keys = [image_key(n) for n in value]
+    if len(set(keys)) != len(keys):
+        raise _refuse("images: a file name appears twice (names are matched without folder and extension)",
+                      repeated=sorted({k for k in keys if keys.count(k) > 1})[:5])
+    return value
 
 
 def _numbers(value, what: str, k: int | None = None) -> list[list[float]]:
@@ -102,7 +150,7 @@ def _from_json(value) -> Prior:
         return Prior(_numbers(value, "proportions"))
     if not isinstance(value, dict):
         raise _refuse("a JSON prior is a list of proportions or an object with 'proportions' or 'sizes'")
-    unknown = sorted(set(value) - {"proportions", "sizes", "tags", "class_names"})
+    unknown = sorted(set(value) - {"proportions", "sizes", "tags", "class_names", "images"})
     if unknown or ("proportions" in value) == ("sizes" in value):
         raise _refuse("a JSON prior object holds 'proportions', or 'sizes' with optional 'tags' (and optional "
                       "'class_names')", keys=sorted(value)[:10])
@@ -118,7 +166,8 @@ def _from_json(value) -> Prior:
     if tags is not None and len(sizes) > 1 and len(tags) > 1 and len(tags) != len(sizes):
         raise _refuse(f"{len(sizes)} rows of sizes and {len(tags)} rows of tags: give one row of sizes, or one "
                       "per image like the tags")
-    return Prior(sizes, tags, names)
+    prior = Prior(sizes, tags, names)
+    return prior if value.get("images") is None else Prior(sizes, tags, names, _names(value["images"], prior.num_rows))
 
 
 def _cell(text: str, i: int, j: int) -> float:
@@ -164,15 +213,17 @@ def _from_csv(text: str) -> Prior:
     if tag_cols and [header[j][len(TAG_PREFIX):].strip() for j in tag_cols] != names:
         raise _refuse(f"tag columns are {TAG_PREFIX}<class> for every class, in the order of the class columns",
                       header=header[:20])
-    sizes, tags = [], []
+    sizes, tags, images = [], [], []
     for i, row in enumerate(lines[1:]):
         if len(row) != len(header):
             raise _refuse(f"CSV row {i + 1} has {len(row)} cells, the header {len(header)}", row=i)
+        if skip:
+            images.append(row[0].strip())
         sizes.append([_cell(row[j].strip(), i, j) for j in classes])
         if tag_cols:
             tags.append([_cell(row[j].strip(), i, j) for j in tag_cols])
     return Prior(sizes, _tags(tags, len(names)) if tag_cols else None,
-                 None if as_indices is not None else names)
+                 None if as_indices is not None else names, _names(images, len(sizes)) if skip else None)
 
 
 def read_prior(data: bytes) -> Prior:

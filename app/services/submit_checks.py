@@ -47,19 +47,24 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict, params: d
     num_classes = (body["model"] or {}).get("num_classes") if spec.model is not None else spec.student.num_classes
     for field, up in uploads.items():
         if up.kind == "prior":
-            _check_prior(url, field, up, num_classes, found["data"].get("images"))
+            _check_prior(url, field, up, num_classes, found["data"])
     return body
 
 
-def _check_prior(url: str, field: str, up, num_classes: int, num_images: int | None) -> None:
-    """A class-ratio prior file: parsed, K classes, one row or one per target image (when the data's
-    headers tell the count; the worker checks it otherwise)."""
+def _check_prior(url: str, field: str, up, num_classes: int, data: dict) -> None:
+    """A class-ratio prior file: parsed, K classes, one row or one per target image, named rows matched
+    to the images (where the data's headers or directory tell the count and the names; the worker checks
+    it otherwise)."""
+    num_images = data.get("images")
     try:
         if up.size > MAX_PRIOR_BYTES:
             raise CheckError("invalid_prior", f"the prior file is {up.size} bytes (limit {MAX_PRIOR_BYTES})",
                              {"limit_bytes": MAX_PRIOR_BYTES})
         with open_blob(url, up.blob_id, up.size) as f:
-            read_prior(f.read()).rows(num_classes, num_images)
+            prior = read_prior(f.read())
+        names = data.get("names") or ([str(i) for i in range(num_images)]  # an npz's images: their indices
+                                      if data["format"] == "npz" and num_images is not None else None)
+        prior.rows(num_classes, num_images, names if prior.images is not None else None)
     except CheckError as exc:
         raise _refused(field, exc) from None
 

@@ -218,8 +218,8 @@ def test_an_archive_of_images_and_masks_scores_as_its_npz(seg_files, source_miou
 
 
 def test_a_prior_file_of_sizes_and_tags_is_the_prior_it_describes(seg_files):
-    """params.prior_upload (a JSON of one size per class and per-image tags) runs as the same per-image
-    rows given inline."""
+    """params.prior_upload (a JSON of one size per class and per-image tags, rows named by image) runs as
+    the same per-image rows given inline in stored order."""
     import dataclasses
     import json
 
@@ -228,7 +228,9 @@ def test_a_prior_file_of_sizes_and_tags_is_the_prior_it_describes(seg_files):
         masks = f["y"]
     tags = np.stack([(masks == c).any(axis=(1, 2)) for c in range(NUM_CLASSES)], 1).astype(int)
     sizes = [round(1024 * p, 3) for p in prior]
-    (root / "prior.json").write_text(json.dumps({"sizes": sizes, "tags": tags.tolist()}))
+    n = len(tags)  # rows named by the npz index, in reverse: matched to the images by name
+    (root / "prior.json").write_text(json.dumps({"sizes": sizes, "tags": tags[::-1].tolist(),
+                                                 "images": [str(i) for i in reversed(range(n))]}))
     rows = tags * np.asarray(sizes)[None]
     inline = _run(root, "sfda_prior", {"class_ratio_prior": (rows / rows.sum(1, keepdims=True)).tolist(),
                                        "lr": 1e-4}).metrics

@@ -116,7 +116,8 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
                         epochs=epochs, dataset_size=len(data),
                         seed=opts.seed, precision=precision,
                         iterate_target=lambda: prep.iterate(data, opts.batch_size),
-                        input_mean=tuple(pre["mean"]), input_std=tuple(pre["std"]), files=req.param_files)
+                        input_mean=tuple(pre["mean"]), input_std=tuple(pre["std"]), files=req.param_files,
+                        image_names=data.names)
 
     hooks.progress(0, total, "evaluating_source")
     source_target = predict(model, data, prep, opts.batch_size, ctx, task)

@@ -19,6 +19,12 @@ class ImageSet(Protocol):
 
     def __len__(self) -> int: ...
 
+    @property
+    def names(self) -> list[str]:
+        """Each image's name in stored order (an archive's paths; an npz's indices), e.g. to match a prior
+        file's rows."""
+        ...
+
     def batches(self, batch_size: int, order: np.ndarray | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (uint8 NHWC tensor, int64 index tensor) in `order` (default: stored order)."""
@@ -37,6 +43,10 @@ class ArrayImageSet:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    @property
+    def names(self) -> list[str]:
+        return [str(i) for i in range(len(self.x))]
 
     def batches(self, batch_size: int, order: np.ndarray | None = None):
         n = len(self.x)

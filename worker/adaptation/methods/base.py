@@ -38,6 +38,8 @@ class MethodContext:
     input_std: tuple[float, ...] | None = None
     # The local file of each param that names an upload (catalogue `upload_params`, e.g. prior_upload).
     files: dict[str, Path] = field(default_factory=dict)
+    # The target images' names in stored order (data.names), to match a file's rows to images.
+    image_names: list[str] | None = None
 
     def autocast(self):
         if self.precision == "bf16":

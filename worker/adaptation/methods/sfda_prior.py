@@ -26,7 +26,8 @@ class SFDAPrior(Method):
                 raise AdaptationError("invalid_params", "params.prior_upload: the run was given no file for this "
                                       "upload", {"field": "params.prior_upload"})
             try:
-                self.rows = read_prior(self.ctx.files["prior_upload"].read_bytes()).rows(k, self.ctx.dataset_size)
+                self.rows = read_prior(self.ctx.files["prior_upload"].read_bytes()).rows(
+                    k, self.ctx.dataset_size, self.ctx.image_names)
             except CheckError as exc:
                 raise AdaptationError(exc.code, f"params.prior_upload: {exc.message}",
                                       {"field": "params.prior_upload", **exc.detail}) from None
