@@ -170,17 +170,23 @@ def run_distill(req: DistillRequest, hooks: Hooks | None = None) -> RunResult:
                                            "method": spec.method})
     source_target = report["source_probs"][selected]
     after_summary = task.summary(after_target, st.num_classes)
+    before_summary = None if source_target is None else task.summary(source_target, st.num_classes)
+    entropy_before = None if before_summary is None else before_summary["mean_entropy"]
     metrics = {
         "method": spec.method, "params": params, "sources": entries, "selected_source": selected,
         "similarity_metric": report["similarity_metric"], "pseudo_labels": report["pseudo_labels"],
-        "entropy_before": None if source_target is None else task.summary(source_target, st.num_classes)["mean_entropy"],
+        "entropy_before": entropy_before,
         "entropy_after": after_summary["mean_entropy"],
         "predicted_class_entropy_after": after_summary["predicted_class_entropy"],
         **E.accuracy_estimate(after_target),
         "images_per_second": len(rows) * opts.batch_size / seconds if seconds > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device), "num_images": len(data), "device": str(device),
         "precision": precision, "num_labelled": 0 if labelled is None else len(labelled[1]),
-        "target": {"after": after_summary}, "batchnorm_recalibration_batches": recalibrated,
+        # `before`: the selected source's, when its classes are the student's (as entropy_before)
+        "target": {"after": after_summary, **({"before": before_summary} if before_summary is not None else {})},
+        "batchnorm_recalibration_batches": recalibrated,
+        "notes": [n for n in [E.entropy_note(entropy_before, after_summary["mean_entropy"], recalibrated,
+                                                    distilled=True)] if n],
         "model_load": {"sources": reports}, "timing": {"adapt_seconds": seconds, "steps": len(rows)},
         "collapse_detected": False,
     }
