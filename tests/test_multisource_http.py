@@ -128,3 +128,24 @@ def test_refusals(c, up, case, field):
         c.submit(spec)
     assert err.value.status == 422, err.value
     assert field in f"{err.value} {err.value.detail}", (err.value, err.value.detail)
+
+
+def test_sources_of_other_architectures_and_classes(c, up, tmp_path):
+    """With labelled target images, a source may be another architecture with other classes (here an
+    untrained 5-class ResNet-18): it is ranked and distilled by its features only, and has no accuracy."""
+    torch.manual_seed(0)
+    other = build_model("resnet18", 5, in_channels=1)
+    save_safetensors(other, tmp_path / "resnet.safetensors")
+    other_id = c.upload(tmp_path / "resnet.safetensors", "model")["id"]
+    spec = multisource_spec(up, options={"batch_size": 64, "epochs": 1, "seed": 0})
+    spec["models"].insert(1, {"upload_id": other_id, "architecture": "resnet18", "num_classes": 5,
+                              "arch_kwargs": {"in_channels": 1}})
+    job = c.wait(c.submit(spec)["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    m = job["metrics"]
+    assert [s["index"] for s in m["sources"]] == [0, 1, 2, 3]
+    assert m["sources"][1]["accuracy"] is None and all(m["sources"][i]["accuracy"] is not None for i in (0, 2, 3))
+    assert all(np.isfinite(s["similarity"]) for s in m["sources"])
+    assert sum(s["weight"] for s in m["sources"]) == pytest.approx(1.0)
+    assert m["selected_source"] != 1  # the untrained network is not the nearest
+    assert m["pseudo_labels"] == "labelled_centroids"
