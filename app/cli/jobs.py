@@ -27,7 +27,7 @@ example:
 \b
 several source models distilled into one student (distill_nearest, distill_weighted):
   adaptd submit --method distill_weighted --model mnist.safetensors --model usps.safetensors \\
-      --model big.pt@resnet18,10 --arch digit_cnn --num-classes 10 --student-arch digit_cnn \\
+      --model letters.safetensors@digit_cnn,26 --arch digit_cnn --num-classes 10 --student-arch digit_cnn \\
       --data target.npz --labelled-data few_labels.npz --eval-data labelled.npz --watch
   (--model FILE|UPLOAD_ID[@ARCH[,NUM_CLASSES]]: a source without its own @ARCH or NUM_CLASSES takes
   --arch, --num-classes; --arch-kwarg applies to the sources of the --arch architecture; the student
