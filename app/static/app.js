@@ -429,7 +429,7 @@ function jobView(id) {
 const COMPARE_ROWS = [  // [label, value(job, metrics), format, higher is better (for the best-of-row mark)]
   ["Method", j => j.method, esc], ["Status", j => j.status, badge],
   ["Accuracy before", (j, m) => m.accuracy_before, pct, true], ["Accuracy after", (j, m) => m.accuracy_after, pct, true],
-  ["ECE before", (j, m) => m.eval && m.eval.before.ece, pct, false], ["ECE after", (j, m) => m.eval && m.eval.after.ece, pct, false],
+  ["ECE before", (j, m) => m.eval && m.eval.before && m.eval.before.ece, pct, false], ["ECE after", (j, m) => m.eval && m.eval.after.ece, pct, false],
   ["Estimated accuracy", (j, m) => m.estimated_accuracy_after, pct, true],
   ["Mean entropy after", (j, m) => m.entropy_after, v => num(v), false],
   ["Agreement with source", (j, m) => m.agreement_with_source, pct],
