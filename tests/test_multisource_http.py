@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from app.checks.metadata import decode
 from app.client import Client, ApiError
 from tests.engine.test_multisource import KW, N_LABELLED, Pool
 from worker.adaptation.models import build_model
@@ -72,6 +74,11 @@ def test_three_source_distill_weighted(c, up, tmp_path):
     with torch.no_grad():
         acc = float((student.eval()(x).argmax(1).numpy() == up["y"]).mean())
     assert acc == pytest.approx(m["accuracy_after"], abs=1e-6)
+    # ... and carries the adaptd metadata a resubmission needs (architecture, classes, kwargs, input)
+    with safe_open(str(path), "pt") as f:
+        meta = decode(f.metadata())
+    assert {k: meta[k] for k in ("architecture", "num_classes", "arch_kwargs")} == STUDENT
+    assert meta["preprocess"] == job["spec"]["preprocess"] and meta["method"] == "distill_weighted"
 
 
 def test_distill_nearest_without_labels(c, up):

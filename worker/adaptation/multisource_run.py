@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.checks.metadata import encode as model_metadata
+from app.checks.preprocess import resolve as resolve_preprocess
 from app.contract.catalog import get_method_info
 from app.contract.jobs import JobSpec
 
@@ -166,8 +168,11 @@ def run_distill(req: DistillRequest, hooks: Hooks | None = None) -> RunResult:
     hooks.progress(len(rows), total, "exporting")
     req.output_dir.mkdir(parents=True, exist_ok=True)
     model_path = req.output_dir / "model.safetensors"
-    save_safetensors(student, model_path, {"architecture": st.architecture, "num_classes": str(st.num_classes),
-                                           "method": spec.method})
+    # The runner's metadata: the student resubmits without flags (architecture, classes, kwargs, input).
+    save_safetensors(student, model_path, model_metadata(
+        architecture=st.architecture, num_classes=st.num_classes, arch_kwargs=st.arch_kwargs,
+        preprocess=resolve_preprocess(pre.model_dump(exclude_unset=True), None, st.architecture), task=spec.task,
+        method=spec.method))
     source_target = report["source_probs"][selected]
     after_summary = task.summary(after_target, st.num_classes)
     before_summary = None if source_target is None else task.summary(source_target, st.num_classes)
