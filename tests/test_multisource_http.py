@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from app.checks.metadata import decode
+from app.checks.metadata import decode, encode
 from app.client import Client, ApiError
 from tests.engine.test_multisource import KW, N_LABELLED, Pool
 from worker.adaptation.models import build_model
@@ -156,3 +156,33 @@ def test_sources_of_other_architectures_and_classes(c, up, tmp_path):
     assert sum(s["weight"] for s in m["sources"]) == pytest.approx(1.0)
     assert m["selected_source"] != 1  # the untrained network is not the nearest
     assert m["pseudo_labels"] == "labelled_centroids"
+
+
+def test_sources_complete_from_their_metadata(c, up, tmp_path):
+    """Sources adaptd exported (their adaptd metadata) need no architecture, classes or kwargs in the spec;
+    the completed spec is checked again (class counts), and a source with neither is refused by name."""
+    ids = []
+    for i, name in enumerate(("clean", "scanner", "inverted")):
+        meta = encode(architecture="digit_cnn", num_classes=5 if name == "inverted" else 10, arch_kwargs=KW,
+                      preprocess=PRE, task="classification", method="source")
+        save_file(load_file(str(up["dir"] / f"{name}.safetensors")), str(tmp_path / f"{name}.safetensors"), meta)
+        ids.append(c.upload(tmp_path / f"{name}.safetensors", "model")["id"])
+    spec = multisource_spec(up, "distill_nearest", models=[{"upload_id": i} for i in ids[:2]],
+                            options={"batch_size": 64, "epochs": 1, "seed": 0})
+    del spec["labelled_data"]
+    job = c.submit(spec)
+    assert [{k: m[k] for k in ("architecture", "num_classes", "arch_kwargs")} for m in job["spec"]["models"]] == [
+        {"architecture": "digit_cnn", "num_classes": 10, "arch_kwargs": KW}] * 2
+    job = c.wait(job["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert [s["accuracy"] for s in job["metrics"]["sources"]] == pytest.approx(up["accuracy"][:2], abs=1e-6)
+    # the metadata's 5 classes against the student's 10, without labelled images: refused at submit
+    spec["models"] = [{"upload_id": i} for i in ids]
+    with pytest.raises(ApiError) as err:
+        c.submit(spec)
+    assert err.value.status == 422 and "models[2].num_classes is 5" in err.value.message, err.value
+    # a checkpoint without metadata, and no architecture in the spec
+    spec["models"] = [{"upload_id": ids[0]}, {"upload_id": up["sources"][1]}]
+    with pytest.raises(ApiError) as err:
+        c.submit(spec)
+    assert err.value.status == 422 and err.value.detail["field"] == "models[1].architecture", err.value

@@ -109,17 +109,20 @@ def test_cli_refuses_unclear_sources(up, embedded_service):  # noqa: F811
     assert r.returncode == 4 and "models[0].architecture" in r.stderr, r.stderr
 
 
-def test_client_submits_several_models(c, up):  # noqa: F811
+def test_client_submits_several_models(c, up, cli_jobs):  # noqa: F811
+    """Client.submit with `models` (paths and an upload id with its own fields) and a student started from
+    the CLI job's exported student: its architecture comes from that checkpoint's adaptd metadata."""
     d = up["dir"]
     job = c.submit(method="distill_nearest", models=[d / "clean.safetensors",
                                                      {"model": up["sources"][1], "architecture": "digit_cnn"},
                                                      d / "inverted.safetensors"],
-                   architecture="digit_cnn", num_classes=10, arch_kwargs=KW, student=dict(STUDENT),
+                   architecture="digit_cnn", num_classes=10, arch_kwargs=KW, student={"weights": cli_jobs["student"]},
                    data=d / "target.npz", labelled_data=d / "labelled.npz", eval_data=up["eval"],
                    preprocess={"size": 16, "channels": 1, "mean": [0.5], "std": [0.5]},
                    options={"batch_size": 64, "epochs": 1, "seed": 0})
     assert [s["upload_id"] for s in job["spec"]["models"]][1] == up["sources"][1]
     assert [s["arch_kwargs"] for s in job["spec"]["models"]] == [KW] * 3
+    assert {k: job["spec"]["student"][k] for k in STUDENT} == STUDENT and job["spec"]["student"]["upload_id"]
     job = c.wait(job["id"], timeout=300)
     assert job["status"] == "succeeded", job["error"]
     m = job["metrics"]

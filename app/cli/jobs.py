@@ -30,8 +30,8 @@ several source models distilled into one student (distill_nearest, distill_weigh
       --model letters.safetensors@digit_cnn,26 --arch digit_cnn --num-classes 10 --student-arch digit_cnn \\
       --data target.npz --labelled-data few_labels.npz --eval-data labelled.npz --watch
   (--model FILE|UPLOAD_ID[@ARCH[,NUM_CLASSES]]: a source without its own @ARCH or NUM_CLASSES takes
-  --arch, --num-classes; --arch-kwarg applies to the sources of the --arch architecture; the student
-  takes --num-classes unless --student-num-classes)
+  --arch, --num-classes, else its checkpoint's adaptd metadata; --arch-kwarg applies to the sources of
+  the --arch architecture; the student takes --num-classes unless --student-num-classes)
 
 \b
 several methods, one picked without labels:
@@ -106,7 +106,7 @@ def read_prior(path: str) -> list:
 @click.option("--student-arch-kwarg", multiple=True, metavar="KEY=VALUE", help="student architecture keyword; "
               "repeatable")
 @click.option("--student-weights", metavar="FILE|UPLOAD_ID", help="the student's initial weights (default: "
-              "freshly initialised)")
+              "freshly initialised; a model adaptd exported needs no --student-arch)")
 @click.option("--labelled-data", metavar="FILE|UPLOAD_ID", help="several source models: a few labelled target "
               "images (similarity pseudo-labels and a supervised loss)")
 @click.option("--labelled-format", type=FORMATS)
@@ -172,7 +172,7 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
     options = {k: v for k, v in {"batch_size": batch_size, "epochs": epochs, "seed": seed, "device": device,
                                  "precision": precision}.items() if v is not None}
     sources = [parse_source(v) for v in models]
-    multisource = len(sources) > 1 or bool(student_arch) or (base or {}).get("models") is not None
+    multisource = len(sources) > 1 or bool(student_arch or student_weights) or (base or {}).get("models") is not None
     student = None
     if student_arch or student_num_classes or student_arch_kwarg or student_weights:
         if not multisource:
@@ -182,8 +182,9 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
                                      "num_classes": student_num_classes or num_classes}.items() if v is not None}
         if student_arch_kwarg:
             student["arch_kwargs"] = parse_pairs(student_arch_kwarg, "--student-arch-kwarg")
-    if len(sources) > 1 and not student_arch and not ((base or {}).get("student") or {}).get("architecture"):
-        raise click.UsageError("several --model: the job trains a student; give its architecture (--student-arch)")
+    if len(sources) > 1 and not (student_arch or student_weights or (base or {}).get("student")):
+        raise click.UsageError("several --model: the job trains a student; give its architecture (--student-arch) "
+                               "or initial weights adaptd exported (--student-weights)")
     if labelled_data and not multisource:
         raise click.UsageError("--labelled-data is for several source models (distill_nearest, distill_weighted)")
     fields = dict(method=method, params=params, architecture=arch,
