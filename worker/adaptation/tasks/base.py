@@ -10,6 +10,7 @@ from torch import nn
 
 class TaskEngine(Protocol):
     name: str
+    masks: bool  # labels are per-pixel masks (an archive's images/ + masks/), not one class per image
 
     def check_preprocess(self, pre: dict) -> None:
         """Raise AdaptationError for a resolved preprocess (size, channels, mean, std) this task cannot use."""

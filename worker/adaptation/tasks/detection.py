@@ -46,6 +46,7 @@ CONFIDENT = 0.5  # a detection at or above this score counts in the label-free s
 
 class Detection:
     name = "detection"
+    masks = False  # labels are boxes (npz arrays; COCO JSON beside an archive's images is read elsewhere)
 
     def check_preprocess(self, pre: dict) -> None:
         if pre["size"] is not None or any(v != 0 for v in pre["mean"]) or any(v != 1 for v in pre["std"]):
