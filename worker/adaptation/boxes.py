@@ -9,6 +9,7 @@ import math
 import numpy as np
 import torch
 
+from .errors import AdaptationError
 from .metrics import histogram_entropy
 
 
@@ -125,6 +126,11 @@ def mean_average_precision(predictions: list[dict], labels: dict) -> dict:
 def _compute(preds: list[dict], targets: list[dict], iou_thresholds: list[float] | None) -> dict:
     from torchmetrics.detection import MeanAveragePrecision
 
+    try:
+        import faster_coco_eval  # noqa: F401  (the backend: a worker extra)
+    except ImportError:
+        raise AdaptationError("library_unavailable", "scoring boxes needs faster-coco-eval on the worker "
+                              "(pip install 'adaptd[worker]')") from None
     metric = MeanAveragePrecision(iou_type="bbox", backend="faster_coco_eval", class_metrics=True,
                                   iou_thresholds=iou_thresholds)
     metric.update(preds, targets)
