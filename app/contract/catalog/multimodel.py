@@ -69,7 +69,12 @@ MAX_CANDIDATES = 6
 @describe("auto", "auto",
           "Run several adaptation methods (`candidates`) on the model and keep the one a label-free "
           "criterion picks; every candidate's score, and its true accuracy when eval_data has labels, is in "
-          "the metrics. The exported model is the pick's.",
+          "the metrics. The exported model is the pick's. eval_data never enters the pick: selecting on the "
+          "data the accuracy is reported on is the malpractice Efthymiadis, Tolias & Chum (WACV 2025, "
+          "arXiv 2409.19774, crafting distribution shifts for validation without target labels) avoid by "
+          "validating on source images transformed by a broad list of augmentations; a source-free job has "
+          "no labelled source images, so the criteria here score the candidates' predictions on the "
+          "unlabelled target instead (BENCHMARKS.md measures each pick against the best candidate).",
           updates="all")
 class AutoParams(MethodParams):
     candidates: list[str] = Field(list(DEFAULT_CANDIDATES), min_length=1, max_length=MAX_CANDIDATES,
