@@ -42,7 +42,7 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 class UploadInfo(TypedDict):
     id: str
-    kind: Literal["model", "dataset"]
+    kind: Literal["model", "dataset", "prior"]
     filename: str | None
     size: int
     sha256: str

@@ -62,32 +62,31 @@ def parse_source(value: str) -> tuple[str, dict]:
     return ref, own
 
 
-def read_prior(path: str) -> list:
-    """--prior FILE: JSON (a list of K numbers, or a list of such lists) or CSV (one row per image)."""
+INLINE_PRIOR_BYTES = 64 * 1024  # a JSON list this small travels inline in the spec; anything else is uploaded
+
+
+def inline_prior(path: str) -> list | None:
+    """--prior FILE: a small JSON list (K proportions, or one list per target image) goes inline as
+    `params.class_ratio_prior`; None: upload the file (`params.prior_upload`: CSV, JSON objects with
+    sizes and tags, large files)."""
+    p = Path(path)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise click.UsageError(f"--prior {path}: {exc}") from None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        try:
-            rows = [[float(v) for v in line.split(",")] for line in text.splitlines() if line.strip()]
-        except ValueError:
-            raise click.UsageError(f"--prior {path}: neither JSON nor a CSV of numbers") from None
-        value = rows[0] if len(rows) == 1 else rows
-    if not isinstance(value, list) or not value:
-        raise click.UsageError(f"--prior {path}: must hold a list of proportions")
-    return value
+        if p.stat().st_size > INLINE_PRIOR_BYTES:
+            return None
+        value = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, list) and value else None
 
 
 @click.command("submit", epilog=SUBMIT_EPILOG, short_help="upload, submit a job, follow it (--watch)")
 @click.option("--spec", "spec_file", metavar="FILE", help="a job spec JSON file; the flags below override its fields")
 @click.option("--method", help="adaptation method (adaptd methods)")
 @click.option("--task", type=click.Choice(list(TASKS)), help="what the model predicts (default classification)")
-@click.option("--prior", "prior_file", metavar="FILE",
-              help="sfda_prior's class_ratio_prior: a JSON list (K proportions, or one list per target image) or "
-              "a CSV with one row of K numbers per image")
+@click.option("--prior", "prior_file", metavar="FILE|UPLOAD_ID",
+              help="sfda_prior's class-ratio prior: a JSON list (K proportions, or one list per target image) "
+              "goes inline; a CSV (header: class names or indices) or a JSON {\"sizes\", \"tags\"} / "
+              "{\"proportions\"} file is uploaded (params.prior_upload). Formats: README, Segmentation data")
 @click.option("--param", multiple=True, metavar="KEY=VALUE",
               help="method parameter, JSON-typed (lr=1e-3, collapse_guard=false); repeatable")
 @click.option("--candidates", metavar="M1,M2,...", help="--method auto: the methods to run and pick from "
@@ -154,8 +153,9 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
     if task:
         base = {**(base or {}), "task": task}
     params = parse_pairs(param, "--param")
-    if prior_file:
-        params["class_ratio_prior"] = read_prior(prior_file)
+    prior_rows = inline_prior(prior_file) if prior_file else None
+    if prior_rows is not None:
+        params["class_ratio_prior"] = prior_rows
     if candidates:
         if (method or (base or {}).get("method")) != "auto":
             raise click.UsageError("--candidates is for --method auto")
@@ -207,7 +207,8 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
     if missing:
         raise click.UsageError(f"submit needs {', '.join(missing)} (as flags or in --spec)")
     for flag, value in ([("--model", ref) for ref, _ in sources] + [("--student-weights", student_weights),
-                        ("--data", data), ("--eval-data", eval_data), ("--labelled-data", labelled_data)]):
+                        ("--data", data), ("--eval-data", eval_data), ("--labelled-data", labelled_data),
+                        ("--prior", prior_file)]):
         if value and not Path(value).is_file() and Path(value).suffix:
             raise click.UsageError(f"{flag}: no such file: {value}")
 
@@ -229,6 +230,8 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
                 fields["student"] = {**(student or {}), **upload(student_weights, "model")}
         elif sources:
             refs["model"] = upload(sources[0][0], "model")
+        if prior_file and prior_rows is None:
+            fields["params"] = {**params, "prior_upload": upload(prior_file, "prior")["upload_id"]}
         job = client.submit(build_spec(base, **fields, **refs), idempotency_key=idempotency_key)
         click.echo(f"submitted {job['method']} job {job['id']} ({job['status']})", err=True)
         if not watch:

@@ -128,6 +128,10 @@ def summary_lines(job: dict) -> list[str]:
             delta = m["accuracy_after"] - m["accuracy_before"]
             out.append(f"accuracy   {fmt(m['accuracy_before'], True)} -> {fmt(m['accuracy_after'], True)}  "
                        f"({delta:+.1%})")
+        for key, label in (("miou", "mIoU      "), ("dice", "Dice      "), ("pixel_accuracy", "pixel acc.")):
+            if m.get(f"{key}_before") is not None and m.get(f"{key}_after") is not None:
+                before, after = m[f"{key}_before"], m[f"{key}_after"]
+                out.append(f"{label} {fmt(before, True)} -> {fmt(after, True)}  ({after - before:+.1%})")
         out.append(f"entropy    {fmt(m.get('entropy_before'))} -> {fmt(m.get('entropy_after'))}   "
                    f"agreement with source {fmt(m.get('agreement_with_source'), True)}")
         out.append(estimate_line(m))
@@ -218,8 +222,9 @@ def job_table(items: list[dict]) -> list[str]:
     rows = [("ID", "NAME", "STATUS", "METHOD", "CREATED", "PROGRESS", "ACCURACY", "TAGS")]
     for j in items:
         m = j.get("metrics") or {}
-        acc = (f"{m['accuracy_before']:.1%}->{m['accuracy_after']:.1%}"
-               if m.get("accuracy_before") is not None else "-")
+        acc = (f"{m['accuracy_before']:.1%}->{m['accuracy_after']:.1%}" if m.get("accuracy_before") is not None
+               else f"mIoU {m['miou_before']:.1%}->{m['miou_after']:.1%}" if m.get("miou_before") is not None
+               else "-")
         p = j["progress"]
         if j["status"] == "running":
             prog = (f"{p['done']}/{p['total']} " if p["total"] else "") + (p["phase"] or "")

@@ -13,6 +13,7 @@ from ..checks.checkpoints import inspect_checkpoint
 from ..checks.datasets import check_dataset
 from ..checks.metadata import decode
 from ..checks.preprocess import resolve
+from ..checks.priors import MAX_PRIOR_BYTES, read_prior
 from ..config import Settings
 from ..errors import ApiError
 from ..contract.jobs import JobSpec, ModelRef
@@ -24,7 +25,8 @@ def _refused(field: str, exc: CheckError) -> ApiError:
 
 
 def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
-    """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row."""
+    """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row (a method
+    param's file under `params.<name>`)."""
     url = settings.resolved_database_url
     body = spec.model_dump(mode="json")
     if spec.models is not None:
@@ -32,14 +34,20 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
     meta = _complete_model(settings, s, spec, uploads, body) if spec.model is not None else {}
     architecture = spec.architectures()[-1][1].architecture if spec.model is None else body["model"]["architecture"]
     body["preprocess"] = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"), architecture)
+    found = {}
     for field in ("data", "eval_data", "labelled_data"):
         if field in uploads:
             up = uploads[field]
             try:
                 with open_blob(url, up.blob_id, up.size) as f:
-                    check_dataset(f, getattr(spec, field).format)
+                    found[field] = check_dataset(f, getattr(spec, field).format, masks=spec.task == "segmentation",
+                                                 labelled=field == "eval_data")
             except CheckError as exc:
                 raise _refused(field, exc) from None
+    num_classes = body["model"]["num_classes"] if spec.model is not None else body["student"]["num_classes"]
+    for field, up in uploads.items():
+        if up.kind == "prior":
+            _check_prior(url, field, up, num_classes, found["data"])
     return body
 
 
@@ -77,6 +85,24 @@ def _complete_sources(settings: Settings, spec: JobSpec, uploads: dict, body: di
         msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
         raise ApiError("validation_error", f"with the checkpoints' adaptd metadata: {msg}",
                        {"field": "models"}) from None
+
+
+def _check_prior(url: str, field: str, up, num_classes: int, data: dict) -> None:
+    """A class-ratio prior file: parsed, K classes, one row or one per target image, named rows matched
+    to the images (where the data's headers or directory tell the count and the names; the worker checks
+    it otherwise)."""
+    num_images = data.get("images")
+    try:
+        if up.size > MAX_PRIOR_BYTES:
+            raise CheckError("invalid_prior", f"the prior file is {up.size} bytes (limit {MAX_PRIOR_BYTES})",
+                             {"limit_bytes": MAX_PRIOR_BYTES})
+        with open_blob(url, up.blob_id, up.size) as f:
+            prior = read_prior(f.read())
+        names = data.get("names") or ([str(i) for i in range(num_images)]  # an npz's images: their indices
+                                      if data["format"] == "npz" and num_images is not None else None)
+        prior.rows(num_classes, num_images, names if prior.images is not None else None)
+    except CheckError as exc:
+        raise _refused(field, exc) from None
 
 
 def _complete_model(settings: Settings, s, spec: JobSpec, uploads: dict, body: dict) -> dict:
