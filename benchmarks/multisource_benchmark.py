@@ -23,6 +23,7 @@ true accuracy (mean absolute error, points); the calibrated one is fitted leavin
 
     nice -n 10 .venv/bin/python benchmarks/multisource_benchmark.py            # both parts
     .venv/bin/python benchmarks/multisource_benchmark.py --parts pool --targets usps_fill
+    .venv/bin/python benchmarks/multisource_benchmark.py --rows a.json,b.json   # tables; pool rows merged per target
 """
 from __future__ import annotations
 
@@ -306,6 +307,25 @@ def run_auto(args) -> list[dict]:
 
 # --- tables --------------------------------------------------------------------------------------
 
+def merge_pool_rows(rows: list[dict]) -> list[dict]:
+    """Rows of one target from runs that trained different `--students` (same sources and data), merged:
+    every value a later row has (not None) is kept, per source too; estimates once per model."""
+    merged: dict[str, dict] = {}
+    for r in rows:
+        m = merged.get(r["target"])
+        if m is None:
+            merged[r["target"]] = json.loads(json.dumps(r))
+            continue
+        if m["pick"] != r["pick"]:
+            raise SystemExit(f"{r['target']}: the runs' similarities differ (other sources?): not merged")
+        m.update({k: v for k, v in r.items() if v is not None and k not in ("sources", "estimates")})
+        for ms, rs in zip(m["sources"], r["sources"]):
+            ms.update({k: v for k, v in rs.items() if v is not None})
+        known = {e["model"] for e in m["estimates"]}
+        m["estimates"] += [e for e in r["estimates"] if e["model"] not in known]
+    return list(merged.values())
+
+
 def pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
@@ -418,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
             result["seconds"] += saved.get("seconds", 0.0)
             for part in ("pool", "auto"):
                 result[part] = result.get(part, []) + saved.get(part, [])
+        result["pool"] = merge_pool_rows(result["pool"])
     else:
         import torch
 
