@@ -46,7 +46,8 @@ class DistillParams(MethodParams):
           "DistillNearest (Borup et al., ICCV 2023): rank the source models by task similarity on the target "
           "(Gaussian Bhattacharyya Coefficient of each source's features under pseudo-labels: the labelled "
           "target images' class centroids when labelled_data is given, else the source's own predictions) "
-          "and distil the most similar one into the student.",
+          "and distil the most similar one into the student. The metric, the pseudo-labels and the losses "
+          "are this implementation's (only the paper's abstract could be checked; BENCHMARKS.md measures them).",
           updates="all")
 class DistillNearestParams(DistillParams):
     pass
