@@ -192,6 +192,9 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         metrics.update(**task.eval_headline(before, after),
                        eval={"num_images": len(eval_data), "before": before, "after": after,
                              "class_names": eval_data.class_names})
+        mapping = getattr(eval_data, "category_mapping", None)  # COCO categories -> label ids (archives/coco.py)
+        if mapping is not None:
+            metrics["eval"]["category_mapping"] = mapping
     if loop.online_predictions is not None and data.labels is not None:
         # Labels in `data` never reach the method; they only score the online predictions.
         metrics["online"] = task.online(loop.online_predictions, data.labels)

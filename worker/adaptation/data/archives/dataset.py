@@ -99,7 +99,7 @@ class ArchiveImageSet:
             self.notes.extend(notes)
             kind, source = "raw", self._spill.path
         try:
-            index, self.labels, self.class_names = build_index(
+            index, self.labels, self.class_names, self.category_mapping = build_index(
                 entries, ignored, kind, source, max_pixels=self.max_pixels, preprocess_size=preprocess_size,
                 notes=self.notes, class_names=class_names)
         except BaseException:
@@ -116,6 +116,12 @@ class ArchiveImageSet:
     def image_size(self) -> tuple[int, int]:
         """(height, width) of every decoded image."""
         return self._index.out_hw
+
+    @property
+    def image_sizes(self) -> np.ndarray:
+        """int64 N×2: each image's (height, width) as uploaded (box labels are in these pixels, even when
+        images are resized to `image_size` while loading)."""
+        return np.stack([self._index.heights, self._index.widths], 1).astype(np.int64)
 
     @property
     def channels(self) -> int:

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import AdaptationError
+from .coco import ANNOTATION_SUFFIX, check_annotation_size, find_annotation_file, parse_coco
 from .decode import CHANNEL_MODE, probe_image, undecodable
 from .layout import (LABEL_SUFFIX, MAX_LABEL_BYTES, duplicates, folder_labels, ignored, is_sidecar, normalise,
                      sidecar_labels)
 from .limits import Limits
-from .reader import COPY_CHUNK, Index, Reader
+from .reader import COPY_CHUNK, Index, Reader, read_member
 
 PEEK_BYTES = 64 * 1024           # bytes read to parse an image header while indexing
 
@@ -223,7 +224,8 @@ def _list_tar_gz(path: Path, limits: Limits, max_pixels: int, spill_dir: str | N
                     continue
                 limits.check_entry_size(m.name, m.size)
                 src = tf.extractfile(m)
-                if is_sidecar(name):
+                annotation = name.lower().endswith(ANNOTATION_SUFFIX)  # maybe COCO labels: kept in the spill
+                if is_sidecar(name) and not annotation:
                     entries.append(_sidecar(name, m, src))
                     limits.check_stream(m.offset_data + m.size, raw.count)
                     continue
@@ -239,6 +241,9 @@ def _list_tar_gz(path: Path, limits: Limits, max_pixels: int, spill_dir: str | N
                     done += len(chunk)
                     limits.check_stream(m.offset_data + done, raw.count)
                 limits.check_stream(m.offset_data + m.size, raw.count)
+                if annotation:
+                    entries.append(Entry(name, start, m.size, m.size, sidecar=True))
+                    continue
                 dims = probe_image(name, head, m.size, lambda: _read_back(out, spill.path, start, m.size),
                                    max_pixels)
                 entries.append(Entry(name, start, m.size, m.size, dims=dims))
@@ -274,10 +279,16 @@ def _read_back(out, path: str, start: int, size: int) -> bytes:
 
 def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *, max_pixels: int,
                 preprocess_size: int | None, notes: list[str], class_names: list[str] | None = None
-                ) -> tuple[Index, np.ndarray | None, list[str] | None]:
-    """(index, labels, class_names) from the listed entries; every image header is probed. Labels come
-    from the entries' own `label` (tables; `class_names` names them), from `.cls` files (WebDataset)
-    or from the folders."""
+                ) -> tuple[Index, np.ndarray | dict | None, list[str] | None, dict | None]:
+    """(index, labels, class_names, category mapping) from the listed entries; every image header is
+    probed. Labels come from a COCO annotation file (box labels, a dict: `coco`), the entries' own
+    `label` (tables; `class_names` names them), `.cls` files (WebDataset) or the folders."""
+    annotation_name = find_annotation_file([e.name for e in entries],
+                                           [e.name for e in entries if not is_sidecar(e.name)])
+    annotation = next((e for e in entries if e.name == annotation_name), None)
+    if annotation is not None:
+        check_annotation_size(annotation.name, annotation.usize)
+        entries = [e for e in entries if e is not annotation]
     sidecars = {e.name: e.text for e in entries if e.sidecar}
     if sidecars and not any(n.lower().endswith(LABEL_SUFFIX) for n in sidecars):
         raise undecodable(next(iter(sidecars)), b"", ValueError("a metadata file without .cls labels"))
@@ -294,7 +305,10 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
                               {"entries": dupes[:20]})
     entries.sort(key=lambda e: e.name)
     names = [e.name for e in entries]
-    if any(e.label is not None for e in entries):
+    mapping = None
+    if annotation is not None:
+        labels = None  # read below, once the images' sizes are known
+    elif any(e.label is not None for e in entries):
         labels = np.fromiter((e.label for e in entries), np.int64, len(entries))
     elif sidecars:
         labels, class_names = sidecar_labels(names, sidecars, notes), None
@@ -317,6 +331,11 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
             w, h, c = e.dims or probe_image(names[i], reader.read(i, limit=PEEK_BYTES), e.usize,
                                             lambda i=i: reader.read(i), max_pixels)
             index.widths[i], index.heights[i], channels[i] = w, h, c
+        if annotation is not None:
+            a = annotation
+            text = read_member(reader._file(), kind, a.offset, a.csize, a.usize, a.method, a.crc, a.name, None)
+            labels, class_names, mapping = parse_coco(a.name, text, names, index.widths, index.heights, notes)
+            notes.append(f"box labels from {a.name}: {len(labels['boxes'])} boxes on {n} images")
     finally:
         reader.close()
     sizes = set(zip(index.heights.tolist(), index.widths.tolist()))
@@ -343,4 +362,4 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
     if len(present) > 1:
         notes.append(f"mixed channel counts {present}: every image is converted to "
                      f"{CHANNEL_MODE[index.channels]}")
-    return index, labels, class_names
+    return index, labels, class_names, mapping
