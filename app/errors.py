@@ -35,6 +35,11 @@ STATUS = {
     "num_classes_mismatch": 422,
     "invalid_arch_kwargs": 422,
     "invalid_dataset": 422,
+    # Detection box labels (app/checks/boxes.py; the worker fails COCO archives with the same codes).
+    "detection_labels_missing": 422,
+    "invalid_detection_labels": 422,
+    "invalid_box": 422,
+    "box_out_of_image": 422,
     "architecture_unavailable": 422,
     "notify_url_not_allowed": 422,
     "task_mismatch": 422,

@@ -7,10 +7,14 @@ import struct
 import zipfile
 from typing import IO
 
+import numpy as np
+
 from . import CheckError
+from .boxes import BOX_KEYS, check_box_arrays
 from .formats import detect_format
 
 NPY_MAGIC = b"\x93NUMPY"
+MAX_BOX_LABEL_BYTES = 64 << 20  # box arrays up to this size are checked value by value at submit (~4M boxes)
 
 
 def _npy_header(raw: IO[bytes], name: str) -> tuple[str, tuple[int, ...]]:
@@ -26,8 +30,9 @@ def _npy_header(raw: IO[bytes], name: str) -> tuple[str, tuple[int, ...]]:
         raise CheckError("invalid_dataset", f"npz member {name!r} has an unreadable .npy header") from None
 
 
-def check_npz(f: IO[bytes]) -> dict:
-    """{"x": shape, "y": shape?}; refuses what the worker's npz reader refuses."""
+def check_npz(f: IO[bytes], box_labels: bool = False) -> dict:
+    """{"x": shape, "y": shape?, "boxes": count?}; refuses what the worker's npz reader refuses.
+    `box_labels`: the set must carry detection labels (a detection job's eval_data), checked in full."""
     f.seek(0)
     try:
         with zipfile.ZipFile(f) as zf:
@@ -41,6 +46,7 @@ def check_npz(f: IO[bytes]) -> dict:
             if "y.npy" in names:
                 with zf.open("y.npy") as raw:
                     y = _npy_header(raw, "y")
+            boxes = _check_box_members(zf, names, x_shape) if box_labels else None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise CheckError("invalid_dataset", f"not a readable npz file: {exc}") from None
     if x_descr.lstrip("|<>=") != "u1":
@@ -57,12 +63,62 @@ def check_npz(f: IO[bytes]) -> dict:
             raise CheckError("invalid_dataset", f"'y' must hold integer labels for the {x_shape[0]} images, got "
                              f"{descr}{list(shape)}", {"dtype": descr, "shape": list(shape)})
         out["y"] = list(shape)
+    if boxes is not None:
+        out["boxes"] = boxes
     return out
 
 
-def check_dataset(f: IO[bytes], declared: str | None) -> dict:
+def _check_box_members(zf: zipfile.ZipFile, names: list[str], x_shape: tuple[int, ...]) -> int:
+    """A detection set's `boxes`, `labels`, `image_index` (app/checks/boxes.py), read without pickle:
+    headers always, values too when the three arrays are small enough to hold in the API process.
+    Returns the box count."""
+    missing = [k for k in BOX_KEYS if f"{k}.npy" not in names]
+    if missing:
+        found = [n[:-4] for n in names][:20]
+        if "y.npy" in names and len(missing) == len(BOX_KEYS):
+            raise CheckError("detection_labels_missing", "a detection job's eval_data npz carries box labels "
+                             "('boxes' M×4 float32 x1,y1,x2,y2; 'labels' M int64; 'image_index' M int64), not "
+                             "'y' (one class per image is classification's form)", {"arrays": found})
+        raise CheckError("detection_labels_missing", f"a detection job's eval_data npz lacks {missing} (box "
+                         "labels: 'boxes' M×4 float32 x1,y1,x2,y2; 'labels' M int64; 'image_index' M int64)",
+                         {"missing": missing, "arrays": found})
+    headers = {}
+    for key in BOX_KEYS:
+        with zf.open(f"{key}.npy") as raw:
+            headers[key] = _npy_header(raw, key)
+    for key, (descr, shape) in headers.items():
+        kind = descr.lstrip("|<>=")[:1]
+        ok = kind in ("f", "i", "u") if key == "boxes" else kind in ("i", "u")
+        if not ok:
+            wanted = "numbers" if key == "boxes" else "integers"
+            raise CheckError("invalid_detection_labels", f"'{key}' must hold {wanted}, got dtype {descr!r}",
+                             {"array": key, "dtype": descr})
+    m = headers["boxes"][1][0] if headers["boxes"][1] else -1
+    small = sum(zf.getinfo(f"{k}.npy").file_size for k in BOX_KEYS) <= MAX_BOX_LABEL_BYTES
+    if small:
+        arrays = {}
+        for key in BOX_KEYS:
+            with zf.open(f"{key}.npy") as raw:
+                try:
+                    arrays[key] = np.lib.format.read_array(raw, allow_pickle=False)
+                except ValueError as exc:
+                    raise CheckError("invalid_detection_labels", f"'{key}' could not be read without pickle: "
+                                     f"{exc}", {"array": key}) from None
+        check_box_arrays(arrays["boxes"], arrays["labels"], arrays["image_index"], x_shape[0], x_shape[1],
+                         x_shape[2])
+        return len(arrays["boxes"])
+    shapes = {k: s for k, (_, s) in headers.items()}
+    if (len(shapes["boxes"]) != 2 or shapes["boxes"][1:] != (4,) or shapes["labels"] != (m,)
+            or shapes["image_index"] != (m,)):
+        raise CheckError("invalid_detection_labels", "'boxes' must be M×4, 'labels' and 'image_index' M, got "
+                         f"{ {k: list(v) for k, v in shapes.items()} }", {k: list(v) for k, v in shapes.items()})
+    return m
+
+
+def check_dataset(f: IO[bytes], declared: str | None, box_labels: bool = False) -> dict:
+    """`box_labels`: the set is a detection job's eval_data (npz: box arrays required and checked)."""
     fmt = detect_format(f)
     if declared is not None and declared != fmt and not (declared == "zip" and fmt == "npz"):
         raise CheckError("format_mismatch", f"the dataset was declared {declared!r} but is {fmt!r}",
                          {"declared": declared, "detected": fmt})
-    return {"format": fmt, **(check_npz(f) if fmt == "npz" and declared != "zip" else {})}
+    return {"format": fmt, **(check_npz(f, box_labels) if fmt == "npz" and declared != "zip" else {})}

@@ -37,7 +37,8 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
             up = uploads[field]
             try:
                 with open_blob(url, up.blob_id, up.size) as f:
-                    check_dataset(f, getattr(spec, field).format)
+                    check_dataset(f, getattr(spec, field).format,
+                                  box_labels=spec.task == "detection" and field == "eval_data")
             except CheckError as exc:
                 raise _refused(field, exc) from None
     return body
