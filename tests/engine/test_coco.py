@@ -142,3 +142,14 @@ def test_webdataset_sample_json_is_not_an_annotation_file(tmp_path):
                                extra={".json": b"{}"})
     s = open_set(B.build_tar(tmp_path / "w.tar", files))
     assert s.labels.tolist() == [0, 1] and s.category_mapping is None
+
+
+def test_boxes_are_scaled_with_images_resized_to_one_size(tmp_path):
+    names = ["a.png", "b.png"]
+    doc = B.coco_document(names, [(20, 40), (10, 10)], [(0, [4.0, 2.0, 8.0, 6.0], 1), (1, [1.0, 1.0, 2.0, 2.0], 2)])
+    files = {"a.png": B.encode_image(B.random_image(20, 40)), "b.png": B.encode_image(B.random_image(10, 10)),
+             "annotations.json": json.dumps(doc).encode()}
+    s = open_set(B.build_zip(tmp_path / "d.zip", files), preprocess_size=20)
+    assert s.image_size == (20, 20)
+    np.testing.assert_allclose(s.labels["boxes"], [[2, 2, 6, 8], [2, 2, 6, 6]])
+    np.testing.assert_array_equal(s.image_sizes, [[20, 40], [10, 10]])

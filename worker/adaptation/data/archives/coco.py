@@ -1,7 +1,8 @@
 """COCO JSON box labels inside an image archive (a detection set): which entry is the annotation file,
 and its content turned into the detection label form (app/checks/boxes.py: `boxes` float32 M×4 xyxy in
 the pixels of the image as uploaded, `labels` int64 M, `image_index` int64 M over the archive's sorted
-images).
+images; when images of several sizes are resized to `preprocess.size` while loading, the boxes are scaled
+with them, and `ArchiveImageSet.image_sizes` keeps the sizes as uploaded).
 
 The annotation file is the one `.json` entry that is not a WebDataset sample's metadata (no image shares
 its key), anywhere in the archive (`annotations.json`, `annotations/instances_val.json`, ...); two such
@@ -201,3 +202,14 @@ def parse_coco(name: str, text: bytes, image_names: list[str], widths: np.ndarra
                "categories": [{"category_id": cid, "name": cats[cid], "label": cid, "boxes": counts.get(cid, 0)}
                               for cid in sorted(cats)]}
     return out, class_names, mapping
+
+
+def resize_boxes(labels: dict[str, np.ndarray], widths: np.ndarray, heights: np.ndarray,
+                 out_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Box labels in the pixels of the images as the set yields them, when images of several sizes are
+    resized to one (`preprocess.size`): each box scaled with its image."""
+    idx = labels["image_index"]
+    sx = out_hw[1] / widths[idx].astype(np.float64)
+    sy = out_hw[0] / heights[idx].astype(np.float64)
+    boxes = labels["boxes"] * np.stack([sx, sy, sx, sy], 1)
+    return {**labels, "boxes": boxes.astype(np.float32)}

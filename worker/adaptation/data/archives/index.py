@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import AdaptationError
-from .coco import ANNOTATION_SUFFIX, check_annotation_size, find_annotation_file, parse_coco
+from .coco import ANNOTATION_SUFFIX, check_annotation_size, find_annotation_file, parse_coco, resize_boxes
 from .decode import CHANNEL_MODE, probe_image, undecodable
 from .layout import (LABEL_SUFFIX, MAX_LABEL_BYTES, duplicates, folder_labels, ignored, is_sidecar, normalise,
                      sidecar_labels)
@@ -357,6 +357,9 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
         index.resize = (index.heights != s) | (index.widths != s)
         notes.append(f"{len(sizes)} image sizes: {int(index.resize.sum())} images are resized to {s}×{s} "
                      "on the CPU while loading")
+    if isinstance(labels, dict) and index.resize.any():
+        labels = resize_boxes(labels, index.widths, index.heights, index.out_hw)
+        notes.append("box labels scaled with their resized images (image_sizes keeps each upload's size)")
     present = sorted(set(channels.tolist()))
     index.channels = max(present)
     if len(present) > 1:
