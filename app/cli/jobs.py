@@ -24,6 +24,10 @@ example:
       --num-classes 10 --data target.npz --eval-data labelled.npz --size 32 \\
       --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 --name first-try --tag cifar --watch
 
+detection (torchvision detector; eval boxes as COCO JSON beside the images in a zip):
+  adaptd submit --task detection --method mean_teacher --model detector.safetensors \
+      --arch fasterrcnn_mobilenet_v3_large_fpn --num-classes 11 --data target.zip --eval-data coco.zip --watch
+
 exit codes: 0 succeeded, 1 failed, 2 usage error, 3 cancelled, 4 connection/API error"""
 
 
@@ -64,7 +68,9 @@ def read_prior(path: str) -> list:
 @click.option("--data", metavar="FILE|UPLOAD_ID", help="unlabelled target data (npz, zip, tar, parquet, a zipped Hugging Face save_to_disk folder); "
               "detected when no format is given")
 @click.option("--data-format", type=FORMATS)
-@click.option("--eval-data", metavar="FILE|UPLOAD_ID", help="labelled data: accuracy before and after")
+@click.option("--eval-data", metavar="FILE|UPLOAD_ID",
+              help="labelled data: accuracy (mIoU, mAP) before and after; detection: npz with boxes/labels/"
+              "image_index, or an archive of images with a COCO JSON")
 @click.option("--eval-format", type=FORMATS)
 @click.option("--size", type=int, help="square resize")
 @click.option("--channels", type=click.Choice(["1", "3"]))
