@@ -173,7 +173,8 @@ def resolve_connection(url: str | None = None, api_key: str | None = None) -> tu
 
 # --- the job spec from keyword arguments ---------------------------------------------------------------
 
-def build_spec(base: Mapping | None = None, *, method: str | None = None, params: Mapping | None = None,
+def build_spec(base: Mapping | None = None, *, task: str | None = None, method: str | None = None,
+               params: Mapping | None = None,
                model: Mapping | None = None, architecture: str | None = None, num_classes: int | None = None,
                arch_kwargs: Mapping | None = None, model_format: str | None = None,
                data: Mapping | None = None, data_format: str | None = None,
@@ -181,9 +182,12 @@ def build_spec(base: Mapping | None = None, *, method: str | None = None, params
                preprocess: Mapping | None = None, options: Mapping | None = None,
                notify_url: str | None = None, name: str | None = None, tags: list[str] | None = None) -> dict:
     """A job spec (`app/contract/jobs.py:JobSpec`): `base` (e.g. a spec file) overlaid with the given
-    fields. `model`, `data`, `eval_data` are refs `{"upload_id": ...}`; None leaves a field as `base` has
+    fields (`task`: classification, segmentation, detection). `model`, `data`, `eval_data` are refs
+    `{"upload_id": ...}`; None leaves a field as `base` has
     it. `name` and `tags` label the run so that `jobs(name=..., tags=[...])` finds it again."""
     spec = json.loads(json.dumps(base or {}))  # deep copy
+    if task is not None:
+        spec["task"] = task
     if method is not None:
         spec["method"] = method
     if params:
@@ -317,7 +321,7 @@ class Client:
     # --- jobs ------------------------------------------------------------------------------------------
 
     def submit(self, spec: Mapping | None = None, idempotency_key: str | None = None, *,
-               method: str | None = None, params: Mapping | None = None, model: Ref | None = None,
+               task: str | None = None, method: str | None = None, params: Mapping | None = None, model: Ref | None = None,
                architecture: str | None = None, num_classes: int | None = None,
                arch_kwargs: Mapping | None = None, model_format: str | None = None, data: Ref | None = None,
                data_format: str | None = None, eval_data: Ref | None = None, eval_format: str | None = None,
@@ -327,7 +331,7 @@ class Client:
         """`submit(spec)` posts a complete spec; keyword fields build or override one. `model`, `data`,
         `eval_data`: local paths (streamed up first), upload ids or upload dicts. `on_upload(path, kind)`
         may return an `on_progress(sent, total)` callback per file."""
-        fields = dict(method=method, params=params, architecture=architecture, num_classes=num_classes,
+        fields = dict(task=task, method=method, params=params, architecture=architecture, num_classes=num_classes,
                       arch_kwargs=arch_kwargs, model_format=model_format, data_format=data_format,
                       eval_format=eval_format, preprocess=preprocess, options=options, notify_url=notify_url,
                       name=name, tags=tags)

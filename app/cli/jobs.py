@@ -108,8 +108,6 @@ def submit(spec_file, method, task, prior_file, param, model, model_format, arch
             raise click.UsageError(f"--spec {spec_file}: {exc}") from None
         if not isinstance(base, dict):
             raise click.UsageError(f"--spec {spec_file}: must hold a JSON object")
-    if task:
-        base = {**(base or {}), "task": task}
     params = parse_pairs(param, "--param")
     if prior_file:
         params["class_ratio_prior"] = read_prior(prior_file)
@@ -124,7 +122,7 @@ def submit(spec_file, method, task, prior_file, param, model, model_format, arch
                                     "std": parse_floats(std, "--std")}.items() if v is not None}
     options = {k: v for k, v in {"batch_size": batch_size, "epochs": epochs, "seed": seed, "device": device,
                                  "precision": precision}.items() if v is not None}
-    fields = dict(method=method, params=params, architecture=arch,
+    fields = dict(task=task, method=method, params=params, architecture=arch,
                   num_classes=num_classes, arch_kwargs=kwargs, model_format=model_format,
                   data_format=data_format, eval_format=eval_format, preprocess=preprocess, options=options,
                   notify_url=notify_url, name=name, tags=list(tags) or None)
