@@ -68,20 +68,27 @@
         { name: "after", color: m.collapse_detected ? COLORS.bad : COLORS.after, values: used.map(i => a[i]) }])}</div>`;
   }
 
-  // TITAN's split of the target set by detection variance (method_report.variance_split).
-  function varianceSplit(m) {
-    const s = m.method_report && m.method_report.variance_split;
-    if (!s) return "";
+  // TITAN's split of the target set by detection variance (method_report.split; per-image variances are in
+  // history.json) and the self-training methods' own records (pseudo-labels, teacher–student agreement).
+  function selfTraining(job) {
+    const m = job.metrics, r = m.method_report || {}, s = r.split;
+    const rows = [["Pseudo-labels / image (mean)", r.pseudo_labels_per_image_mean, v => num(v, 2)],
+      ["Teacher–student agreement (mean)", r.teacher_student_agreement_mean, pct],
+      ["Teacher–student agreement (last)", r.teacher_student_agreement_last, pct],
+      ["Discriminator accuracy (mean)", r.discriminator_accuracy_mean, pct]].filter(([, v]) => v != null);
+    if (!rows.length && !(s && s.easy != null)) return "";
+    const records = rows.length ? `<div class="card"><h2>Self-training</h2><dl class="kv">${rows.map(([k, v, f]) => `<dt>${k}</dt><dd>${f(v)}</dd>`).join("")}</dl></div>` : "";
+    if (!s || s.easy == null) return `<div class="grid2 section">${records}</div>`;
     const q = s.variance_quantiles || {};
     const qs = Object.keys(q).sort((x, y) => parseFloat(x) - parseFloat(y));
-    const rows = [["Easy (source-similar)", s.easy], ["Hard (source-dissimilar)", s.hard], ["Split quantile", s.quantile != null ? num(s.quantile, 2) : "–"],
-      ["Variance threshold", s.threshold != null ? num(s.threshold, 4) : "–"], ["Stochastic passes", s.passes ?? "–"]];
     const total = (s.easy || 0) + (s.hard || 0) || 1;
-    return `<div class="card section" id="det-split"><h2>Easy / hard split (detection variance)</h2>
-      <div class="grid2"><div><dl class="kv">${rows.map(([k, v]) => `<dt>${k}</dt><dd>${esc(v)}</dd>`).join("")}</dl>
-      <p class="muted">Images whose detections vary more across stochastic passes of the source model count as source-similar ("easy").</p></div>
-      <div>${barChart("det-split-chart", "Images per subset", ["easy", "hard"], [{ name: "share of target images", color: COLORS.after, values: [(s.easy || 0) / total, (s.hard || 0) / total] }], { pct: true, yMax: 1, xLabel: "subset" })}
-      ${qs.length ? `<table class="det-table mono"><tr><th>variance quantile</th>${qs.map(k => `<th>${esc(k)}</th>`).join("")}</tr><tr><td></td>${qs.map(k => `<td>${num(q[k], 4)}</td>`).join("")}</tr></table>` : ""}</div></div></div>`;
+    const facts = [["Easy (source-similar)", `${s.easy} images (${pct(s.easy / total)})`], ["Hard (source-dissimilar)", `${s.hard} images (${pct(s.hard / total)})`],
+      ["Split quantile σ", num(s.split_quantile, 2)], ["Variance threshold", s.variance_threshold != null ? num(s.variance_threshold, 4) : "–"],
+      ["Stochastic passes", esc(job.params && job.params.mc_passes != null ? job.params.mc_passes : "–")]];
+    const split = `<div class="card" id="det-split"><h2>Easy / hard split (detection variance)</h2><dl class="kv">${facts.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("")}</dl>
+      ${qs.length ? barChart("det-variance-chart", "Per-image detection variance: quantiles", qs, [{ name: "variance", color: COLORS.after, values: qs.map(k => q[k]) }], { xLabel: "quantile", refLine: s.variance_threshold, refLabel: "easy ≥ threshold" }) : ""}
+      <p class="muted">Images whose detections vary more across stochastic passes of the source model rank as source-similar ("easy"; TITAN).</p></div>`;
+    return `<div class="grid2 section">${split}${records}</div>`;
   }
 
   function mapping(m) {
@@ -127,7 +134,7 @@
   function body(job, examples) {
     const m = job.metrics;
     if (!m) return gallery(examples);
-    return `<div class="grid2 section">${perClass(m)}${detectedClasses(m)}</div>${varianceSplit(m)}${gallery(examples)}${mapping(m)}`;
+    return `<div class="grid2 section">${perClass(m)}${detectedClasses(m)}</div>${selfTraining(job)}${gallery(examples)}${mapping(m)}`;
   }
 
   TASK_VIEWS.detection = { kpis, body };

@@ -1,0 +1,54 @@
+"""Detection examples (examples.json): thumbnails with boxes before/after/truth scaled to the thumbnail,
+images whose detections changed most first, only confident detections."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from worker.adaptation.data.images import ArrayImageSet
+from worker.adaptation.detection_examples import THUMBNAIL_PX, changed_detections, pick
+
+
+def det(boxes, scores, labels) -> dict:
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def test_examples_scale_boxes_and_put_the_most_changed_first():
+    n = 10
+    x = np.random.default_rng(0).integers(0, 255, (n, 200, 400, 3), dtype=np.uint8)  # wider than tall
+    truth = {"boxes": np.array([[40, 20, 120, 100], [200, 100, 400, 200]], np.float32),
+             "labels": np.array([1, 2], np.int64), "image_index": np.array([7, 7], np.int64)}
+    data = ArrayImageSet(x, truth)
+    same = det([[10, 10, 50, 50]], [0.9], [1])
+    before = [same for _ in range(n)]
+    after = [same for _ in range(n)]
+    after[7] = det([[40, 20, 120, 100], [200, 100, 400, 200], [0, 0, 4, 4]], [0.95, 0.8, 0.1], [1, 2, 3])  # +2 (+1 weak)
+    after[3] = det([[10, 10, 50, 50]], [0.9], [2])                                     # relabelled: 2 unmatched
+    after[5] = det([[10, 10, 50, 50], [300, 10, 350, 60]], [0.9, 0.7], [1, 1])           # one more
+    np.testing.assert_array_equal(changed_detections(before, after, 0.5), [0, 0, 0, 2, 0, 1, 0, 3, 0, 0])
+
+    ex = pick(data, before, after, labelled=True, threshold=0.5, count=6)
+    json.dumps(ex)  # stored as JSON
+    assert ex["task"] == "detection" and ex["set"] == "eval" and ex["changed"] == 3 and ex["score_threshold"] == 0.5
+    idx = [it["index"] for it in ex["items"]]
+    assert idx[:3] == [7, 3, 5] and len(idx) == 6 and len(set(idx)) == 6
+    item = ex["items"][0]
+    png = Image.open(io.BytesIO(base64.b64decode(item["image"].split(",", 1)[1])))
+    assert png.size == (item["width"], item["height"]) == (THUMBNAIL_PX, THUMBNAIL_PX // 2)
+    s = THUMBNAIL_PX / 400
+    assert [b["box"] for b in item["after"]] == [pytest.approx([40 * s, 20 * s, 120 * s, 100 * s]),
+                                                 pytest.approx([200 * s, 100 * s, 400 * s, 200 * s])]
+    assert [b["score"] for b in item["after"]] == [0.95, 0.8]   # the 0.1 detection is not shown
+    assert item["before"] == [{"box": pytest.approx([10 * s, 10 * s, 50 * s, 50 * s]), "label": 1, "score": 0.9}]
+    assert [b["label"] for b in item["truth"]] == [1, 2] and "score" not in item["truth"][0]
+    assert ex["items"][1]["truth"] == []                         # labelled, no boxes on that image
+
+    unlabelled = pick(ArrayImageSet(x), before, after, labelled=False, threshold=0.5)
+    assert unlabelled["set"] == "target" and all(it["truth"] is None for it in unlabelled["items"])
