@@ -40,7 +40,13 @@ class Segmentation:
         return {"mask": mask.to(torch.uint8), "entropy": S.pixel_entropy(probs),
                 "confidence": conf.mean(dim=(1, 2)), "proportions": S.soft_proportions(probs)}
 
-    def collapse_signal(self, out: torch.Tensor) -> torch.Tensor:
+    def check_preprocess(self, pre: dict) -> None:
+        pass  # any size, channels and normalisation the model takes
+
+    def signal_classes(self, num_classes: int) -> int:
+        return num_classes
+
+    def collapse_signal(self, out: torch.Tensor, num_classes: int) -> torch.Tensor:
         return out.argmax(1).flatten()
 
     def step_entropy(self, out: torch.Tensor) -> torch.Tensor:
