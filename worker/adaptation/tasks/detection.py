@@ -18,8 +18,8 @@ Interfaces (shared with the data readers, the examples and the dashboard; keep t
   `headline`, `examples(data, before, after, labelled)` receive): a Python list with one dict per image in
   stored order, {"boxes": K×4 float32, "scores": K float32, "labels": K int64} on the CPU, in the same
   coordinates as the ground truth, every detection the model returned (its own score threshold and
-  detections_per_img apply); the runner concatenates the batches' lists. `examples` returns None here: the
-  detection examples (boxes before/after/GT) are built elsewhere.
+  detections_per_img apply); the runner concatenates the batches' lists. `examples`: detection_examples.py
+  (thumbnails with the confident boxes before/after and the ground truth).
 - num_classes is torchvision's: for Faster R-CNN and SSD (`background_label` 0 in the manifest) it counts
   the background at label 0, object classes are 1..num_classes-1 (COCO: 91); for FCOS and RetinaNet every
   label 0..num_classes-1 is an object class (torchvision's COCO checkpoints still use 91 with 0 unused, so
@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from .. import boxes as B
+from .. import detection_examples
 from ..errors import AdaptationError
 from ..models.export import recalibrate_batch_norm
 from ..models.torchvision_det import freeze_bn
@@ -125,8 +126,8 @@ class Detection:
         # The online signals are hard labels of counted detections, not boxes: no online mAP.
         return {"map": None, "num_images": None}
 
-    def examples(self, data, before, after, labelled: bool) -> None:
-        return None
+    def examples(self, data, before, after, labelled: bool) -> dict:
+        return detection_examples.pick(data, before, after, labelled, CONFIDENT)
 
     def recalibrate(self, model, batches, autocast) -> int:
         seen = recalibrate_batch_norm(model, batches, autocast)
