@@ -32,6 +32,9 @@ class _SelfTraining(CollapseGuard):
                        "with p = 0.5 (the authors'; turn off where a flip changes the class, e.g. digits).")
     strong_augment: bool = Field(True, description="The student sees the strong view (colour jitter, grayscale, "
                                  "blur, random erasing); off: the weak view.")
+    adapt_batch_norm: bool = Field(False, description="Before training, re-estimate the detector's frozen "
+                                   "BatchNorm statistics on the target (AdaBN, what `bn_adapt` exports) and start "
+                                   "from that model (teacher and student alike).")
 
 
 class _MeanTeacher(_SelfTraining):
@@ -77,4 +80,5 @@ class TitanParams(_MeanTeacher):
           updates="all", tasks=("detection",), epochs=10, forward_passes_once=2)
 class FixedPseudoLabelParams(_SelfTraining):
     adapt_batch_norm: bool = Field(True, description="Re-estimate the frozen BatchNorm statistics on the target "
-                                   "before labelling (simple-SFOD); off: pseudo-labels of the source model as is.")
+                                   "before labelling (simple-SFOD's BN-adapted source model); off: pseudo-labels of "
+                                   "the source model as is.")

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import boxes as B
+from ..models.export import recalibrate_batch_norm
+from ..models.torchvision_det import freeze_bn, unfreeze_bn
 from ..tasks.detection import CONFIDENT
 from .base import Method, StepOutput, make_optimizer
 
@@ -148,6 +150,27 @@ class SelfTraining(Method):
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.pseudo_label_counts: list[float] = []
+        self.prepared = False
+        self.bn_batches = 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        if not self.prepared:  # once, before the first step
+            self.prepared = True
+            if self.params.adapt_batch_norm:
+                self.adapt_batch_norm()
+            self.prepare()
+
+    @torch.no_grad()
+    def adapt_batch_norm(self) -> None:
+        """AdaBN of the frozen statistics (and of live BatchNorm layers, SSDlite's), frozen again after;
+        FrozenBatchNorm2d has no parameters, so the optimizer is unaffected."""
+        unfreeze_bn(self.model)
+        self.bn_batches = recalibrate_batch_norm(self.model, (x for x, _ in self.ctx.iterate_target()),
+                                                 self.ctx.autocast)
+        freeze_bn(self.model, only_marked=True)
+
+    def prepare(self) -> None:
+        """Work before the first step, after the optional BatchNorm adaptation (pseudo-labels, splits)."""
 
     def trainable_params(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -192,7 +215,7 @@ class SelfTraining(Method):
     def report(self) -> dict[str, Any]:
         counts = self.pseudo_label_counts
         return {"pseudo_labels_per_image_mean": sum(counts) / len(counts) if counts else 0.0,
-                "steps": len(counts)}
+                "steps": len(counts), "batchnorm_adapted_batches": self.bn_batches}
 
 
 class MeanTeacherBase(SelfTraining):
@@ -207,6 +230,10 @@ class MeanTeacherBase(SelfTraining):
             p.requires_grad_(False)
         self.teacher.eval()
         self.agreements: list[float] = []
+
+    def adapt_batch_norm(self) -> None:
+        super().adapt_batch_norm()
+        self.teacher.load_state_dict(self.model.state_dict())
 
     def targets_for(self, x_weak, index, flipped):
         dets = detect(self.teacher, x_weak, self.ctx.autocast)

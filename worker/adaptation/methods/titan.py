@@ -80,10 +80,8 @@ class Titan(MeanTeacherBase):
 
     # --- the split ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def begin_epoch(self, epoch: int) -> None:
-        if self.easy is not None:
-            return
-        source = self.teacher  # still the source model before the first step
+    def prepare(self) -> None:
+        source = self.teacher  # the source model (BatchNorm-adapted if asked) before the first step
         variances: dict[int, float] = {}
         dropout = source.backbone.register_forward_hook(_FeatureDropout(self.params.mc_dropout))
         try:
