@@ -12,7 +12,7 @@
     .det-example { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 8px; font-size: 12.5px; }
     .det-example svg { width: 100%; height: auto; display: block; background: #eef1f5; image-rendering: pixelated; }
     .det-example rect { fill: none; stroke-width: 1.6; vector-effect: non-scaling-stroke; }
-    .det-example text { font-size: 9px; paint-order: stroke; stroke: #fff; stroke-width: 2px; }
+    .det-example text { paint-order: stroke; stroke: #fff; }
     .det-toggles label { margin-right: 14px; cursor: pointer; }
     .det-toggles i { display: inline-block; width: 12px; height: 0; border-top: 3px solid; vertical-align: 3px; margin: 0 4px; }
     #det-examples.hide-before .det-before, #det-examples.hide-after .det-after, #det-examples.hide-truth .det-truth { display: none; }
@@ -99,26 +99,28 @@
         `<tr><td>${esc(c.category_id)}</td><td>${esc(c.name)}</td><td>${esc(c.label)}</td><td>${esc(c.boxes)}</td></tr>`).join("")}</table></div>`;
   }
 
-  function layer(side, boxes, names) {
+  // Box captions are sized to the thumbnail (its pixels are the SVG's units, whatever size it is shown at).
+  function layer(side, boxes, names, fs) {
     if (!boxes) return "";
     return `<g class="det-${side}" data-count="${boxes.length}">${boxes.map(d => {
       const [x1, y1, x2, y2] = d.box;
       const text = `${nameOf(names, d.label)}${d.score != null ? " " + Math.round(100 * d.score) + "%" : ""}`;
       return `<rect data-label="${d.label}" x="${x1}" y="${y1}" width="${Math.max(0, x2 - x1)}" height="${Math.max(0, y2 - y1)}" stroke="${BOX_COLORS[side]}"><title>${side}: ${esc(text)}</title></rect>` +
-        `<text x="${x1 + 1}" y="${Math.max(8, y1 - 1)}" fill="${BOX_COLORS[side]}">${esc(text)}</text>`;
+        `<text x="${x1 + fs / 6}" y="${side === "truth" ? y2 - fs / 4 : Math.max(fs, y1 - fs / 5)}" fill="${BOX_COLORS[side]}">${esc(text)}</text>`;
     }).join("")}</g>`;
   }
 
   function gallery(ex) {
     if (!ex || ex.task !== "detection" || !ex.items || !ex.items.length) return "";
     const names = ex.class_names;
+    const fs = it => Math.max(it.width, it.height) / 14;  // caption size: ~16 px at the gallery's width
     const hasTruth = ex.items.some(it => it.truth);
     const sides = ["before", "after", ...(hasTruth ? ["truth"] : [])];
     const toggles = sides.map(s => `<label><input type="checkbox" data-side="${s}" ${SHOW[s] ? "checked" : ""} onchange="detToggle(this)"><i style="border-color:${BOX_COLORS[s]}"></i>${s === "truth" ? "ground truth" : s}</label>`).join("");
     const hidden = sides.filter(s => !SHOW[s]).map(s => "hide-" + s).join(" ");
     const figs = ex.items.map(it => `<figure class="det-example" data-index="${it.index}" data-changed="${it.changed}">
-        <svg viewBox="0 0 ${it.width} ${it.height}" role="img" aria-label="image ${it.index} with boxes"><image href="${esc(it.image)}" width="${it.width}" height="${it.height}"/>
-        ${layer("truth", it.truth, names)}${layer("before", it.before, names)}${layer("after", it.after, names)}</svg>
+        <svg viewBox="0 0 ${it.width} ${it.height}" role="img" aria-label="image ${it.index} with boxes" style="font-size:${fs(it)}px;stroke-width:${fs(it) / 5}px"><image href="${esc(it.image)}" width="${it.width}" height="${it.height}"/>
+        ${layer("truth", it.truth, names, fs(it))}${layer("before", it.before, names, fs(it))}${layer("after", it.after, names, fs(it))}</svg>
         <figcaption>#${it.index} · ${it.before.length} → ${it.after.length} detections${it.truth ? ` · ${it.truth.length} true boxes` : ""}${it.changed ? ` · ${it.changed} changed` : ""}</figcaption></figure>`).join("");
     return `<div class="card section ${hidden}" id="det-examples"><h2>Examples (${ex.set === "eval" ? "eval" : "target"} data)</h2>
       <p class="muted">Detections scoring at least ${num(ex.score_threshold, 2)}. ${ex.changed} images changed their detections; those that changed most come first.</p>
