@@ -152,4 +152,23 @@ def test_boxes_are_scaled_with_images_resized_to_one_size(tmp_path):
     s = open_set(B.build_zip(tmp_path / "d.zip", files), preprocess_size=20)
     assert s.image_size == (20, 20)
     np.testing.assert_allclose(s.labels["boxes"], [[2, 2, 6, 8], [2, 2, 6, 6]])
-    np.testing.assert_array_equal(s.image_sizes, [[20, 40], [10, 10]])
+    np.testing.assert_array_equal(s.image_sizes, [[20, 20], [20, 20]])
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar.gz"])
+def test_mixed_sizes_are_padded_for_detection_and_keep_their_coordinates(tmp_path, fmt):
+    a, b = B.random_image(20, 40, seed=1), B.random_image(30, 10, seed=2)
+    doc = B.coco_document(["a.png", "b.png"], [(20, 40), (30, 10)], [(1, [1.0, 20.0, 8.0, 9.5], 2)])
+    files = {"a.png": B.encode_image(a), "b.png": B.encode_image(b), "annotations.json": json.dumps(doc).encode()}
+    path = B.build_archive(tmp_path / f"d.{fmt}", files, fmt)
+    with pytest.raises(AdaptationError) as info:
+        open_set(path)
+    assert info.value.code == "mixed_image_sizes"
+    s = open_set(path, pad_mixed_sizes=True)
+    assert s.image_size == (30, 40) and any("padded" in n for n in s.notes)
+    np.testing.assert_array_equal(s.image_sizes, [[20, 40], [30, 10]])
+    x = next(iter(s.batches(2)))[0].numpy()
+    np.testing.assert_array_equal(x[0, :20], a)
+    np.testing.assert_array_equal(x[1, :, :10], b)
+    assert not x[0, 20:].any() and not x[1, :, 10:].any()
+    np.testing.assert_allclose(s.labels["boxes"], [[1, 20, 9, 29.5]])  # unchanged: the image is not moved

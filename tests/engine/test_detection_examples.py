@@ -52,3 +52,34 @@ def test_examples_scale_boxes_and_put_the_most_changed_first():
 
     unlabelled = pick(ArrayImageSet(x), before, after, labelled=False, threshold=0.5)
     assert unlabelled["set"] == "target" and all(it["truth"] is None for it in unlabelled["items"])
+
+
+def test_detection_job_over_a_coco_archive_of_two_image_sizes(tmp_path):
+    """The runner pads an archive of several sizes for detection (no preprocess size), scores against the
+    COCO boxes in their own pixels, reports the mapping, and shows each example without its padding."""
+    from tests import builders as B
+    from worker.adaptation.models import build_model
+    from worker.adaptation.models.export import save_safetensors
+    from worker.adaptation.runner import RunRequest, run
+
+    torch.manual_seed(0)
+    kwargs = {"width": 8, "min_size": 32, "max_size": 48}
+    save_safetensors(build_model("fcos_small", 11, **kwargs), tmp_path / "model.safetensors")
+    sizes = [(32, 32), (24, 40), (32, 32), (40, 24)]
+    names = [f"{i}.png" for i in range(4)]
+    doc = B.coco_document(names, sizes, [(0, [2.0, 2.0, 10.0, 12.0], 3), (1, [30.0, 4.0, 9.0, 15.0], 7),
+                                         (3, [1.0, 25.0, 20.0, 14.0], 1)], {1: "a", 3: "b", 7: "c"})
+    files = {n: B.encode_image(B.random_image(h, w, seed=i)) for i, (n, (h, w)) in enumerate(zip(names, sizes))}
+    files["annotations.json"] = json.dumps(doc).encode()
+    coco = B.build_zip(tmp_path / "coco.zip", files)
+    req = RunRequest.for_files(tmp_path / "model.safetensors", coco, tmp_path / "out", coco, task="detection",
+                               method="source", model={"architecture": "fcos_small", "num_classes": 11,
+                                                       "arch_kwargs": kwargs}, options={"batch_size": 2})
+    res = run(req)
+    m = res.metrics
+    assert m["eval"]["before"]["num_boxes"] == 3 and 0 <= m["map_before"] <= 1
+    assert [c["category_id"] for c in m["eval"]["category_mapping"]["categories"]] == [1, 3, 7]
+    assert m["eval"]["class_names"] == [None, "a", None, "b", None, None, None, "c"]
+    items = {it["index"]: it for it in res.examples["items"]}
+    assert [(items[i]["height"], items[i]["width"]) for i in range(4)] == sizes  # thumbnails without padding
+    assert items[1]["truth"] == [{"box": [30.0, 4.0, 39.0, 19.0], "label": 7}]

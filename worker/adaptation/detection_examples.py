@@ -42,9 +42,10 @@ def pick(data, before: list[dict], after: list[dict], labelled: bool, threshold:
     images, _ = next(iter(data.batches(len(chosen), np.asarray(chosen, dtype=np.int64))))
     truth = targets_per_image(data.labels, n) if labelled else None
     items = []
+    sizes = data.image_sizes
     for k, i in enumerate(chosen):
-        hwc = images[k].numpy()
-        h, w = hwc.shape[:2]
+        h, w = (int(v) for v in sizes[i])
+        hwc = images[k].numpy()[:h, :w]  # without the padding of an archive of several sizes
         url, (tw, th) = thumbnail(hwc, THUMBNAIL_PX)
         scale = (tw / w, th / h)
         items.append({"index": i, "image": url, "width": tw, "height": th, "changed": int(changed[i]),

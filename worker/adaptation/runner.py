@@ -99,7 +99,8 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     # Fields the spec leaves out: the architecture's default input (the API stores them resolved already).
     pre = resolve_preprocess(spec.preprocess.model_dump(exclude_unset=True), None, spec.model.architecture)
     task.check_preprocess(pre)
-    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre["size"], **req.data_options)
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre["size"],
+                          pad_mixed_sizes=task.pad_mixed_sizes, **req.data_options)
     eval_data = _open_eval(req, data, task, pre["size"])
     epochs = info.cost(opts.epochs)["epochs"]  # SFDA: the job's epochs, else the method's schedule
     total = math.ceil(len(data) / opts.batch_size) * epochs
@@ -343,7 +344,7 @@ def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine, size: int | No
     spec = req.spec
     eval_data = data if req.eval_path == req.data_path else open_image_set(
         req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=size,
-        **req.data_options)
+        pad_mixed_sizes=task.pad_mixed_sizes, **req.data_options)
     if eval_data.labels is None:
         raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz, class folders "
                               "in archives)")

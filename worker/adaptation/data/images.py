@@ -18,6 +18,9 @@ class ImageSet(Protocol):
     # int64 (N,) class labels, uint8 (N, H, W) masks, a dict of box arrays (data/boxes.py), or None
     labels: np.ndarray | dict | None
     class_names: list[str] | None    # label index -> name, when the format carries names
+    # int64 N×2: the (height, width) each image's pixels take in the batches, from their top-left corner
+    # (smaller than the batch's size where images of several sizes are padded: detection)
+    image_sizes: np.ndarray
 
     def __len__(self) -> int: ...
 
@@ -39,6 +42,10 @@ class ArrayImageSet:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    @property
+    def image_sizes(self) -> np.ndarray:
+        return np.tile(np.asarray(self.x.shape[1:3], np.int64), (len(self.x), 1))
 
     def batches(self, batch_size: int, order: np.ndarray | None = None):
         n = len(self.x)

@@ -47,6 +47,7 @@ CONFIDENT = 0.5  # a detection at or above this score counts in the label-free s
 
 class Detection:
     name = "detection"
+    pad_mixed_sizes = True  # real photos differ in size; the detector resizes inside, boxes keep their pixels
 
     def check_preprocess(self, pre: dict) -> None:
         if pre["size"] is not None or any(v != 0 for v in pre["mean"]) or any(v != 1 for v in pre["std"]):

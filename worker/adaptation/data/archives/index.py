@@ -278,11 +278,14 @@ def _read_back(out, path: str, start: int, size: int) -> bytes:
 # --- the index --------------------------------------------------------------------------------------
 
 def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *, max_pixels: int,
-                preprocess_size: int | None, notes: list[str], class_names: list[str] | None = None
+                preprocess_size: int | None, notes: list[str], class_names: list[str] | None = None,
+                pad_mixed_sizes: bool = False
                 ) -> tuple[Index, np.ndarray | dict | None, list[str] | None, dict | None]:
     """(index, labels, class_names, category mapping) from the listed entries; every image header is
     probed. Labels come from a COCO annotation file (box labels, a dict: `coco`), the entries' own
-    `label` (tables; `class_names` names them), `.cls` files (WebDataset) or the folders."""
+    `label` (tables; `class_names` names them), `.cls` files (WebDataset) or the folders.
+    `pad_mixed_sizes` (detection): images of several sizes, without a preprocess size, are padded at the
+    bottom and right to the largest height and width, so every pixel (and box) keeps its coordinates."""
     annotation_name = find_annotation_file([e.name for e in entries],
                                            [e.name for e in entries if not is_sidecar(e.name)])
     annotation = next((e for e in entries if e.name == annotation_name), None)
@@ -342,6 +345,12 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
     if len(sizes) == 1:
         index.out_hw = sizes.pop()
         index.resize = np.zeros(n, dtype=bool)
+    elif preprocess_size is None and pad_mixed_sizes:
+        index.out_hw = (int(index.heights.max()), int(index.widths.max()))
+        index.resize = np.zeros(n, dtype=bool)
+        index.pad = True
+        notes.append(f"{len(sizes)} image sizes: padded with black at the bottom and right to "
+                     f"{index.out_hw[1]}×{index.out_hw[0]} (pixels keep their coordinates)")
     elif preprocess_size is None:
         examples = {}
         for i in range(n):
