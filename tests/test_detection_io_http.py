@@ -84,6 +84,16 @@ def test_cli_submits_a_coco_eval_archive_and_prints_map(det_job, det_files):
     assert m["eval"]["class_names"][1:] == [NAMES[k] for k in range(1, 11)] and used
 
 
+def test_cli_job_list_and_status_show_map(embedded_service, det_job):
+    job, _ = det_job
+    m = job["metrics"]
+    listing = adaptd("jobs", "--url", embedded_service.url, "--limit", "50")
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(job["id"][:8]))
+    assert f"mAP {m['map_before']:.1%}->{m['map_after']:.1%}" in row
+    status = adaptd("status", job["id"][:8], "--url", embedded_service.url).stdout
+    assert f"mAP50 {m['map50_before']:.1%} -> {m['map50_after']:.1%}" in status and "detections per image" in status
+
+
 def test_npz_box_refusals_at_submit(embedded_service, det_files, tmp_path):
     x, truth, kw = det_files["x"], det_files["truth"], det_files["arch_kwargs"]
     with Client(embedded_service.url) as c:
