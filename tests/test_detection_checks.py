@@ -31,7 +31,7 @@ def refused(arrays: dict, code: str) -> CheckError:
 
 def test_good_box_labels_pass():
     assert check_dataset(npz(x=X, **GOOD), None, box_labels=True) == {"format": "npz", "x": [3, 24, 32, 3],
-                                                                       "boxes": 3}
+                                                                       "images": 3, "boxes": 3}
     empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
              "image_index": np.zeros(0, np.int64)}
     assert check_dataset(npz(x=X, **empty), None, box_labels=True)["boxes"] == 0

@@ -17,10 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from app.checks import CheckError
+from app.checks.archive_names import ignored, mask_layout
+
 from ...errors import AdaptationError
 from .coco import ANNOTATION_SUFFIX, check_annotation_size, find_annotation_file, parse_coco, resize_boxes
-from .decode import CHANNEL_MODE, probe_image, undecodable
-from .layout import (LABEL_SUFFIX, MAX_LABEL_BYTES, duplicates, folder_labels, ignored, is_sidecar, normalise,
+from .decode import CHANNEL_MODE, decode_mask, probe_image, undecodable
+from .layout import (LABEL_SUFFIX, MAX_LABEL_BYTES, duplicates, folder_labels, is_sidecar, normalise,
                      sidecar_labels)
 from .limits import Limits
 from .reader import COPY_CHUNK, Index, Reader, read_member
@@ -279,15 +282,17 @@ def _read_back(out, path: str, start: int, size: int) -> bytes:
 
 def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *, max_pixels: int,
                 preprocess_size: int | None, notes: list[str], class_names: list[str] | None = None,
-                pad_mixed_sizes: bool = False
+                masks: bool = False, pad_mixed_sizes: bool = False
                 ) -> tuple[Index, np.ndarray | dict | None, list[str] | None, dict | None]:
     """(index, labels, class_names, category mapping) from the listed entries; every image header is
     probed. Labels come from a COCO annotation file (box labels, a dict: `coco`), the entries' own
-    `label` (tables; `class_names` names them), `.cls` files (WebDataset) or the folders.
-    `pad_mixed_sizes` (detection): images of several sizes, without a preprocess size, are padded at the
-    bottom and right to the largest height and width, so every pixel (and box) keeps its coordinates."""
-    annotation_name = find_annotation_file([e.name for e in entries],
-                                           [e.name for e in entries if not is_sidecar(e.name)])
+    `label` (tables; `class_names` names them), `.cls` files (WebDataset) or the folders; with `masks`
+    (segmentation), from `masks/NAME.png` beside `images/NAME.ext`: N×H×W uint8 class indices, decoded
+    here (within the same limits). `pad_mixed_sizes` (detection): images of several sizes, without a
+    preprocess size, are padded at the bottom and right to the largest height and width, so every pixel
+    (and box) keeps its coordinates."""
+    annotation_name = None if masks else find_annotation_file(
+        [e.name for e in entries], [e.name for e in entries if not is_sidecar(e.name)])
     annotation = next((e for e in entries if e.name == annotation_name), None)
     if annotation is not None:
         check_annotation_size(annotation.name, annotation.usize)
@@ -308,9 +313,19 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
                               {"entries": dupes[:20]})
     entries.sort(key=lambda e: e.name)
     names = [e.name for e in entries]
-    mapping = None
+    mask_entries, mapping = None, None
     if annotation is not None:
         labels = None  # read below, once the images' sizes are known
+    elif masks:
+        try:
+            layout = mask_layout(names)
+        except CheckError as exc:
+            raise AdaptationError(exc.code, exc.message, exc.detail) from None
+        by_name = {e.name: e for e in entries}
+        entries = [by_name[n] for n in layout.images]
+        names = list(layout.images)
+        mask_entries = [by_name[n] for n in layout.masks] if layout.masks is not None else None
+        labels = None
     elif any(e.label is not None for e in entries):
         labels = np.fromiter((e.label for e in entries), np.int64, len(entries))
     elif sidecars:
@@ -345,7 +360,7 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
     if len(sizes) == 1:
         index.out_hw = sizes.pop()
         index.resize = np.zeros(n, dtype=bool)
-    elif preprocess_size is None and pad_mixed_sizes:
+    elif preprocess_size is None and pad_mixed_sizes and not masks:
         index.out_hw = (int(index.heights.max()), int(index.widths.max()))
         index.resize = np.zeros(n, dtype=bool)
         index.pad = True
@@ -368,10 +383,24 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
                      "on the CPU while loading")
     if isinstance(labels, dict) and index.resize.any():
         labels = resize_boxes(labels, index.widths, index.heights, index.out_hw)
-        notes.append("box labels scaled with their resized images (image_sizes keeps each upload's size)")
+        notes.append("box labels scaled with their resized images")
+    if mask_entries is not None:
+        labels = _decode_masks(mask_entries, index, kind, source)
     present = sorted(set(channels.tolist()))
     index.channels = max(present)
     if len(present) > 1:
         notes.append(f"mixed channel counts {present}: every image is converted to "
                      f"{CHANNEL_MODE[index.channels]}")
     return index, labels, class_names, mapping
+
+
+def _decode_masks(entries: list[Entry], index: Index, kind: str, source: str) -> np.ndarray:
+    """The masks of the indexed images (same order), N×H×W uint8 at the images' output size."""
+    out_h, out_w = index.out_hw
+    labels = np.empty((len(entries), out_h, out_w), np.uint8)
+    with open(source, "rb") as f:
+        for i, e in enumerate(entries):
+            data = read_member(f, kind, e.offset, e.csize, e.usize, e.method, e.crc, e.name, None)
+            labels[i] = decode_mask(e.name, data, (int(index.widths[i]), int(index.heights[i])), index.max_pixels,
+                                    (out_w, out_h) if index.resize[i] else None)
+    return labels
