@@ -52,6 +52,8 @@ class ArrayImageSet:
     @property
     def image_sizes(self) -> np.ndarray:
         return np.tile(np.asarray(self.x.shape[1:3], np.int64), (len(self.x), 1))
+
+    @property
     def names(self) -> list[str]:
         return [str(i) for i in range(len(self.x))]
 
