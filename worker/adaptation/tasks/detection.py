@@ -47,7 +47,7 @@ CONFIDENT = 0.5  # a detection at or above this score counts in the label-free s
 
 class Detection:
     name = "detection"
-    masks = False
+    masks = False  # labels are boxes (npz arrays; COCO JSON beside an archive's images: data/archives/coco.py)
     pad_mixed_sizes = True  # real photos differ in size; the detector resizes inside, boxes keep their pixels
 
     def check_preprocess(self, pre: dict) -> None:
