@@ -119,8 +119,7 @@ def read_npz(path: Path) -> ArrayImageSet:
         if y is not None:
             raise AdaptationError("invalid_dataset", "an npz holds either 'y' or box labels "
                                   "('boxes', 'labels', 'image_index'), not both")
-        y = boxes.from_arrays(box_arrays)
-        boxes.check(y, np.tile(np.asarray(x.shape[1:3], np.int64), (len(x), 1)))
+        y = boxes.checked(box_arrays, np.tile(np.asarray(x.shape[1:3], np.int64), (len(x), 1)))
     elif y is not None:
         if not np.issubdtype(y.dtype, np.integer):
             raise AdaptationError("invalid_dataset", f"'y' must hold integers, got {y.dtype}")

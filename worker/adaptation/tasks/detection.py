@@ -8,11 +8,14 @@ Interfaces (shared with the data readers, the examples and the dashboard; keep t
   returns a list of N dicts {"boxes": K×4 float xyxy in the input's pixels, "scores": K, "labels": K int64}.
 - Ground truth of a labelled set (`ImageSet.labels` of eval_data): a dict of numpy arrays exactly as the
   npz gives them, read without pickle: `boxes` float32 M×4 xyxy in the pixel coordinates of the image as
-  the ImageSet yields it (npz: as uploaded; an archive of mixed sizes is resized to `preprocess.size` while
-  loading, and its reader scales the boxes with it), `labels` int64 M (the model's label ids), `image_index`
-  int64 M (the box's image, in stored order). The npz reader (`data/boxes.py`) refuses boxes that are not
-  finite, of negative size, or out of the image (`invalid_boxes`), and image indices out of range
-  (`invalid_boxes`); `check_labels` refuses label ids outside 0..num_classes-1 (`label_out_of_range`).
+  the ImageSet yields it (npz: as uploaded; an archive of several sizes is padded at the bottom and right
+  to the largest, `pad_mixed_sizes`, so its boxes keep their pixels; with a `preprocess.size` it would be
+  resized and its reader scales the boxes with it), `labels` int64 M (the model's label ids), `image_index`
+  int64 M (the box's image, in stored order). The readers (`data/boxes.py`, the check the API runs at
+  submit: app/checks/boxes.py) refuse boxes that are not finite or of zero or negative size
+  (`invalid_box`), out of the image (`box_out_of_image`), and malformed arrays or image indices out of range
+  (`invalid_detection_labels`); `check_labels` refuses label ids outside 0..num_classes-1
+  (`label_out_of_range`).
   An image with no box is a labelled image without objects.
 - Predictions kept per image (`prediction`, what `runner.predict` returns and `evaluate`, `summary`,
   `headline`, `examples(data, before, after, labelled)` receive): a Python list with one dict per image in
@@ -73,8 +76,8 @@ class Detection:
 
     def check_labels(self, labels, num_classes: int) -> None:
         if not isinstance(labels, dict) or not {"boxes", "labels", "image_index"} <= set(labels):
-            raise AdaptationError("invalid_boxes", "detection eval_data needs boxes: npz 'boxes', 'labels', "
-                                  "'image_index' (or COCO JSON in an archive)")
+            raise AdaptationError("detection_labels_missing", "detection eval_data needs boxes: npz 'boxes', "
+                                  "'labels', 'image_index' (or COCO JSON in an archive)")
         lab = labels["labels"]
         if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
             raise AdaptationError("label_out_of_range", f"box labels must lie in 0..{num_classes - 1}",
