@@ -8,7 +8,10 @@ Gaussian blur and random erasing (Unbiased Teacher's recipe, which simple-SFOD a
 BatchNorm: torchvision's detectors freeze their backbone BatchNorm (FrozenBatchNorm2d); no method here
 unfreezes it while training. `bn_adapt` on a detector re-estimates those frozen statistics on the target
 (AdaBN: same layers, same keys, new running mean/var), and `fixed_pseudo_labels` starts from that model,
-as simple-SFOD does."""
+as simple-SFOD does.
+
+Schedules: the papers train for a number of iterations on Cityscapes-sized sets; a job's default is 10
+passes over its target set (`options.epochs` changes it)."""
 from __future__ import annotations
 
 from pydantic import Field
@@ -47,7 +50,7 @@ class _MeanTeacher(_SelfTraining):
           f"({SIMPLE_SFOD}): the EMA teacher labels the weak view (detections with score ≥ 0.8), the student "
           "learns them on the strong view with the detector's own losses (SGD lr 0.0025), the teacher follows "
           "the student by EMA (keep 0.9996). Exported: the teacher.",
-          updates="all", tasks=("detection",), epochs=10)
+          updates="all", tasks=("detection",), epochs=10, forward_passes_per_epoch=2)
 class MeanTeacherParams(_MeanTeacher):
     pass
 
@@ -61,15 +64,15 @@ class MeanTeacherParams(_MeanTeacher):
           "backbone features (the global average of every FPN level, concatenated: torchvision's CNN detectors "
           "have no query tokens, which are DETR's) learns easy vs hard through a gradient-reversal layer, so the "
           "backbone learns features in which hard images look easy. Exported: the teacher.",
-          updates="all", tasks=("detection",), epochs=10)
+          updates="all", tasks=("detection",), epochs=10, forward_passes_per_epoch=2, forward_passes_once=11)
 class TitanParams(_MeanTeacher):
     mc_passes: int = Field(10, ge=2, le=64, description="Stochastic passes M of the source model per image.")
     mc_dropout: float = Field(0.1, gt=0, lt=1, description="Dropout rate on the backbone's feature maps during "
                               "the stochastic passes (torchvision's detectors have no dropout of their own).")
     split_quantile: float = Field(0.5, gt=0, lt=1, description="σ: images whose variance rank r/N is at least σ "
-                                  "are easy; 0.5 splits at the median.")
-    adversarial_weight: float = Field(0.1, ge=0, le=10, description="Weight λ of the discriminator's loss "
-                                      "(A²SFOD's adversarial weight 0.1).")
+                                  "are easy; 0.5 splits at the median (the paper tunes σ per benchmark).")
+    adversarial_weight: float = Field(0.1, ge=0, le=10, description="Weight λ of the discriminator's loss (0.1, "
+                                      "the usual weight of image-level adversarial alignment since DA-Faster).")
     grl_coefficient: float = Field(1.0, ge=0, le=10, description="Gradient-reversal coefficient.")
 
 
@@ -77,7 +80,7 @@ class TitanParams(_MeanTeacher):
           f"strong baseline ({SIMPLE_SFOD}): the source detector's frozen BatchNorm statistics are re-estimated "
           "on the target (AdaBN), its detections with score ≥ 0.8 on every target image are kept once, and that "
           "model is trained on them (strong view, SGD) for the job's epochs; no teacher. Exported: the trained model.",
-          updates="all", tasks=("detection",), epochs=10, forward_passes_once=2)
+          updates="all", tasks=("detection",), epochs=10, forward_passes_per_epoch=1, forward_passes_once=2)
 class FixedPseudoLabelParams(_SelfTraining):
     adapt_batch_norm: bool = Field(True, description="Re-estimate the frozen BatchNorm statistics on the target "
                                    "before labelling (simple-SFOD's BN-adapted source model); off: pseudo-labels of "
