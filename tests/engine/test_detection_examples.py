@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from worker.adaptation.data.images import ArrayImageSet
+from worker.adaptation import detection_examples
 from worker.adaptation.detection_examples import THUMBNAIL_PX, changed_detections, pick
 
 
@@ -20,9 +21,11 @@ def det(boxes, scores, labels) -> dict:
             "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-def test_examples_scale_boxes_and_put_the_most_changed_first():
+def test_examples_scale_boxes_and_put_the_most_changed_first(monkeypatch):
     n = 10
-    x = np.random.default_rng(0).integers(0, 255, (n, 200, 400, 3), dtype=np.uint8)  # wider than tall
+    x = np.zeros((n, 200, 400, 3), np.uint8)  # wider than tall; smooth, as photos are (noise would not compress)
+    x[..., 0] = np.linspace(0, 255, 400, dtype=np.uint8)
+    x[:, 50:150, 100:300] = np.arange(n, dtype=np.uint8)[:, None, None, None] * 20
     truth = {"boxes": np.array([[40, 20, 120, 100], [200, 100, 400, 200]], np.float32),
              "labels": np.array([1, 2], np.int64), "image_index": np.array([7, 7], np.int64)}
     data = ArrayImageSet(x, truth)
@@ -50,6 +53,8 @@ def test_examples_scale_boxes_and_put_the_most_changed_first():
     assert [b["label"] for b in item["truth"]] == [1, 2] and "score" not in item["truth"][0]
     assert ex["items"][1]["truth"] == []                         # labelled, no boxes on that image
 
+    monkeypatch.setattr(detection_examples, "BUDGET_BYTES", 1)  # the first item always, then none
+    assert [it["index"] for it in pick(data, before, after, True, 0.5)["items"]] == [7]
     unlabelled = pick(ArrayImageSet(x), before, after, labelled=False, threshold=0.5)
     assert unlabelled["set"] == "target" and all(it["truth"] is None for it in unlabelled["items"])
 

@@ -3,8 +3,10 @@ image as a small PNG data URL with its detections before and after adaptation, a
 when the set is labelled, every box in the thumbnail's pixels. Images whose detections changed most come
 first (detections of the source model and of the adapted one that find no partner of the same label at
 IoU ≥ 0.5, counted over detections scoring at least the task's threshold); the rest are spread over the
-set. Stored in `examples.json` (tens of kilobytes per job)."""
+set. Stored in `examples.json` (at most ~BUDGET_BYTES per job)."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from .examples import thumbnail
 COUNT = 6
 THUMBNAIL_PX = 160    # the longer side: boxes must stay legible
 MAX_BOXES = 30        # per image and per model, the highest-scoring ones
+BUDGET_BYTES = 160_000  # the whole gallery: items past it are left out (a 160 px photo is ~40 kB of PNG)
 
 
 def changed_detections(before: list[dict], after: list[dict], threshold: float) -> np.ndarray:
@@ -41,16 +44,20 @@ def pick(data, before: list[dict], after: list[dict], labelled: bool, threshold:
             chosen.append(i)
     images, _ = next(iter(data.batches(len(chosen), np.asarray(chosen, dtype=np.int64))))
     truth = targets_per_image(data.labels, n) if labelled else None
-    items = []
+    items, spent = [], 0
     sizes = data.image_sizes
     for k, i in enumerate(chosen):
         h, w = (int(v) for v in sizes[i])
         hwc = images[k].numpy()[:h, :w]  # without the padding of an archive of several sizes
         url, (tw, th) = thumbnail(hwc, THUMBNAIL_PX)
         scale = (tw / w, th / h)
-        items.append({"index": i, "image": url, "width": tw, "height": th, "changed": int(changed[i]),
-                      "before": _boxes(before[i], scale, threshold), "after": _boxes(after[i], scale, threshold),
-                      "truth": _boxes(truth[i], scale) if truth is not None else None})
+        item = {"index": i, "image": url, "width": tw, "height": th, "changed": int(changed[i]),
+                "before": _boxes(before[i], scale, threshold), "after": _boxes(after[i], scale, threshold),
+                "truth": _boxes(truth[i], scale) if truth is not None else None}
+        spent += len(json.dumps(item))
+        if items and spent > BUDGET_BYTES:
+            break
+        items.append(item)
     return {"task": "detection", "set": "eval" if labelled else "target",
             "class_names": getattr(data, "class_names", None), "score_threshold": threshold,
             "changed": int((changed > 0).sum()), "items": items}
