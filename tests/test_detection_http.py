@@ -108,14 +108,16 @@ def test_detection_mismatches_are_refused_at_submit(pg_service, det_uploads, det
     assert err.value.detail["field"] == field
 
 
-def test_a_bad_box_label_fails_the_job_with_its_code(pg_service, det_uploads, detection_assets, tmp_path):
+def test_a_bad_box_label_is_refused_at_submit_with_its_code(pg_service, det_uploads, detection_assets, tmp_path):
+    """The worker's npz reader refuses it with the same code (tests/engine/test_detection.py); the API's
+    torch-free check (app/checks/boxes.py, the same function) refuses it first."""
     from app.client import Client
 
     a = detection_assets
     boxes = a["boxes"].copy()
     boxes[0, 2] = 99.0  # beyond the 32 px image
     np.savez(tmp_path / "bad.npz", x=a["x"], boxes=boxes, labels=a["labels"], image_index=a["image_index"])
-    with Client(pg_service.url) as c:
+    with Client(pg_service.url) as c, pytest.raises(ApiError) as err:
         ids = {**det_uploads, "eval": c.upload(tmp_path / "bad.npz", kind="dataset")["id"]}
-        job = c.wait(c.submit(_spec(ids, a, "source"))["id"], poll=0.2, timeout=300)
-    assert job["status"] == "failed" and job["error"]["code"] == "invalid_boxes", job["error"]
+        c.submit(_spec(ids, a, "source"))
+    assert err.value.status == 422 and err.value.code == "box_out_of_image", err.value

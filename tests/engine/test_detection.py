@@ -124,13 +124,13 @@ def _set(i, col, value):
 
 
 @pytest.mark.parametrize("change,code", [
-    ({"boxes": _set(0, 2, 40.0)}, "invalid_boxes"),           # beyond the 32 px image
-    ({"boxes": _set(0, 0, 30.0)}, "invalid_boxes"),           # x1 > x2: negative size
-    ({"boxes": _set(0, 1, np.nan)}, "invalid_boxes"),
-    ({"image_index": lambda v: v + 1}, "invalid_boxes"),       # the last box points past the last image
+    ({"boxes": _set(0, 2, 40.0)}, "box_out_of_image"),        # beyond the 32 px image
+    ({"boxes": _set(0, 0, 30.0)}, "invalid_box"),             # x1 > x2: negative size
+    ({"boxes": _set(0, 1, np.nan)}, "invalid_box"),
+    ({"image_index": lambda v: v + 1}, "invalid_detection_labels"),  # the last box points past the last image
     ({"labels": lambda v: v + 5}, "label_out_of_range"),       # 11.. with num_classes 11
-    ({"labels": lambda v: v.astype(np.float32)}, "invalid_boxes"),
-    ({"boxes": lambda v: v[:, :3]}, "invalid_boxes"),
+    ({"labels": lambda v: v.astype(np.float32)}, "invalid_detection_labels"),
+    ({"boxes": lambda v: v[:, :3]}, "invalid_detection_labels"),
 ])
 def test_bad_box_labels_fail_the_job_precisely(detection_assets, tmp_path, change, code):
     path = _eval_npz(detection_assets, tmp_path, **change)

@@ -101,7 +101,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     pre = resolve_preprocess(spec.preprocess.model_dump(exclude_unset=True), None, spec.model.architecture)
     task.check_preprocess(pre)
     data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre["size"], masks=task.masks,
-                          **req.data_options)
+                          pad_mixed_sizes=task.pad_mixed_sizes, **req.data_options)
     eval_data = _open_eval(req, data, task, pre["size"])
     epochs = info.cost(opts.epochs)["epochs"]  # SFDA: the job's epochs, else the method's schedule
     total = math.ceil(len(data) / opts.batch_size) * epochs
@@ -196,6 +196,9 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         metrics.update(**task.eval_headline(before, after),
                        eval={"num_images": len(eval_data), "before": before, "after": after,
                              "class_names": eval_data.class_names})
+        mapping = getattr(eval_data, "category_mapping", None)  # COCO categories -> label ids (archives/coco.py)
+        if mapping is not None:
+            metrics["eval"]["category_mapping"] = mapping
     if loop.online_predictions is not None and data.labels is not None:
         # Labels in `data` never reach the method; they only score the online predictions.
         metrics["online"] = task.online(loop.online_predictions, data.labels)
@@ -343,7 +346,7 @@ def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine, size: int | No
     spec = req.spec
     eval_data = data if req.eval_path == req.data_path else open_image_set(
         req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=size,
-        masks=task.masks, **req.data_options)
+        masks=task.masks, pad_mixed_sizes=task.pad_mixed_sizes, **req.data_options)
     if eval_data.labels is None:
         raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz; class folders, "
                               "or masks/NAME.png beside images/NAME.ext for segmentation, in archives)")

@@ -18,6 +18,9 @@ class ImageSet(Protocol):
     # int64 (N,) class labels, uint8 (N, H, W) masks, a dict of box arrays (data/boxes.py), or None
     labels: np.ndarray | dict | None
     class_names: list[str] | None    # label index -> name, when the format carries names
+    # int64 N×2: the (height, width) each image's pixels take in the batches, from their top-left corner
+    # (smaller than the batch's size where images of several sizes are padded: detection)
+    image_sizes: np.ndarray
 
     def __len__(self) -> int: ...
 
@@ -45,6 +48,10 @@ class ArrayImageSet:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    @property
+    def image_sizes(self) -> np.ndarray:
+        return np.tile(np.asarray(self.x.shape[1:3], np.int64), (len(self.x), 1))
 
     @property
     def names(self) -> list[str]:
@@ -112,8 +119,7 @@ def read_npz(path: Path) -> ArrayImageSet:
         if y is not None:
             raise AdaptationError("invalid_dataset", "an npz holds either 'y' or box labels "
                                   "('boxes', 'labels', 'image_index'), not both")
-        y = boxes.from_arrays(box_arrays)
-        boxes.check(y, np.tile(np.asarray(x.shape[1:3], np.int64), (len(x), 1)))
+        y = boxes.checked(box_arrays, np.tile(np.asarray(x.shape[1:3], np.int64), (len(x), 1)))
     elif y is not None:
         if not np.issubdtype(y.dtype, np.integer):
             raise AdaptationError("invalid_dataset", f"'y' must hold integers, got {y.dtype}")

@@ -11,6 +11,9 @@ from torch import nn
 class TaskEngine(Protocol):
     name: str
     masks: bool  # labels are per-pixel masks (an archive's images/ + masks/), not one class per image
+    # Archives of images of several sizes without a preprocess size: padded at the bottom and right to the
+    # largest (True: coordinates keep their pixels, as boxes need) or refused (False: set preprocess.size).
+    pad_mixed_sizes: bool
 
     def check_preprocess(self, pre: dict) -> None:
         """Raise AdaptationError for a resolved preprocess (size, channels, mean, std) this task cannot use."""

@@ -8,18 +8,21 @@ Interfaces (shared with the data readers, the examples and the dashboard; keep t
   returns a list of N dicts {"boxes": K×4 float xyxy in the input's pixels, "scores": K, "labels": K int64}.
 - Ground truth of a labelled set (`ImageSet.labels` of eval_data): a dict of numpy arrays exactly as the
   npz gives them, read without pickle: `boxes` float32 M×4 xyxy in the pixel coordinates of the image as
-  the ImageSet yields it (npz: as uploaded; an archive of mixed sizes is resized to `preprocess.size` while
-  loading, and its reader scales the boxes with it), `labels` int64 M (the model's label ids), `image_index`
-  int64 M (the box's image, in stored order). The npz reader (`data/boxes.py`) refuses boxes that are not
-  finite, of negative size, or out of the image (`invalid_boxes`), and image indices out of range
-  (`invalid_boxes`); `check_labels` refuses label ids outside 0..num_classes-1 (`label_out_of_range`).
+  the ImageSet yields it (npz: as uploaded; an archive of several sizes is padded at the bottom and right
+  to the largest, `pad_mixed_sizes`, so its boxes keep their pixels; with a `preprocess.size` it would be
+  resized and its reader scales the boxes with it), `labels` int64 M (the model's label ids), `image_index`
+  int64 M (the box's image, in stored order). The readers (`data/boxes.py`, the check the API runs at
+  submit: app/checks/boxes.py) refuse boxes that are not finite or of zero or negative size
+  (`invalid_box`), out of the image (`box_out_of_image`), and malformed arrays or image indices out of range
+  (`invalid_detection_labels`); `check_labels` refuses label ids outside 0..num_classes-1
+  (`label_out_of_range`).
   An image with no box is a labelled image without objects.
 - Predictions kept per image (`prediction`, what `runner.predict` returns and `evaluate`, `summary`,
   `headline`, `examples(data, before, after, labelled)` receive): a Python list with one dict per image in
   stored order, {"boxes": K×4 float32, "scores": K float32, "labels": K int64} on the CPU, in the same
   coordinates as the ground truth, every detection the model returned (its own score threshold and
-  detections_per_img apply); the runner concatenates the batches' lists. `examples` returns None here: the
-  detection examples (boxes before/after/GT) are built elsewhere.
+  detections_per_img apply); the runner concatenates the batches' lists. `examples`: detection_examples.py
+  (thumbnails with the confident boxes before/after and the ground truth).
 - num_classes is torchvision's: for Faster R-CNN and SSD (`background_label` 0 in the manifest) it counts
   the background at label 0, object classes are 1..num_classes-1 (COCO: 91); for FCOS and RetinaNet every
   label 0..num_classes-1 is an object class (torchvision's COCO checkpoints still use 91 with 0 unused, so
@@ -37,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from .. import boxes as B
+from .. import detection_examples
 from ..errors import AdaptationError
 from ..models.export import recalibrate_batch_norm
 from ..models.torchvision_det import freeze_bn
@@ -46,7 +50,8 @@ CONFIDENT = 0.5  # a detection at or above this score counts in the label-free s
 
 class Detection:
     name = "detection"
-    masks = False  # labels are boxes (npz arrays; COCO JSON beside an archive's images is read elsewhere)
+    masks = False  # labels are boxes (npz arrays; COCO JSON beside an archive's images: data/archives/coco.py)
+    pad_mixed_sizes = True  # real photos differ in size; the detector resizes inside, boxes keep their pixels
 
     def check_preprocess(self, pre: dict) -> None:
         if pre["size"] is not None or any(v != 0 for v in pre["mean"]) or any(v != 1 for v in pre["std"]):
@@ -71,8 +76,8 @@ class Detection:
 
     def check_labels(self, labels, num_classes: int) -> None:
         if not isinstance(labels, dict) or not {"boxes", "labels", "image_index"} <= set(labels):
-            raise AdaptationError("invalid_boxes", "detection eval_data needs boxes: npz 'boxes', 'labels', "
-                                  "'image_index' (or COCO JSON in an archive)")
+            raise AdaptationError("detection_labels_missing", "detection eval_data needs boxes: npz 'boxes', "
+                                  "'labels', 'image_index' (or COCO JSON in an archive)")
         lab = labels["labels"]
         if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
             raise AdaptationError("label_out_of_range", f"box labels must lie in 0..{num_classes - 1}",
@@ -126,8 +131,8 @@ class Detection:
         # The online signals are hard labels of counted detections, not boxes: no online mAP.
         return {"map": None, "num_images": None}
 
-    def examples(self, data, before, after, labelled: bool) -> None:
-        return None
+    def examples(self, data, before, after, labelled: bool) -> dict:
+        return detection_examples.pick(data, before, after, labelled, CONFIDENT)
 
     def recalibrate(self, model, batches, autocast) -> int:
         seen = recalibrate_batch_norm(model, batches, autocast)

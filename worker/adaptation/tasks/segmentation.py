@@ -20,6 +20,7 @@ from ..models.export import recalibrate_batch_norm
 class Segmentation:
     name = "segmentation"
     masks = True
+    pad_mixed_sizes = False
 
     def check_output(self, out: torch.Tensor, num_classes: int) -> None:
         if out.ndim != 4 or out.shape[1] != num_classes:
