@@ -41,7 +41,8 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
             try:
                 with open_blob(url, up.blob_id, up.size) as f:
                     found[field] = check_dataset(f, getattr(spec, field).format, masks=spec.task == "segmentation",
-                                                 labelled=field == "eval_data")
+                                                 labelled=field == "eval_data",
+                                                 box_labels=spec.task == "detection" and field == "eval_data")
             except CheckError as exc:
                 raise _refused(field, exc) from None
     num_classes = body["model"]["num_classes"] if spec.model is not None else body["student"]["num_classes"]

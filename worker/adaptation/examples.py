@@ -31,7 +31,7 @@ def pick(data, before: torch.Tensor, after: torch.Tensor, labelled: bool, count:
     labels = getattr(data, "labels", None) if labelled else None
     items = []
     for k, i in enumerate(chosen):
-        items.append({"index": i, "image": _thumbnail(images[k].numpy()),
+        items.append({"index": i, "image": thumbnail(images[k].numpy())[0],
                       "label": int(labels[i]) if labels is not None else None,
                       "before": {"class": int(pred_b[i]), "confidence": round(float(before[i].max()), 4)},
                       "after": {"class": int(pred_a[i]), "confidence": round(float(after[i].max()), 4)}})
@@ -39,12 +39,13 @@ def pick(data, before: torch.Tensor, after: torch.Tensor, labelled: bool, count:
             "changed": len(changed), "items": items}
 
 
-def _thumbnail(hwc: np.ndarray) -> str:
+def thumbnail(hwc: np.ndarray, px: int = THUMBNAIL_PX) -> tuple[str, tuple[int, int]]:
+    """(PNG data URL, (width, height)) of the image shrunk to fit `px` on its longer side."""
     img = Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc)
-    img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    img.thumbnail((px, px))
     buf = io.BytesIO()
     img.save(buf, "PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.size
 
 
 # --- segmentation: masks before / after (and the ground truth) -------------------------------------

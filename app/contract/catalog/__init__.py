@@ -5,7 +5,7 @@ The API validates job params and serves `GET /v1/methods` from it without torch;
 implementation (`worker/adaptation/methods/`) registers against its params class here
 (`@implements(TentParams)`), so an entry and its implementation are bound by one object and a test
 keeps the two sets equal. Defaults are the authors' and exist only here. Adding a method: a params
-class + `@describe` in the module of its kind (`baselines`, `tta`, `sfda`, `segmentation`, `multimodel`), and one implementation
+class + `@describe` in the module of its kind (`baselines`, `tta`, `sfda`, `segmentation`, `detection`, `multimodel`), and one implementation
 file (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
@@ -133,7 +133,7 @@ def get_method_info(name: str) -> MethodInfo:
 
 
 # Importing the per-kind modules runs their @describe decorators.
-from . import baselines, multimodel, segmentation, sfda, tta  # noqa: E402,F401
+from . import baselines, detection, multimodel, segmentation, sfda, tta  # noqa: E402,F401
 
 
 def catalogue_json() -> list[dict]:

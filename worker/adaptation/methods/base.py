@@ -68,6 +68,11 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: f
     raise ValueError(f"unknown optimizer {kind!r}")
 
 
+def float_output(out: Any) -> Any:
+    """A model's output in fp32: a tensor cast; anything else (a detector's list of per-image dicts) as it is."""
+    return out.float() if isinstance(out, torch.Tensor) else out
+
+
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-sample entropy of softmax(logits), computed in fp32 for stability under autocast."""
     logits = logits.float()
@@ -146,7 +151,7 @@ class Method:
         model.eval()
         try:
             with self.ctx.autocast():
-                logits = model(x).float()
+                logits = float_output(model(x))
         finally:
             for m, t in modes.items():
                 m.train(t)
@@ -154,6 +159,11 @@ class Method:
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         raise NotImplementedError
+
+    def history(self) -> dict[str, Any]:
+        """Method-specific records for the job's history.json beside the per-step rows (e.g. per-image
+        values), read once after adaptation."""
+        return {}
 
     def report(self) -> dict[str, Any]:
         """Method-specific counters for the job's metrics (`metrics["method_report"]`), read once after
