@@ -39,4 +39,5 @@ def build_run_request(stored: dict, workdir: Path, fetch: Callable[[str, Path], 
             data_path=data_path, output_dir=workdir / "out", eval_path=eval_path,
             labelled_path=local(spec.labelled_data.upload_id, "labelled.bin") if spec.labelled_data else None)
     return RunRequest(spec, model_path=local(spec.model.upload_id, "model.bin"), data_path=data_path,
-                      output_dir=workdir / "out", eval_path=eval_path)
+                      output_dir=workdir / "out", eval_path=eval_path,
+                      source_path=local(spec.source_data.upload_id, "source.bin") if spec.source_data else None)

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..config import Settings
 from ..contract.architectures import task_of
-from ..contract.catalog import CATALOG, MethodInfo
+from ..contract.catalog import CATALOG, MethodInfo, validate_params
 from ..contract.jobs import ArtifactOut, JobList, JobOut, JobSpec
 from ..db import repo
 from ..db.models import Job
@@ -57,7 +57,7 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
         raise ApiError("unknown_method", f"method: unknown method {spec.method!r}",
                        {"field": "method", "known": sorted(CATALOG)})
     try:
-        params = info.params_model.model_validate(spec.params).model_dump(mode="json")
+        params = validate_params(info, spec.params, spec.task).model_dump(mode="json")
     except ValidationError as exc:
         errors = [{"loc": ["body", "params", *e["loc"]], "field": ".".join(map(str, ["params", *e["loc"]])),
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
@@ -65,9 +65,10 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                        {"errors": errors, "schema": info.params_schema()}) from None
     check_models(spec, info)
     check_task(spec, info)
+    check_source_data(spec, info)
     refs = [(field, upload_id, "model") for field, upload_id in spec.model_refs()]
     refs.append(("data", spec.data.upload_id, "dataset"))
-    for field in ("eval_data", "labelled_data"):
+    for field in ("eval_data", "labelled_data", "source_data"):
         if getattr(spec, field) is not None:
             refs.append((field, getattr(spec, field).upload_id, "dataset"))
     uploads = {}
@@ -84,7 +85,24 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
         stored = complete_spec(settings, s, spec, uploads)
     if spec.model is not None and spec.model.architecture is None:  # taken from the checkpoint's metadata
         check_task(spec, info, stored["model"]["architecture"])
+    shots = params.get("shots")
+    images = stored.pop("_data_images", None)
+    if info.needs_source_data and shots is not None and images is not None and images > shots:
+        raise ApiError("invalid_spec", f"data: {spec.method} adapts on {shots} target image(s) (params.shots) and "
+                       f"data holds {images}; upload the one-shot image(s) as data and the rest as eval_data",
+                       {"field": "data", "images": images, "shots": shots})
     return {**stored, "params": params}
+
+
+def check_source_data(spec: JobSpec, info: MethodInfo) -> None:
+    """`source_data` (a labelled source pool) goes with the methods that train on one, and only with them."""
+    if info.needs_source_data and spec.source_data is None:
+        raise ApiError("invalid_spec", f"source_data: {spec.method} trains on a labelled source pool: give "
+                       "`source_data` (images with masks)", {"field": "source_data"})
+    if spec.source_data is not None and not info.needs_source_data:
+        raise ApiError("invalid_spec", f"source_data: {spec.method} does not use a source pool "
+                       f"(methods that do: {', '.join(n for n, i in CATALOG.items() if i.needs_source_data)})",
+                       {"field": "source_data"})
 
 
 def check_models(spec: JobSpec, info: MethodInfo) -> None:

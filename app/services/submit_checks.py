@@ -32,14 +32,19 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
     meta = _complete_model(settings, s, spec, uploads, body) if spec.model is not None else {}
     architecture = spec.architectures()[-1][1].architecture if spec.model is None else body["model"]["architecture"]
     body["preprocess"] = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"), architecture)
-    for field in ("data", "eval_data", "labelled_data"):
+    for field in ("data", "eval_data", "labelled_data", "source_data"):
         if field in uploads:
             up = uploads[field]
             try:
                 with open_blob(url, up.blob_id, up.size) as f:
-                    check_dataset(f, getattr(spec, field).format)
+                    found = check_dataset(f, getattr(spec, field).format)
             except CheckError as exc:
                 raise _refused(field, exc) from None
+            if field == "data" and "x" in found:  # npz: the image count, for methods with a fixed number of shots
+                body["_data_images"] = found["x"][0]
+            if field == "source_data" and "x" in found and "y" not in found:
+                raise ApiError("invalid_dataset", "source_data: the source pool needs its masks/labels ('y')",
+                               {"field": "source_data"})
     return body
 
 
