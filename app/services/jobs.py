@@ -82,15 +82,10 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
                                f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
             uploads[field] = upload
-        stored = complete_spec(settings, s, spec, uploads)
+        # one-shot methods (idm) take at most `shots` target images
+        stored = complete_spec(settings, s, spec, uploads, params.get("shots"))
     if spec.model is not None and spec.model.architecture is None:  # taken from the checkpoint's metadata
         check_task(spec, info, stored["model"]["architecture"])
-    shots = params.get("shots")
-    images = stored.pop("_data_images", None)
-    if info.needs_source_data and shots is not None and images is not None and images > shots:
-        raise ApiError("invalid_spec", f"data: {spec.method} adapts on {shots} target image(s) (params.shots) and "
-                       f"data holds {images}; upload the one-shot image(s) as data and the rest as eval_data",
-                       {"field": "data", "images": images, "shots": shots})
     return {**stored, "params": params}
 
 

@@ -21,8 +21,9 @@ def _refused(field: str, exc: CheckError) -> ApiError:
     return ApiError(exc.code, f"{field}: {exc.message}", {"field": field, **exc.detail})
 
 
-def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
-    """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row."""
+def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict, max_data_images: int | None = None) -> dict:
+    """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row.
+    `max_data_images`: the most target images the method takes (a one-shot method's `shots`)."""
     url = settings.resolved_database_url
     body = spec.model_dump(mode="json")
     for field, ref in spec.architectures():  # sources and student name theirs; only `model` may omit them
@@ -40,8 +41,12 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
                     found = check_dataset(f, getattr(spec, field).format)
             except CheckError as exc:
                 raise _refused(field, exc) from None
-            if field == "data" and "x" in found:  # npz: the image count, for methods with a fixed number of shots
-                body["_data_images"] = found["x"][0]
+            images = found["x"][0] if "x" in found else None  # npz headers tell the image count
+            if field == "data" and max_data_images is not None and images is not None and images > max_data_images:
+                raise ApiError("invalid_spec", f"data: {spec.method} adapts on {max_data_images} target image(s) "
+                               f"(params.shots) and data holds {images}; upload the one-shot image(s) as data "
+                               "and the rest as eval_data", {"field": "data", "images": images,
+                                                             "shots": max_data_images})
             if field == "source_data" and "x" in found and "y" not in found:
                 raise ApiError("invalid_dataset", "source_data: the source pool needs its masks/labels ('y')",
                                {"field": "source_data"})
