@@ -86,6 +86,8 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
         stored = complete_spec(settings, s, spec, uploads, params.get("shots"))
     if spec.model is not None and spec.model.architecture is None:  # taken from the checkpoint's metadata
         check_task(spec, info, stored["model"]["architecture"])
+    if spec.models is not None:  # sources (and student) may have taken theirs from their metadata
+        check_task(JobSpec.model_validate(stored), info)
     return {**stored, "params": params}
 
 

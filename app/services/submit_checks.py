@@ -5,6 +5,8 @@ metadata and the architecture's defaults; the datasets' format and npz headers; 
 some live worker must have. Each refusal is the error the worker would have failed the job with."""
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from ..checks import CheckError, manifest
 from ..checks.blobfile import open_blob
 from ..checks.checkpoints import inspect_checkpoint
@@ -26,10 +28,8 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict, max_data_
     `max_data_images`: the most target images the method takes (a one-shot method's `shots`)."""
     url = settings.resolved_database_url
     body = spec.model_dump(mode="json")
-    for field, ref in spec.architectures():  # sources and student name theirs; only `model` may omit them
-        missing = [k for k in ("architecture", "num_classes") if getattr(ref, k) is None]
-        if field != "model" and missing:
-            raise ApiError("validation_error", f"{field}.{missing[0]}: required", {"field": f"{field}.{missing[0]}"})
+    if spec.models is not None:
+        body = _complete_sources(settings, spec, uploads, body)
     meta = _complete_model(settings, s, spec, uploads, body) if spec.model is not None else {}
     architecture = spec.architectures()[-1][1].architecture if spec.model is None else body["model"]["architecture"]
     body["preprocess"] = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"), architecture)
@@ -51,6 +51,42 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict, max_data_
                 raise ApiError("invalid_dataset", "source_data: the source pool needs its masks/labels ('y')",
                                {"field": "source_data"})
     return body
+
+
+def _complete_sources(settings: Settings, spec: JobSpec, uploads: dict, body: dict) -> dict:
+    """The sources and the student of a multi-source job: architecture, num_classes and arch_kwargs each
+    leaves out are taken from its checkpoint's adaptd metadata (a student without initial weights must
+    name them); then the completed spec is validated again (class counts against the student's). Their
+    keys are checked by the worker."""
+    for field, ref in spec.architectures():
+        missing = [k for k in ("architecture", "num_classes") if getattr(ref, k) is None]
+        if not missing:
+            continue
+        target = body["student"] if field == "student" else body["models"][int(field[len("models["):-1])]
+        meta = {}
+        if field in uploads:
+            upload = uploads[field]
+            try:
+                with open_blob(settings.resolved_database_url, upload.blob_id, upload.size) as f:
+                    meta = decode(inspect_checkpoint(f, upload.size, manifest.allowed_globals(), ref.format).metadata)
+            except CheckError as exc:
+                raise _refused(field, exc) from None
+        given = ref.model_dump(exclude_unset=True)
+        for key in ("architecture", "num_classes", "arch_kwargs"):
+            if key not in given and key in meta:
+                target[key] = meta[key]
+        still = [k for k in missing if target.get(k) is None]
+        if still:
+            why = ("the checkpoint carries no adaptd metadata to take it from" if field in uploads
+                   else "a student without initial weights names its network")
+            raise ApiError("validation_error", f"{field}.{still[0]}: required ({why})",
+                           {"field": f"{field}.{still[0]}", "missing": still})
+    try:
+        return JobSpec.model_validate(body).model_dump(mode="json")
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ApiError("validation_error", f"with the checkpoints' adaptd metadata: {msg}",
+                       {"field": "models"}) from None
 
 
 def _complete_model(settings: Settings, s, spec: JobSpec, uploads: dict, body: dict) -> dict:
