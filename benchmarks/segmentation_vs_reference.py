@@ -116,9 +116,10 @@ def main() -> None:
     ap.add_argument("--n-source", type=int, default=1500)
     ap.add_argument("--epochs", type=int, default=20, help="source training epochs (the cached UNet's)")
     ap.add_argument("--n-target", type=int, default=300)
+    ap.add_argument("--width", type=int, default=16, help="UNet width (the cached model's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, _, shifts = setup(args.data, args.n_source, args.n_target, args.epochs)
+    model, _, shifts = setup(args.data, args.n_source, args.n_target, args.epochs, args.width)
     prep = Preprocess(**PRE)
     rows = []
     for shift in args.shifts.split(","):
