@@ -25,6 +25,11 @@ example:
       --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 --name first-try --tag cifar --watch
 
 \b
+detection (a torchvision detector; eval boxes as COCO JSON beside the images in a zip, or npz boxes):
+  adaptd submit --task detection --method mean_teacher --model detector.safetensors \\
+      --arch fasterrcnn_mobilenet_v3_large_fpn --num-classes 11 --data target.zip --eval-data coco.zip --watch
+
+\b
 several source models distilled into one student (distill_nearest, distill_weighted):
   adaptd submit --method distill_weighted --model mnist.safetensors --model usps.safetensors \\
       --model letters.safetensors@digit_cnn,26 --arch digit_cnn --num-classes 10 --student-arch digit_cnn \\
@@ -62,32 +67,31 @@ def parse_source(value: str) -> tuple[str, dict]:
     return ref, own
 
 
-def read_prior(path: str) -> list:
-    """--prior FILE: JSON (a list of K numbers, or a list of such lists) or CSV (one row per image)."""
+INLINE_PRIOR_BYTES = 64 * 1024  # a JSON list this small travels inline in the spec; anything else is uploaded
+
+
+def inline_prior(path: str) -> list | None:
+    """--prior FILE: a small JSON list (K proportions, or one list per target image) goes inline as
+    `params.class_ratio_prior`; None: upload the file (`params.prior_upload`: CSV, JSON objects with
+    sizes and tags, large files)."""
+    p = Path(path)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise click.UsageError(f"--prior {path}: {exc}") from None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        try:
-            rows = [[float(v) for v in line.split(",")] for line in text.splitlines() if line.strip()]
-        except ValueError:
-            raise click.UsageError(f"--prior {path}: neither JSON nor a CSV of numbers") from None
-        value = rows[0] if len(rows) == 1 else rows
-    if not isinstance(value, list) or not value:
-        raise click.UsageError(f"--prior {path}: must hold a list of proportions")
-    return value
+        if p.stat().st_size > INLINE_PRIOR_BYTES:
+            return None
+        value = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, list) and value else None
 
 
 @click.command("submit", epilog=SUBMIT_EPILOG, short_help="upload, submit a job, follow it (--watch)")
 @click.option("--spec", "spec_file", metavar="FILE", help="a job spec JSON file; the flags below override its fields")
 @click.option("--method", help="adaptation method (adaptd methods)")
 @click.option("--task", type=click.Choice(list(TASKS)), help="what the model predicts (default classification)")
-@click.option("--prior", "prior_file", metavar="FILE",
-              help="sfda_prior's class_ratio_prior: a JSON list (K proportions, or one list per target image) or "
-              "a CSV with one row of K numbers per image")
+@click.option("--prior", "prior_file", metavar="FILE|UPLOAD_ID",
+              help="sfda_prior's class-ratio prior: a JSON list (K proportions, or one list per target image) "
+              "goes inline; a CSV (header: class names or indices) or a JSON {\"sizes\", \"tags\"} / "
+              "{\"proportions\"} file is uploaded (params.prior_upload). Formats: README, Segmentation data")
 @click.option("--param", multiple=True, metavar="KEY=VALUE",
               help="method parameter, JSON-typed (lr=1e-3, collapse_guard=false); repeatable")
 @click.option("--candidates", metavar="M1,M2,...", help="--method auto: the methods to run and pick from "
@@ -113,7 +117,9 @@ def read_prior(path: str) -> list:
 @click.option("--data", metavar="FILE|UPLOAD_ID", help="unlabelled target data (npz, zip, tar, parquet, a zipped Hugging Face save_to_disk folder); "
               "detected when no format is given")
 @click.option("--data-format", type=FORMATS)
-@click.option("--eval-data", metavar="FILE|UPLOAD_ID", help="labelled data: accuracy before and after")
+@click.option("--eval-data", metavar="FILE|UPLOAD_ID",
+              help="labelled data: accuracy (mIoU, mAP) before and after; detection: npz with boxes/labels/"
+              "image_index, or an archive of images with a COCO JSON")
 @click.option("--eval-format", type=FORMATS)
 @click.option("--size", type=int, help="square resize")
 @click.option("--channels", type=click.Choice(["1", "3"]))
@@ -151,11 +157,10 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
             raise click.UsageError(f"--spec {spec_file}: {exc}") from None
         if not isinstance(base, dict):
             raise click.UsageError(f"--spec {spec_file}: must hold a JSON object")
-    if task:
-        base = {**(base or {}), "task": task}
     params = parse_pairs(param, "--param")
-    if prior_file:
-        params["class_ratio_prior"] = read_prior(prior_file)
+    prior_rows = inline_prior(prior_file) if prior_file else None
+    if prior_rows is not None:
+        params["class_ratio_prior"] = prior_rows
     if candidates:
         if (method or (base or {}).get("method")) != "auto":
             raise click.UsageError("--candidates is for --method auto")
@@ -187,7 +192,7 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
                                "or initial weights adaptd exported (--student-weights)")
     if labelled_data and not multisource:
         raise click.UsageError("--labelled-data is for several source models (distill_nearest, distill_weighted)")
-    fields = dict(method=method, params=params, architecture=arch,
+    fields = dict(task=task, method=method, params=params, architecture=arch,
                   num_classes=num_classes, arch_kwargs=kwargs, model_format=model_format,
                   data_format=data_format, eval_format=eval_format, labelled_format=labelled_format,
                   preprocess=preprocess, options=options,
@@ -207,7 +212,8 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
     if missing:
         raise click.UsageError(f"submit needs {', '.join(missing)} (as flags or in --spec)")
     for flag, value in ([("--model", ref) for ref, _ in sources] + [("--student-weights", student_weights),
-                        ("--data", data), ("--eval-data", eval_data), ("--labelled-data", labelled_data)]):
+                        ("--data", data), ("--eval-data", eval_data), ("--labelled-data", labelled_data),
+                        ("--prior", prior_file)]):
         if value and not Path(value).is_file() and Path(value).suffix:
             raise click.UsageError(f"{flag}: no such file: {value}")
 
@@ -229,6 +235,8 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
                 fields["student"] = {**(student or {}), **upload(student_weights, "model")}
         elif sources:
             refs["model"] = upload(sources[0][0], "model")
+        if prior_file and prior_rows is None:
+            fields["params"] = {**params, "prior_upload": upload(prior_file, "prior")["upload_id"]}
         job = client.submit(build_spec(base, **fields, **refs), idempotency_key=idempotency_key)
         click.echo(f"submitted {job['method']} job {job['id']} ({job['status']})", err=True)
         if not watch:

@@ -128,6 +128,18 @@ def summary_lines(job: dict) -> list[str]:
             delta = m["accuracy_after"] - m["accuracy_before"]
             out.append(f"accuracy   {fmt(m['accuracy_before'], True)} -> {fmt(m['accuracy_after'], True)}  "
                        f"({delta:+.1%})")
+        for key, label in (("miou", "mIoU      "), ("dice", "Dice      "), ("pixel_accuracy", "pixel acc.")):
+            if m.get(f"{key}_before") is not None and m.get(f"{key}_after") is not None:
+                before, after = m[f"{key}_before"], m[f"{key}_after"]
+                out.append(f"{label} {fmt(before, True)} -> {fmt(after, True)}  ({after - before:+.1%})")
+        if m.get("map_before") is not None:  # detection (COCO mAP@[.5:.95] and mAP@.5)
+            out.append(f"mAP        {fmt(m['map_before'], True)} -> {fmt(m['map_after'], True)}  "
+                       f"({m['map_after'] - m['map_before']:+.1%})   mAP50 {fmt(m.get('map50_before'), True)} -> "
+                       f"{fmt(m.get('map50_after'), True)}")
+        if m.get("detections_per_image_after") is not None:
+            out.append(f"detections per image {fmt(m.get('detections_per_image_before'))} -> "
+                       f"{fmt(m['detections_per_image_after'])}   mean score {fmt(m.get('mean_score_before'))} -> "
+                       f"{fmt(m.get('mean_score_after'))}")
         out.append(f"entropy    {fmt(m.get('entropy_before'))} -> {fmt(m.get('entropy_after'))}   "
                    f"agreement with source {fmt(m.get('agreement_with_source'), True)}")
         out.append(estimate_line(m))
@@ -218,8 +230,10 @@ def job_table(items: list[dict]) -> list[str]:
     rows = [("ID", "NAME", "STATUS", "METHOD", "CREATED", "PROGRESS", "ACCURACY", "TAGS")]
     for j in items:
         m = j.get("metrics") or {}
-        acc = (f"{m['accuracy_before']:.1%}->{m['accuracy_after']:.1%}"
-               if m.get("accuracy_before") is not None else "-")
+        acc = (f"{m['accuracy_before']:.1%}->{m['accuracy_after']:.1%}" if m.get("accuracy_before") is not None
+               else f"mIoU {m['miou_before']:.1%}->{m['miou_after']:.1%}" if m.get("miou_before") is not None
+               else f"mAP {m['map_before']:.1%}->{m['map_after']:.1%}" if m.get("map_before") is not None
+               else "-")
         p = j["progress"]
         if j["status"] == "running":
             prog = (f"{p['done']}/{p['total']} " if p["total"] else "") + (p["phase"] or "")

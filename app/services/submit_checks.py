@@ -13,6 +13,7 @@ from ..checks.checkpoints import inspect_checkpoint
 from ..checks.datasets import check_dataset
 from ..checks.metadata import decode
 from ..checks.preprocess import resolve
+from ..checks.priors import MAX_PRIOR_BYTES, read_prior
 from ..config import Settings
 from ..errors import ApiError
 from ..contract.jobs import JobSpec, ModelRef
@@ -24,8 +25,9 @@ def _refused(field: str, exc: CheckError) -> ApiError:
 
 
 def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict, max_data_images: int | None = None) -> dict:
-    """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row.
-    `max_data_images`: the most target images the method takes (a one-shot method's `shots`)."""
+    """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row (a method
+    param's file under `params.<name>`). `max_data_images`: the most target images the method takes (a
+    one-shot method's `shots`)."""
     url = settings.resolved_database_url
     body = spec.model_dump(mode="json")
     if spec.models is not None:
@@ -33,23 +35,26 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict, max_data_
     meta = _complete_model(settings, s, spec, uploads, body) if spec.model is not None else {}
     architecture = spec.architectures()[-1][1].architecture if spec.model is None else body["model"]["architecture"]
     body["preprocess"] = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"), architecture)
+    found = {}
     for field in ("data", "eval_data", "labelled_data", "source_data"):
         if field in uploads:
             up = uploads[field]
             try:
                 with open_blob(url, up.blob_id, up.size) as f:
-                    found = check_dataset(f, getattr(spec, field).format)
+                    found[field] = check_dataset(f, getattr(spec, field).format, masks=spec.task == "segmentation",
+                                                 labelled=field in ("eval_data", "source_data"),
+                                                 box_labels=spec.task == "detection" and field == "eval_data")
             except CheckError as exc:
                 raise _refused(field, exc) from None
-            images = found["x"][0] if "x" in found else None  # npz headers tell the image count
-            if field == "data" and max_data_images is not None and images is not None and images > max_data_images:
-                raise ApiError("invalid_spec", f"data: {spec.method} adapts on {max_data_images} target image(s) "
-                               f"(params.shots) and data holds {images}; upload the one-shot image(s) as data "
-                               "and the rest as eval_data", {"field": "data", "images": images,
-                                                             "shots": max_data_images})
-            if field == "source_data" and "x" in found and "y" not in found:
-                raise ApiError("invalid_dataset", "source_data: the source pool needs its masks/labels ('y')",
-                               {"field": "source_data"})
+    images = found["data"].get("images")
+    if max_data_images is not None and images is not None and images > max_data_images:
+        raise ApiError("invalid_spec", f"data: {spec.method} adapts on {max_data_images} target image(s) (params.shots) "
+                       f"and data holds {images}; upload the one-shot image(s) as data and the rest as eval_data",
+                       {"field": "data", "images": images, "shots": max_data_images})
+    num_classes = body["model"]["num_classes"] if spec.model is not None else body["student"]["num_classes"]
+    for field, up in uploads.items():
+        if up.kind == "prior":
+            _check_prior(url, field, up, num_classes, found["data"])
     return body
 
 
@@ -87,6 +92,24 @@ def _complete_sources(settings: Settings, spec: JobSpec, uploads: dict, body: di
         msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
         raise ApiError("validation_error", f"with the checkpoints' adaptd metadata: {msg}",
                        {"field": "models"}) from None
+
+
+def _check_prior(url: str, field: str, up, num_classes: int, data: dict) -> None:
+    """A class-ratio prior file: parsed, K classes, one row or one per target image, named rows matched
+    to the images (where the data's headers or directory tell the count and the names; the worker checks
+    it otherwise)."""
+    num_images = data.get("images")
+    try:
+        if up.size > MAX_PRIOR_BYTES:
+            raise CheckError("invalid_prior", f"the prior file is {up.size} bytes (limit {MAX_PRIOR_BYTES})",
+                             {"limit_bytes": MAX_PRIOR_BYTES})
+        with open_blob(url, up.blob_id, up.size) as f:
+            prior = read_prior(f.read())
+        names = data.get("names") or ([str(i) for i in range(num_images)]  # an npz's images: their indices
+                                      if data["format"] == "npz" and num_images is not None else None)
+        prior.rows(num_classes, num_images, names if prior.images is not None else None)
+    except CheckError as exc:
+        raise _refused(field, exc) from None
 
 
 def _complete_model(settings: Settings, s, spec: JobSpec, uploads: dict, body: dict) -> dict:

@@ -49,6 +49,7 @@ class RunRequest:
     eval_path: Path | None = None
     data_options: dict = field(default_factory=dict)  # dataset reader limits (the worker's max_pixels)
     source_path: Path | None = None  # the labelled source pool (`source_data`) of methods that need one
+    param_files: dict[str, Path] = field(default_factory=dict)  # a method param naming an upload -> its file
 
     @classmethod
     def for_files(cls, model_path: Path, data_path: Path, output_dir: Path, eval_path: Path | None = None,
@@ -102,7 +103,9 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     # The data first (indexes only): from the first phase on, progress shows how many batches will run.
     # Fields the spec leaves out: the architecture's default input (the API stores them resolved already).
     pre = resolve_preprocess(spec.preprocess.model_dump(exclude_unset=True), None, spec.model.architecture)
-    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre["size"], **req.data_options)
+    task.check_preprocess(pre)
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre["size"], masks=task.masks,
+                          pad_mixed_sizes=task.pad_mixed_sizes, **req.data_options)
     eval_data = _open_eval(req, data, task, pre["size"])
     source_data = _open_source(req, info, task, pre["size"])
     epochs = info.cost(opts.epochs)["epochs"]  # SFDA: the job's epochs, else the method's schedule
@@ -119,7 +122,8 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
                         epochs=epochs, dataset_size=len(data),
                         seed=opts.seed, precision=precision,
                         iterate_target=lambda: prep.iterate(data, opts.batch_size),
-                        input_mean=tuple(pre["mean"]), input_std=tuple(pre["std"]), task=spec.task,
+                        input_mean=tuple(pre["mean"]), input_std=tuple(pre["std"]), files=req.param_files,
+                        image_names=data.names, task=spec.task,
                         source_pool=_source_pool(source_data, prep) if source_data is not None else None)
 
     hooks.progress(0, total, "evaluating_source")
@@ -137,7 +141,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     # on those params (the threshold is reported either way).
     guarded = isinstance(params, GuardParams)
     ratio = params.collapse_entropy_ratio if guarded else GuardParams.model_fields["collapse_entropy_ratio"].default
-    guard = CollapseGuard(num_classes, ratio, task.collapse_score(source_summary),
+    guard = CollapseGuard(task.signal_classes(num_classes), ratio, task.collapse_score(source_summary),
                           enabled=info.updates_weights and guarded and params.collapse_guard)
     reset_each = params.reset_each if isinstance(params, ProtocolParams) else 0  # 0: never reset
     loop = _adapt(method, data, prep, opts.batch_size, opts.seed, reset_each, ctx, guard, hooks, info.multi_epoch,
@@ -200,10 +204,13 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         metrics.update(**task.eval_headline(before, after),
                        eval={"num_images": len(eval_data), "before": before, "after": after,
                              "class_names": eval_data.class_names})
+        mapping = getattr(eval_data, "category_mapping", None)  # COCO categories -> label ids (archives/coco.py)
+        if mapping is not None:
+            metrics["eval"]["category_mapping"] = mapping
     if loop.online_predictions is not None and data.labels is not None:
         # Labels in `data` never reach the method; they only score the online predictions.
         metrics["online"] = task.online(loop.online_predictions, data.labels)
-    history = {"steps": loop.history, "collapse_events": guard.events}
+    history = {"steps": loop.history, "collapse_events": guard.events, **method.history()}
     shown = (eval_data, source_eval, after_eval) if eval_data is not None else (data, source_target, after_target)
     examples = task.examples(*shown, labelled=eval_data is not None)
     return RunResult(metrics=metrics, history=history, model_path=model_path, examples=examples)
@@ -240,7 +247,7 @@ def _take(it, n: int):
 
 @torch.no_grad()
 def predict(model: nn.Module, data: ImageSet, prep: _Prep, batch_size: int, ctx: MethodContext,
-            task: TaskEngine) -> torch.Tensor | dict[str, torch.Tensor]:
+            task: TaskEngine) -> torch.Tensor | dict[str, torch.Tensor] | list:
     """The task's predictions of `model` in eval mode over `data`, in stored order, on the CPU."""
     was_training = {m: m.training for m in model.modules()}
     model.eval()
@@ -252,6 +259,8 @@ def predict(model: nn.Module, data: ImageSet, prep: _Prep, batch_size: int, ctx:
         m.train(t)
     if isinstance(out[0], dict):
         return {k: torch.cat([o[k] for o in out]).cpu() for k in out[0]}
+    if isinstance(out[0], list):  # one item per image (detections: variable length)
+        return [item for o in out for item in o]
     return torch.cat(out).cpu()
 
 
@@ -314,7 +323,7 @@ def _adapt(method, data: ImageSet, prep: _Prep, batch_size: int, seed: int, rese
                 raise JobCancelled()
             x = prep(xb)
             out = method.adapt(x, idx.to(ctx.device))
-            preds = task.collapse_signal(out.logits)
+            preds = task.collapse_signal(out.logits, ctx.num_classes)
             if guard.enabled:
                 guard.observe(preds)
             if epoch == ctx.epochs - 1 and not multi_epoch:
@@ -345,10 +354,10 @@ def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine, size: int | No
     spec = req.spec
     eval_data = data if req.eval_path == req.data_path else open_image_set(
         req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=size,
-        **req.data_options)
+        masks=task.masks, pad_mixed_sizes=task.pad_mixed_sizes, **req.data_options)
     if eval_data.labels is None:
-        raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz, class folders "
-                              "in archives)")
+        raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz; class folders, "
+                              "or masks/NAME.png beside images/NAME.ext for segmentation, in archives)")
     task.check_labels(eval_data.labels, spec.model.num_classes)
     return eval_data
 
@@ -361,10 +370,11 @@ def _open_source(req: RunRequest, info, task: TaskEngine, size: int | None) -> I
         raise AdaptationError("source_data_missing", f"{info.name} trains on a labelled source pool: the job "
                               "needs `source_data` (images with masks)")
     pool = open_image_set(req.source_path, req.spec.source_data.format if req.spec.source_data else None,
-                          preprocess_size=size, **req.data_options)
+                          preprocess_size=size, masks=task.masks, pad_mixed_sizes=task.pad_mixed_sizes,
+                          **req.data_options)
     if pool.labels is None:
-        raise AdaptationError("source_data_unlabelled", "source_data must carry its masks/labels ('y' in npz, "
-                              "masks/ in archives)")
+        raise AdaptationError("source_data_unlabelled", "source_data must carry its masks ('y' in npz, "
+                              "masks/NAME.png beside images/NAME.ext in archives)")
     task.check_labels(pool.labels, req.spec.model.num_classes)
     return pool
 

@@ -5,7 +5,7 @@ The API validates job params and serves `GET /v1/methods` from it without torch;
 implementation (`worker/adaptation/methods/`) registers against its params class here
 (`@implements(TentParams)`), so an entry and its implementation are bound by one object and a test
 keeps the two sets equal. Defaults are the authors' and exist only here. Adding a method: a params
-class + `@describe` in the module of its kind (`baselines`, `tta`, `sfda`, `segmentation`, `multimodel`), and one implementation
+class + `@describe` in the module of its kind (`baselines`, `tta`, `sfda`, `segmentation`, `detection`, `multimodel`), and one implementation
 file (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
@@ -91,6 +91,12 @@ class MethodInfo:
     def updates_weights(self) -> bool:
         return self.updates != "nothing"
 
+    def upload_params(self) -> list[tuple[str, str]]:
+        """(param name, upload kind) of the params that name an upload: declared on the params class with
+        `json_schema_extra={"upload_kind": kind}`; the API checks the upload, the worker fetches it."""
+        return [(name, f.json_schema_extra["upload_kind"]) for name, f in self.params_model.model_fields.items()
+                if isinstance(f.json_schema_extra, dict) and "upload_kind" in f.json_schema_extra]
+
     def params_schema(self) -> dict:
         return self.params_model.model_json_schema()
 
@@ -150,7 +156,7 @@ def get_method_info(name: str) -> MethodInfo:
 
 
 # Importing the per-kind modules runs their @describe decorators.
-from . import baselines, multimodel, segmentation, sfda, tta  # noqa: E402,F401
+from . import baselines, detection, multimodel, segmentation, sfda, tta  # noqa: E402,F401
 
 
 def catalogue_json() -> list[dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -38,6 +39,10 @@ class MethodContext:
     task: str = "classification"  # the job's task (methods with a task-specific step branch on it)
     # The labelled source pool of methods that declare needs_source_data: (x preprocessed on device, labels).
     source_pool: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The local file of each param that names an upload (catalogue `upload_params`, e.g. prior_upload).
+    files: dict[str, Path] = field(default_factory=dict)
+    # The target images' names in stored order (data.names), to match a file's rows to images.
+    image_names: list[str] | None = None
 
     def autocast(self):
         if self.precision == "bf16":
@@ -64,6 +69,11 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: f
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                nesterov=nesterov and momentum > 0)
     raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def float_output(out: Any) -> Any:
+    """A model's output in fp32: a tensor cast; anything else (a detector's list of per-image dicts) as it is."""
+    return out.float() if isinstance(out, torch.Tensor) else out
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -147,7 +157,7 @@ class Method:
         model.eval()
         try:
             with self.ctx.autocast():
-                logits = model(x).float()
+                logits = float_output(model(x))
         finally:
             for m, t in modes.items():
                 m.train(t)
@@ -155,6 +165,11 @@ class Method:
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         raise NotImplementedError
+
+    def history(self) -> dict[str, Any]:
+        """Method-specific records for the job's history.json beside the per-step rows (e.g. per-image
+        values), read once after adaptation."""
+        return {}
 
     def report(self) -> dict[str, Any]:
         """Method-specific counters for the job's metrics (`metrics["method_report"]`), read once after

@@ -13,11 +13,14 @@ import torch.nn.functional as F
 from .. import metrics as M
 from .. import segmentation as S
 from ..errors import AdaptationError
+from ..examples import pick_masks
 from ..models.export import recalibrate_batch_norm
 
 
 class Segmentation:
     name = "segmentation"
+    masks = True
+    pad_mixed_sizes = False
 
     def check_output(self, out: torch.Tensor, num_classes: int) -> None:
         if out.ndim != 4 or out.shape[1] != num_classes:
@@ -40,7 +43,13 @@ class Segmentation:
         return {"mask": mask.to(torch.uint8), "entropy": S.pixel_entropy(probs),
                 "confidence": conf.mean(dim=(1, 2)), "proportions": S.soft_proportions(probs)}
 
-    def collapse_signal(self, out: torch.Tensor) -> torch.Tensor:
+    def check_preprocess(self, pre: dict) -> None:
+        pass  # any size, channels and normalisation the model takes
+
+    def signal_classes(self, num_classes: int) -> int:
+        return num_classes
+
+    def collapse_signal(self, out: torch.Tensor, num_classes: int) -> torch.Tensor:
         return out.argmax(1).flatten()
 
     def step_entropy(self, out: torch.Tensor) -> torch.Tensor:
@@ -97,8 +106,8 @@ class Segmentation:
         return {"pixel_accuracy": float((signals[keep] == flat[keep]).float().mean()) if keep.any() else None,
                 "num_images": len(signals) // per_image}
 
-    def examples(self, data, before: dict, after: dict, labelled: bool) -> None:
-        return None  # no gallery for masks yet: the job simply has no examples.json
+    def examples(self, data, before: dict, after: dict, labelled: bool) -> dict:
+        return pick_masks(data, before, after, labelled, num_classes=before["proportions"].shape[1])
 
     def recalibrate(self, model, batches, autocast) -> int:
         return recalibrate_batch_norm(model, batches, autocast)

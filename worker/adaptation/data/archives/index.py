@@ -17,12 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from app.checks import CheckError
+from app.checks.archive_names import ignored, mask_layout
+
 from ...errors import AdaptationError
-from .decode import CHANNEL_MODE, probe_image, undecodable
-from .layout import (LABEL_SUFFIX, MAX_LABEL_BYTES, duplicates, folder_labels, ignored, is_sidecar, normalise,
+from .coco import ANNOTATION_SUFFIX, check_annotation_size, find_annotation_file, parse_coco, resize_boxes
+from .decode import CHANNEL_MODE, decode_mask, probe_image, undecodable
+from .layout import (LABEL_SUFFIX, MAX_LABEL_BYTES, duplicates, folder_labels, is_sidecar, normalise,
                      sidecar_labels)
 from .limits import Limits
-from .reader import COPY_CHUNK, Index, Reader
+from .reader import COPY_CHUNK, Index, Reader, read_member
 
 PEEK_BYTES = 64 * 1024           # bytes read to parse an image header while indexing
 
@@ -223,7 +227,8 @@ def _list_tar_gz(path: Path, limits: Limits, max_pixels: int, spill_dir: str | N
                     continue
                 limits.check_entry_size(m.name, m.size)
                 src = tf.extractfile(m)
-                if is_sidecar(name):
+                annotation = name.lower().endswith(ANNOTATION_SUFFIX)  # maybe COCO labels: kept in the spill
+                if is_sidecar(name) and not annotation:
                     entries.append(_sidecar(name, m, src))
                     limits.check_stream(m.offset_data + m.size, raw.count)
                     continue
@@ -239,6 +244,9 @@ def _list_tar_gz(path: Path, limits: Limits, max_pixels: int, spill_dir: str | N
                     done += len(chunk)
                     limits.check_stream(m.offset_data + done, raw.count)
                 limits.check_stream(m.offset_data + m.size, raw.count)
+                if annotation:
+                    entries.append(Entry(name, start, m.size, m.size, sidecar=True))
+                    continue
                 dims = probe_image(name, head, m.size, lambda: _read_back(out, spill.path, start, m.size),
                                    max_pixels)
                 entries.append(Entry(name, start, m.size, m.size, dims=dims))
@@ -273,11 +281,22 @@ def _read_back(out, path: str, start: int, size: int) -> bytes:
 # --- the index --------------------------------------------------------------------------------------
 
 def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *, max_pixels: int,
-                preprocess_size: int | None, notes: list[str], class_names: list[str] | None = None
-                ) -> tuple[Index, np.ndarray | None, list[str] | None]:
-    """(index, labels, class_names) from the listed entries; every image header is probed. Labels come
-    from the entries' own `label` (tables; `class_names` names them), from `.cls` files (WebDataset)
-    or from the folders."""
+                preprocess_size: int | None, notes: list[str], class_names: list[str] | None = None,
+                masks: bool = False, pad_mixed_sizes: bool = False
+                ) -> tuple[Index, np.ndarray | dict | None, list[str] | None, dict | None]:
+    """(index, labels, class_names, category mapping) from the listed entries; every image header is
+    probed. Labels come from a COCO annotation file (box labels, a dict: `coco`), the entries' own
+    `label` (tables; `class_names` names them), `.cls` files (WebDataset) or the folders; with `masks`
+    (segmentation), from `masks/NAME.png` beside `images/NAME.ext`: N×H×W uint8 class indices, decoded
+    here (within the same limits). `pad_mixed_sizes` (detection): images of several sizes, without a
+    preprocess size, are padded at the bottom and right to the largest height and width, so every pixel
+    (and box) keeps its coordinates."""
+    annotation_name = None if masks else find_annotation_file(
+        [e.name for e in entries], [e.name for e in entries if not is_sidecar(e.name)])
+    annotation = next((e for e in entries if e.name == annotation_name), None)
+    if annotation is not None:
+        check_annotation_size(annotation.name, annotation.usize)
+        entries = [e for e in entries if e is not annotation]
     sidecars = {e.name: e.text for e in entries if e.sidecar}
     if sidecars and not any(n.lower().endswith(LABEL_SUFFIX) for n in sidecars):
         raise undecodable(next(iter(sidecars)), b"", ValueError("a metadata file without .cls labels"))
@@ -294,7 +313,20 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
                               {"entries": dupes[:20]})
     entries.sort(key=lambda e: e.name)
     names = [e.name for e in entries]
-    if any(e.label is not None for e in entries):
+    mask_entries, mapping = None, None
+    if annotation is not None:
+        labels = None  # read below, once the images' sizes are known
+    elif masks:
+        try:
+            layout = mask_layout(names)
+        except CheckError as exc:
+            raise AdaptationError(exc.code, exc.message, exc.detail) from None
+        by_name = {e.name: e for e in entries}
+        entries = [by_name[n] for n in layout.images]
+        names = list(layout.images)
+        mask_entries = [by_name[n] for n in layout.masks] if layout.masks is not None else None
+        labels = None
+    elif any(e.label is not None for e in entries):
         labels = np.fromiter((e.label for e in entries), np.int64, len(entries))
     elif sidecars:
         labels, class_names = sidecar_labels(names, sidecars, notes), None
@@ -317,12 +349,23 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
             w, h, c = e.dims or probe_image(names[i], reader.read(i, limit=PEEK_BYTES), e.usize,
                                             lambda i=i: reader.read(i), max_pixels)
             index.widths[i], index.heights[i], channels[i] = w, h, c
+        if annotation is not None:
+            a = annotation
+            text = read_member(reader._file(), kind, a.offset, a.csize, a.usize, a.method, a.crc, a.name, None)
+            labels, class_names, mapping = parse_coco(a.name, text, names, index.widths, index.heights, notes)
+            notes.append(f"box labels from {a.name}: {len(labels['boxes'])} boxes on {n} images")
     finally:
         reader.close()
     sizes = set(zip(index.heights.tolist(), index.widths.tolist()))
     if len(sizes) == 1:
         index.out_hw = sizes.pop()
         index.resize = np.zeros(n, dtype=bool)
+    elif preprocess_size is None and pad_mixed_sizes and not masks:
+        index.out_hw = (int(index.heights.max()), int(index.widths.max()))
+        index.resize = np.zeros(n, dtype=bool)
+        index.pad = True
+        notes.append(f"{len(sizes)} image sizes: padded with black at the bottom and right to "
+                     f"{index.out_hw[1]}×{index.out_hw[0]} (pixels keep their coordinates)")
     elif preprocess_size is None:
         examples = {}
         for i in range(n):
@@ -338,9 +381,26 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
         index.resize = (index.heights != s) | (index.widths != s)
         notes.append(f"{len(sizes)} image sizes: {int(index.resize.sum())} images are resized to {s}×{s} "
                      "on the CPU while loading")
+    if isinstance(labels, dict) and index.resize.any():
+        labels = resize_boxes(labels, index.widths, index.heights, index.out_hw)
+        notes.append("box labels scaled with their resized images")
+    if mask_entries is not None:
+        labels = _decode_masks(mask_entries, index, kind, source)
     present = sorted(set(channels.tolist()))
     index.channels = max(present)
     if len(present) > 1:
         notes.append(f"mixed channel counts {present}: every image is converted to "
                      f"{CHANNEL_MODE[index.channels]}")
-    return index, labels, class_names
+    return index, labels, class_names, mapping
+
+
+def _decode_masks(entries: list[Entry], index: Index, kind: str, source: str) -> np.ndarray:
+    """The masks of the indexed images (same order), N×H×W uint8 at the images' output size."""
+    out_h, out_w = index.out_hw
+    labels = np.empty((len(entries), out_h, out_w), np.uint8)
+    with open(source, "rb") as f:
+        for i, e in enumerate(entries):
+            data = read_member(f, kind, e.offset, e.csize, e.usize, e.method, e.crc, e.name, None)
+            labels[i] = decode_mask(e.name, data, (int(index.widths[i]), int(index.heights[i])), index.max_pixels,
+                                    (out_w, out_h) if index.resize[i] else None)
+    return labels
