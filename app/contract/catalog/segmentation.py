@@ -75,8 +75,9 @@ class SFDAPriorParams(CollapseGuard):
           "the target image (class prototypes: EMA of source pixel features by mask; the target's prediction "
           "rectified by its prototype similarity; pixel entropy minus the entropy of the mean prediction). "
           "The paper's setting: DeepLab-v2, GTA5/SYNTHIA -> Cityscapes, one target image; its optimiser "
-          "settings are the DeepLab-v2 line's (SGD 2.5e-4, momentum 0.9, weight decay 5e-4, head x10). `epochs` "
-          "counts steps (one pass over the one-shot target set each).",
+          "settings are the DeepLab-v2 line's (SGD 2.5e-4, momentum 0.9, weight decay 5e-4, head x10); the mining, "
+          "mixing and IM defaults are this service's choices for small canvases (the paper's values were not "
+          "available to check). `epochs` counts steps (one pass over the one-shot target set each).",
           updates="all", tasks=("segmentation",), epochs=300, needs_source_data=True)
 class IDMParams(CollapseGuard):
     shots: int = Field(1, ge=1, le=16, description="Target images the job may hold in `data` (one-shot: 1); "
