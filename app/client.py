@@ -106,8 +106,10 @@ class MethodInfo(TypedDict):
     description: str
     needs_labels: bool
     needs_source_statistics: bool
+    needs_source_data: bool  # trains on a labelled source pool: the job's `source_data`
     updates_weights: bool
     tasks: list[str]
+    task_defaults: dict  # {task: {param: value}}: the params' defaults that differ by task
     cost: dict  # default schedule: epochs, forward_passes and backward_passes over the target data
     params_schema: dict
 

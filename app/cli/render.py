@@ -265,9 +265,10 @@ def method_listing(methods: list[dict]) -> list[str]:
     for m in methods:
         flags = [f for f, on in (("needs labels", m.get("needs_labels")),
                                  ("needs source statistics", m.get("needs_source_statistics")),
+                                 ("needs source_data", m.get("needs_source_data")),
                                  ("updates weights", m.get("updates_weights"))) if on]
         cost = m.get("cost") or {}
-        if m["kind"] == "sfda" and cost:
+        if m["kind"] in ("sfda", "oneshot") and cost:
             flags.append(f"{cost['epochs']} epochs by default (--epochs)")
         out.append(f"{m['name']}  ({m['kind']}{'; ' + ', '.join(flags) if flags else ''})")
         out += [f"    {text}" for text in textwrap.wrap(m["description"], 96)]

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..config import Settings
 from ..contract.architectures import task_of
-from ..contract.catalog import CATALOG, MethodInfo
+from ..contract.catalog import CATALOG, MethodInfo, validate_params
 from ..contract.jobs import ArtifactOut, JobList, JobOut, JobSpec
 from ..db import repo
 from ..db.models import Job
@@ -54,7 +54,7 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
         raise ApiError("unknown_method", f"method: unknown method {spec.method!r}",
                        {"field": "method", "known": sorted(CATALOG)})
     try:
-        params = info.params_model.model_validate(spec.params).model_dump(mode="json")
+        params = validate_params(info, spec.params, spec.task).model_dump(mode="json")
     except ValidationError as exc:
         errors = [{"loc": ["body", "params", *e["loc"]], "field": ".".join(map(str, ["params", *e["loc"]])),
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
@@ -62,9 +62,10 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                        {"errors": errors, "schema": info.params_schema()}) from None
     check_models(spec, info)
     check_task(spec, info)
+    check_source_data(spec, info)
     refs = [(field, upload_id, "model") for field, upload_id in spec.model_refs()]
     refs.append(("data", spec.data.upload_id, "dataset"))
-    for field in ("eval_data", "labelled_data"):
+    for field in ("eval_data", "labelled_data", "source_data"):
         if getattr(spec, field) is not None:
             refs.append((field, getattr(spec, field).upload_id, "dataset"))
     refs += [(f"params.{name}", params[name], kind) for name, kind in info.upload_params() if params.get(name)]
@@ -79,12 +80,24 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{where}: upload {upload_id} is a {upload.kind!r} upload, "
                                f"expected {kind!r}", {"field": where})
             uploads[field] = upload
-        stored = complete_spec(settings, s, spec, uploads)
+        # one-shot methods (idm) take at most `shots` target images
+        stored = complete_spec(settings, s, spec, uploads, params.get("shots"))
     if spec.model is not None and spec.model.architecture is None:  # taken from the checkpoint's metadata
         check_task(spec, info, stored["model"]["architecture"])
     if spec.models is not None:  # sources (and student) may have taken theirs from their metadata
         check_task(JobSpec.model_validate(stored), info)
     return {**stored, "params": params}
+
+
+def check_source_data(spec: JobSpec, info: MethodInfo) -> None:
+    """`source_data` (a labelled source pool) goes with the methods that train on one, and only with them."""
+    if info.needs_source_data and spec.source_data is None:
+        raise ApiError("invalid_spec", f"source_data: {spec.method} trains on a labelled source pool: give "
+                       "`source_data` (images with masks)", {"field": "source_data"})
+    if spec.source_data is not None and not info.needs_source_data:
+        raise ApiError("invalid_spec", f"source_data: {spec.method} does not use a source pool "
+                       f"(methods that do: {', '.join(n for n, i in CATALOG.items() if i.needs_source_data)})",
+                       {"field": "source_data"})
 
 
 def check_models(spec: JobSpec, info: MethodInfo) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .boxes import confident, match_count, targets_per_image
-from .examples import thumbnail
+from .examples import choose, thumbnail
 
 COUNT = 6
 THUMBNAIL_PX = 160    # the longer side: boxes must stay legible
@@ -35,13 +35,7 @@ def pick(data, before: list[dict], after: list[dict], labelled: bool, threshold:
     model over `data`, in stored order, in the coordinates of the images `data` yields."""
     n = len(data)
     changed = changed_detections(before, after, threshold)
-    order = np.argsort(-changed, kind="stable")
-    chosen = [int(i) for i in order[: count // 2] if changed[i] > 0]
-    for i in np.linspace(0, n - 1, min(n, count)).astype(int).tolist():
-        if len(chosen) >= min(n, count):
-            break
-        if i not in chosen:
-            chosen.append(i)
+    chosen = choose(changed, count)
     images, _ = next(iter(data.batches(len(chosen), np.asarray(chosen, dtype=np.int64))))
     truth = targets_per_image(data.labels, n) if labelled else None
     items, spent = [], 0

@@ -36,6 +36,9 @@ class MethodContext:
     # work in pixel space [0, 1]; None when unknown (augmentations then rescale each image's own range).
     input_mean: tuple[float, ...] | None = None
     input_std: tuple[float, ...] | None = None
+    task: str = "classification"  # the job's task (methods with a task-specific step branch on it)
+    # The labelled source pool of methods that declare needs_source_data: (x preprocessed on device, labels).
+    source_pool: tuple[torch.Tensor, torch.Tensor] | None = None
     # The local file of each param that names an upload (catalogue `upload_params`, e.g. prior_upload).
     files: dict[str, Path] = field(default_factory=dict)
     # The target images' names in stored order (data.names), to match a file's rows to images.
@@ -92,6 +95,9 @@ class Method:
     # Whether some forward passes run on batches whose size changes from step to step (a filtered
     # subset): cuDNN autotuning is then turned off, or it would re-tune at every step.
     dynamic_shapes: ClassVar[bool] = False
+    # Whether the runner re-estimates the exported model's BatchNorm statistics on the target set after
+    # adapting (a one-shot method keeps those of its own training batches: one target image is too few).
+    recalibrate_on_target: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, params: MethodParams, ctx: MethodContext):
         self.model = model
