@@ -10,6 +10,13 @@
         job = c.wait(job["id"])
         c.download(job["id"], "model.safetensors", "adapted.safetensors")
 
+Several source models (DistillNearest / DistillWeighted) train one student that the job exports:
+
+        job = c.submit(method="distill_weighted", models=["mnist.safetensors", "usps.safetensors"],
+                       architecture="digit_cnn", num_classes=10,      # shared by the sources that name none
+                       student={"architecture": "digit_cnn", "num_classes": 10},
+                       data="target.npz", labelled_data="few_labels.npz")
+
 Connection settings: `Client.from_config()` reads `url`/`api_key` arguments, then ADAPTD_URL /
 ADAPTD_API_KEY, then the config file (ADAPTD_CONFIG or ~/.config/adaptd/config.toml).
 """
@@ -35,7 +42,7 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 class UploadInfo(TypedDict):
     id: str
-    kind: Literal["model", "dataset"]
+    kind: Literal["model", "dataset", "prior"]
     filename: str | None
     size: int
     sha256: str
@@ -179,16 +186,31 @@ def build_spec(base: Mapping | None = None, *, method: str | None = None, params
                data: Mapping | None = None, data_format: str | None = None,
                eval_data: Mapping | None = None, eval_format: str | None = None,
                preprocess: Mapping | None = None, options: Mapping | None = None,
-               notify_url: str | None = None, name: str | None = None, tags: list[str] | None = None) -> dict:
+               notify_url: str | None = None, name: str | None = None, tags: list[str] | None = None,
+               models: list[Mapping] | None = None, student: Mapping | None = None,
+               labelled_data: Mapping | None = None, labelled_format: str | None = None) -> dict:
     """A job spec (`app/contract/jobs.py:JobSpec`): `base` (e.g. a spec file) overlaid with the given
-    fields. `model`, `data`, `eval_data` are refs `{"upload_id": ...}`; None leaves a field as `base` has
-    it. `name` and `tags` label the run so that `jobs(name=..., tags=[...])` finds it again."""
+    fields. `model`, `data`, `eval_data`, `labelled_data` are refs `{"upload_id": ...}`; None leaves a field
+    as `base` has it. `name` and `tags` label the run so that `jobs(name=..., tags=[...])` finds it again.
+
+    Several source models (multi-source methods): `models` is a list of `{"upload_id", "architecture"?,
+    "num_classes"?, "arch_kwargs"?, "format"?}`; `architecture`, `num_classes`, `arch_kwargs` and
+    `model_format` then fill in what a source does not say (`arch_kwargs` only for sources of that
+    `architecture`), and `student` is `{"architecture", "num_classes", "arch_kwargs"?,
+    "upload_id"? (initial weights)}`."""
     spec = json.loads(json.dumps(base or {}))  # deep copy
     if method is not None:
         spec["method"] = method
     if params:
         spec["params"] = {**spec.get("params", {}), **params}
-    if model or architecture is not None or num_classes is not None or arch_kwargs or model_format is not None:
+    if models is not None:
+        spec["models"] = [dict(m) for m in models]
+    if student is not None:
+        spec["student"] = {**spec.get("student", {}), **student}
+    if spec.get("models") is not None and not model:
+        spec["models"] = [_fill_source(dict(m), architecture, num_classes, arch_kwargs, model_format)
+                          for m in spec["models"]]
+    elif model or architecture is not None or num_classes is not None or arch_kwargs or model_format is not None:
         m = spec.setdefault("model", {})
         m.update(model or {})
         if architecture is not None:
@@ -199,7 +221,8 @@ def build_spec(base: Mapping | None = None, *, method: str | None = None, params
             m["arch_kwargs"] = {**m.get("arch_kwargs", {}), **arch_kwargs}
         if model_format is not None:
             m["format"] = model_format
-    for key, ref, fmt in (("data", data, data_format), ("eval_data", eval_data, eval_format)):
+    for key, ref, fmt in (("data", data, data_format), ("eval_data", eval_data, eval_format),
+                          ("labelled_data", labelled_data, labelled_format)):
         if ref or fmt:
             d = spec.setdefault(key, {})
             d.update(ref or {})
@@ -216,6 +239,20 @@ def build_spec(base: Mapping | None = None, *, method: str | None = None, params
     if tags is not None:
         spec["tags"] = list(tags)
     return spec
+
+
+def _fill_source(source: dict, architecture: str | None, num_classes: int | None, arch_kwargs: Mapping | None,
+                 model_format: str | None) -> dict:
+    """One source of a multi-source spec with the shared fields filled in where it says nothing."""
+    if source.get("architecture") is None and architecture is not None:
+        source["architecture"] = architecture
+    if arch_kwargs and source.get("architecture") == architecture:
+        source["arch_kwargs"] = {**arch_kwargs, **source.get("arch_kwargs", {})}
+    if source.get("num_classes") is None and num_classes is not None:
+        source["num_classes"] = num_classes
+    if source.get("format") is None and model_format is not None:
+        source["format"] = model_format
+    return source
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str | None, str | None, int | None]]:
@@ -323,16 +360,34 @@ class Client:
                data_format: str | None = None, eval_data: Ref | None = None, eval_format: str | None = None,
                preprocess: Mapping | None = None, options: Mapping | None = None, notify_url: str | None = None,
                name: str | None = None, tags: list[str] | None = None,
+               models: list[Ref | Mapping] | None = None, student: Mapping | None = None,
+               labelled_data: Ref | None = None, labelled_format: str | None = None,
                on_upload: Callable[[Path, str], ProgressFn | None] | None = None) -> Job:
         """`submit(spec)` posts a complete spec; keyword fields build or override one. `model`, `data`,
-        `eval_data`: local paths (streamed up first), upload ids or upload dicts. `on_upload(path, kind)`
-        may return an `on_progress(sent, total)` callback per file."""
+        `eval_data`, `labelled_data`: local paths (streamed up first), upload ids or upload dicts.
+        `on_upload(path, kind)` may return an `on_progress(sent, total)` callback per file.
+
+        Several source models (`distill_nearest`, `distill_weighted`): `models` in place of `model`, each a
+        path or upload id (taking the shared `architecture`, `num_classes`, `arch_kwargs`) or a dict
+        `{"model": path or upload id, "architecture", "num_classes", "arch_kwargs"}`; `student`
+        `{"architecture", "num_classes", "arch_kwargs"?, "weights"?: path or upload id}`; `labelled_data`
+        a few labelled target images."""
         fields = dict(method=method, params=params, architecture=architecture, num_classes=num_classes,
                       arch_kwargs=arch_kwargs, model_format=model_format, data_format=data_format,
                       eval_format=eval_format, preprocess=preprocess, options=options, notify_url=notify_url,
-                      name=name, tags=tags)
-        refs = {name: self.upload_ref(ref, "model" if name == "model" else "dataset", on_upload)
-                for name, ref in (("model", model), ("data", data), ("eval_data", eval_data)) if ref is not None}
+                      name=name, tags=tags, labelled_format=labelled_format)
+        refs: dict[str, Any] = {
+            name: self.upload_ref(ref, "model" if name == "model" else "dataset", on_upload)
+            for name, ref in (("model", model), ("data", data), ("eval_data", eval_data),
+                              ("labelled_data", labelled_data)) if ref is not None}
+        if models is not None:
+            refs["models"] = [self._source_ref(m, on_upload) for m in models]
+        if student is not None:
+            student = dict(student)
+            weights = student.pop("weights", None)
+            if weights is not None:
+                student.update(self.upload_ref(weights, "model", on_upload))
+            refs["student"] = student
         if refs or any(v is not None for v in fields.values()):
             spec = build_spec(spec, **fields, **refs)
         if spec is None:
@@ -340,6 +395,15 @@ class Client:
                              "too, unless the model is one adaptd exported)")
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._check(self.http.post("/v1/jobs", json=dict(spec), headers=headers)).json()
+
+    def _source_ref(self, source: Ref | Mapping, on_upload) -> dict:
+        """One entry of `models`: a path or upload id, or a dict whose `model` (or `upload_id`) is one."""
+        if isinstance(source, Mapping) and "model" in source:
+            rest = {k: v for k, v in source.items() if k != "model"}
+            return {**rest, **self.upload_ref(source["model"], "model", on_upload)}
+        if isinstance(source, Mapping):
+            return {**{k: v for k, v in source.items() if k != "id"}, **self.upload_ref(source, "model", on_upload)}
+        return self.upload_ref(source, "model", on_upload)
 
     def job(self, job_id: str) -> Job:
         """A job by its id or any unique prefix of it (at least 6 characters)."""

@@ -123,6 +123,41 @@ def image_files(layout: str = "flat", classes: Iterable[str] = ("cat", "dog"), p
     return files, pixels
 
 
+def encode_mask(mask: np.ndarray, mode: str = "L") -> bytes:
+    """H×W uint8 class indices as a PNG: "L" (grey value = class) or "P" (palette index = class, with a
+    palette whose colours are not the indices)."""
+    from PIL import Image
+
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    img = Image.frombytes("L", (mask.shape[1], mask.shape[0]), mask.tobytes())
+    if mode == "P":
+        img = Image.frombytes("P", img.size, mask.tobytes())  # the indices themselves, whatever the palette
+        img.putpalette([(37 * i) % 256 for i in range(768)])
+    elif mode != "L":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def segmentation_files(n: int = 4, size: tuple[int, int] = (8, 8), num_classes: int = 3, masks: bool = True,
+                       mask_mode: str = "L", wrapper: str | None = None, image_format: str = "PNG", seed: int = 0
+                       ) -> tuple[dict[str, bytes], np.ndarray, np.ndarray]:
+    """`images/s_000.<ext>` (+ `masks/s_000.png`): (files, images N×H×W×3, masks N×H×W with some 255)."""
+    rng = np.random.default_rng(seed)
+    ext = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}[image_format.upper()]
+    images = rng.integers(0, 256, (n, *size, 3), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, (n, *size), dtype=np.uint8)
+    labels[:, 0, 0] = 255
+    files = {}
+    top = f"{wrapper}/" if wrapper else ""
+    for i in range(n):
+        files[f"{top}images/s_{i:03d}.{ext}"] = encode_image(images[i], image_format)
+        if masks:
+            files[f"{top}masks/s_{i:03d}.png"] = encode_mask(labels[i], mask_mode)
+    return files, images, labels
+
+
 def image_archive(path: Path, fmt: str = "zip", **kwargs) -> tuple[Path, dict[str, np.ndarray]]:
     """Build an archive of random images (see `image_files`); returns (path, expected pixels by name)."""
     files, pixels = image_files(**kwargs)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from app.checks.metadata import decode, encode
 from app.client import Client, ApiError
 from tests.engine.test_multisource import KW, N_LABELLED, Pool
 from worker.adaptation.models import build_model
@@ -72,6 +74,11 @@ def test_three_source_distill_weighted(c, up, tmp_path):
     with torch.no_grad():
         acc = float((student.eval()(x).argmax(1).numpy() == up["y"]).mean())
     assert acc == pytest.approx(m["accuracy_after"], abs=1e-6)
+    # ... and carries the adaptd metadata a resubmission needs (architecture, classes, kwargs, input)
+    with safe_open(str(path), "pt") as f:
+        meta = decode(f.metadata())
+    assert {k: meta[k] for k in ("architecture", "num_classes", "arch_kwargs")} == STUDENT
+    assert meta["preprocess"] == job["spec"]["preprocess"] and meta["method"] == "distill_weighted"
 
 
 def test_distill_nearest_without_labels(c, up):
@@ -128,3 +135,54 @@ def test_refusals(c, up, case, field):
         c.submit(spec)
     assert err.value.status == 422, err.value
     assert field in f"{err.value} {err.value.detail}", (err.value, err.value.detail)
+
+
+def test_sources_of_other_architectures_and_classes(c, up, tmp_path):
+    """With labelled target images, a source may be another architecture with other classes (here an
+    untrained 5-class ResNet-18): it is ranked and distilled by its features only, and has no accuracy."""
+    torch.manual_seed(0)
+    other = build_model("resnet18", 5, in_channels=1)
+    save_safetensors(other, tmp_path / "resnet.safetensors")
+    other_id = c.upload(tmp_path / "resnet.safetensors", "model")["id"]
+    spec = multisource_spec(up, options={"batch_size": 64, "epochs": 1, "seed": 0})
+    spec["models"].insert(1, {"upload_id": other_id, "architecture": "resnet18", "num_classes": 5,
+                              "arch_kwargs": {"in_channels": 1}})
+    job = c.wait(c.submit(spec)["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    m = job["metrics"]
+    assert [s["index"] for s in m["sources"]] == [0, 1, 2, 3]
+    assert m["sources"][1]["accuracy"] is None and all(m["sources"][i]["accuracy"] is not None for i in (0, 2, 3))
+    assert all(np.isfinite(s["similarity"]) for s in m["sources"])
+    assert sum(s["weight"] for s in m["sources"]) == pytest.approx(1.0)
+    assert m["selected_source"] != 1  # the untrained network is not the nearest
+    assert m["pseudo_labels"] == "labelled_centroids"
+
+
+def test_sources_complete_from_their_metadata(c, up, tmp_path):
+    """Sources adaptd exported (their adaptd metadata) need no architecture, classes or kwargs in the spec;
+    the completed spec is checked again (class counts), and a source with neither is refused by name."""
+    ids = []
+    for i, name in enumerate(("clean", "scanner", "inverted")):
+        meta = encode(architecture="digit_cnn", num_classes=5 if name == "inverted" else 10, arch_kwargs=KW,
+                      preprocess=PRE, task="classification", method="source")
+        save_file(load_file(str(up["dir"] / f"{name}.safetensors")), str(tmp_path / f"{name}.safetensors"), meta)
+        ids.append(c.upload(tmp_path / f"{name}.safetensors", "model")["id"])
+    spec = multisource_spec(up, "distill_nearest", models=[{"upload_id": i} for i in ids[:2]],
+                            options={"batch_size": 64, "epochs": 1, "seed": 0})
+    del spec["labelled_data"]
+    job = c.submit(spec)
+    assert [{k: m[k] for k in ("architecture", "num_classes", "arch_kwargs")} for m in job["spec"]["models"]] == [
+        {"architecture": "digit_cnn", "num_classes": 10, "arch_kwargs": KW}] * 2
+    job = c.wait(job["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert [s["accuracy"] for s in job["metrics"]["sources"]] == pytest.approx(up["accuracy"][:2], abs=1e-6)
+    # the metadata's 5 classes against the student's 10, without labelled images: refused at submit
+    spec["models"] = [{"upload_id": i} for i in ids]
+    with pytest.raises(ApiError) as err:
+        c.submit(spec)
+    assert err.value.status == 422 and "models[2].num_classes is 5" in err.value.message, err.value
+    # a checkpoint without metadata, and no architecture in the spec
+    spec["models"] = [{"upload_id": ids[0]}, {"upload_id": up["sources"][1]}]
+    with pytest.raises(ApiError) as err:
+        c.submit(spec)
+    assert err.value.status == 422 and err.value.detail["field"] == "models[1].architecture", err.value

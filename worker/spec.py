@@ -7,6 +7,7 @@ from typing import Callable
 
 from pydantic import ValidationError
 
+from app.contract.catalog import get_method_info
 from app.contract.jobs import JobSpec
 from worker.adaptation.errors import AdaptationError
 from worker.adaptation.multisource_run import DistillRequest
@@ -38,5 +39,7 @@ def build_run_request(stored: dict, workdir: Path, fetch: Callable[[str, Path], 
             student_path=local(student.upload_id, "student.bin") if student.upload_id else None,
             data_path=data_path, output_dir=workdir / "out", eval_path=eval_path,
             labelled_path=local(spec.labelled_data.upload_id, "labelled.bin") if spec.labelled_data else None)
+    files = {name: local(spec.params[name], f"param-{name}.bin")
+             for name, _ in get_method_info(spec.method).upload_params() if spec.params.get(name)}
     return RunRequest(spec, model_path=local(spec.model.upload_id, "model.bin"), data_path=data_path,
-                      output_dir=workdir / "out", eval_path=eval_path)
+                      output_dir=workdir / "out", eval_path=eval_path, param_files=files)

@@ -9,6 +9,13 @@ dependencies (httpx, pydantic), never the server or the worker extras.
                        data="target.npz")
         job = c.wait(job["id"])
         c.download(job["id"], "model.safetensors", "adapted.safetensors")
+
+        # several source models distilled into one student (DistillNearest / DistillWeighted)
+        job = c.submit(method="distill_weighted", models=["mnist.safetensors", "usps.safetensors"],
+                       architecture="digit_cnn", num_classes=10, student={"architecture": "digit_cnn",
+                       "num_classes": 10}, data="target.npz", labelled_data="few_labels.npz")
+        # several methods, one picked without labels
+        job = c.submit(method="auto", params={"candidates": ["bn_adapt", "tent", "shot"]}, model=...)
 """
 from __future__ import annotations
 

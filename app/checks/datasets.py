@@ -1,5 +1,6 @@
 """A dataset upload's format and, for npz, its arrays' headers (dtype and shape, from each member's
-first bytes), checked at submit the way the worker's reader would refuse them later."""
+first bytes), checked at submit the way the worker's reader would refuse them later; for a segmentation
+job also its masks: an npz's `y` shape, a zip's images/ + masks/ layout (from its directory alone)."""
 from __future__ import annotations
 
 import ast
@@ -8,6 +9,7 @@ import zipfile
 from typing import IO
 
 from . import CheckError
+from .archive_names import ignored, mask_layout
 from .formats import detect_format
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -48,7 +50,10 @@ def check_npz(f: IO[bytes]) -> dict:
     if len(x_shape) not in (3, 4) or x_shape[0] == 0 or (len(x_shape) == 4 and x_shape[-1] not in (1, 3, 4)):
         raise CheckError("invalid_dataset", f"'x' must be N×H×W or N×H×W×C (C in 1,3,4), got {list(x_shape)}",
                          {"shape": list(x_shape)})
-    out = {"x": list(x_shape)}
+    out = {"x": list(x_shape), "images": x_shape[0]}
+    if y is not None and len(y[1]) == 3 and y[1] != x_shape[:3]:
+        raise CheckError("mask_size_mismatch", f"'y' masks must be N×H×W like the images {list(x_shape[:3])}, got "
+                         f"{list(y[1])}", {"images": list(x_shape[:3]), "masks": list(y[1])})
     if y is not None:
         descr, shape = y
         # One integer label per image (classification) or per pixel (segmentation masks): the task's own
@@ -60,9 +65,53 @@ def check_npz(f: IO[bytes]) -> dict:
     return out
 
 
-def check_dataset(f: IO[bytes], declared: str | None) -> dict:
+def zip_names(f: IO[bytes]) -> list[str] | None:
+    """A zip's file names as the archive reader sees them (directories and ignored entries left out), from
+    its central directory; None when a name is one the reader refuses (it says why, precisely)."""
+    f.seek(0)
+    try:
+        with zipfile.ZipFile(f) as zf:
+            raw = [i.filename for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckError("invalid_archive", f"not a readable zip archive: {exc}") from None
+    names = []
+    for name in raw:
+        parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+        if ".." in parts or name.startswith(("/", "\\")) or "\x00" in name or (name[1:2] == ":"):
+            return None
+        if parts and not ignored("/".join(parts)):
+            names.append("/".join(parts))
+    return sorted(names)
+
+
+def check_masks(fmt: str, f: IO[bytes], found: dict, labelled: bool) -> dict:
+    """A segmentation dataset: npz `y` must be N×H×W masks (shape checked by check_npz); a zip holds
+    images/ (+ masks/ in eval data). Returns {"images": count, "names": [...]} where the layout tells it."""
+    if fmt == "npz" and labelled and "y" not in found:
+        raise CheckError("eval_data_unlabelled", "segmentation eval_data needs masks: 'y' N×H×W (255 = ignore)")
+    if fmt == "npz" and "y" in found and len(found["y"]) != 3:
+        raise CheckError("invalid_masks", f"segmentation labels are masks N×H×W, got 'y' of shape {found['y']}",
+                         {"shape": found["y"]})
+    if fmt != "zip":
+        return {}
+    names = zip_names(f)
+    if names is None:
+        return {}
+    layout = mask_layout(names)
+    if labelled and layout.masks is None:
+        raise CheckError("eval_data_unlabelled", "segmentation eval_data needs masks: masks/NAME.png beside "
+                         "images/NAME.ext")
+    return {"images": len(layout.images), "names": layout.images}
+
+
+def check_dataset(f: IO[bytes], declared: str | None, masks: bool = False, labelled: bool = False) -> dict:
+    """`masks`: a segmentation job's dataset; `labelled`: its eval_data (masks required). The result's
+    `images` is the number of images when the headers tell it."""
     fmt = detect_format(f)
     if declared is not None and declared != fmt and not (declared == "zip" and fmt == "npz"):
         raise CheckError("format_mismatch", f"the dataset was declared {declared!r} but is {fmt!r}",
                          {"declared": declared, "detected": fmt})
-    return {"format": fmt, **(check_npz(f) if fmt == "npz" and declared != "zip" else {})}
+    if fmt == "npz" and declared == "zip":  # read as a zip archive of .npy files: nothing to say
+        return {"format": fmt}
+    found = {"format": fmt, **(check_npz(f) if fmt == "npz" else {})}
+    return {**found, **(check_masks(fmt, f, found, labelled) if masks else {})}

@@ -24,43 +24,91 @@ example:
       --num-classes 10 --data target.npz --eval-data labelled.npz --size 32 \\
       --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 --name first-try --tag cifar --watch
 
+\b
+several source models distilled into one student (distill_nearest, distill_weighted):
+  adaptd submit --method distill_weighted --model mnist.safetensors --model usps.safetensors \\
+      --model letters.safetensors@digit_cnn,26 --arch digit_cnn --num-classes 10 --student-arch digit_cnn \\
+      --data target.npz --labelled-data few_labels.npz --eval-data labelled.npz --watch
+  (--model FILE|UPLOAD_ID[@ARCH[,NUM_CLASSES]]: a source without its own @ARCH or NUM_CLASSES takes
+  --arch, --num-classes, else its checkpoint's adaptd metadata; --arch-kwarg applies to the sources of
+  the --arch architecture; the student takes --num-classes unless --student-num-classes)
+
+\b
+several methods, one picked without labels:
+  adaptd submit --method auto --candidates bn_adapt,tent,shot --model model.safetensors \\
+      --data target.npz --watch
+
 exit codes: 0 succeeded, 1 failed, 2 usage error, 3 cancelled, 4 connection/API error"""
 
 
-def read_prior(path: str) -> list:
-    """--prior FILE: JSON (a list of K numbers, or a list of such lists) or CSV (one row per image)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise click.UsageError(f"--prior {path}: {exc}") from None
-    try:
-        value = json.loads(text)
-    except ValueError:
+def parse_source(value: str) -> tuple[str, dict]:
+    """--model FILE|UPLOAD_ID[@ARCH[,NUM_CLASSES]] -> (file or id, its own architecture fields). An
+    existing file is taken whole (its name may hold an @)."""
+    if Path(value).is_file() or "@" not in value:
+        return value, {}
+    ref, _, rest = value.rpartition("@")
+    arch, _, n = rest.partition(",")
+    own: dict = {}
+    if arch:
+        own["architecture"] = arch
+    if n:
         try:
-            rows = [[float(v) for v in line.split(",")] for line in text.splitlines() if line.strip()]
+            own["num_classes"] = int(n)
         except ValueError:
-            raise click.UsageError(f"--prior {path}: neither JSON nor a CSV of numbers") from None
-        value = rows[0] if len(rows) == 1 else rows
-    if not isinstance(value, list) or not value:
-        raise click.UsageError(f"--prior {path}: must hold a list of proportions")
-    return value
+            raise click.UsageError(f"--model {value}: FILE@ARCH,NUM_CLASSES takes a whole number of classes, "
+                                   f"got {n!r}") from None
+    if not ref or not own:
+        raise click.UsageError(f"--model {value}: FILE|UPLOAD_ID[@ARCH[,NUM_CLASSES]]")
+    return ref, own
+
+
+INLINE_PRIOR_BYTES = 64 * 1024  # a JSON list this small travels inline in the spec; anything else is uploaded
+
+
+def inline_prior(path: str) -> list | None:
+    """--prior FILE: a small JSON list (K proportions, or one list per target image) goes inline as
+    `params.class_ratio_prior`; None: upload the file (`params.prior_upload`: CSV, JSON objects with
+    sizes and tags, large files)."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > INLINE_PRIOR_BYTES:
+            return None
+        value = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, list) and value else None
 
 
 @click.command("submit", epilog=SUBMIT_EPILOG, short_help="upload, submit a job, follow it (--watch)")
 @click.option("--spec", "spec_file", metavar="FILE", help="a job spec JSON file; the flags below override its fields")
 @click.option("--method", help="adaptation method (adaptd methods)")
 @click.option("--task", type=click.Choice(list(TASKS)), help="what the model predicts (default classification)")
-@click.option("--prior", "prior_file", metavar="FILE",
-              help="sfda_prior's class_ratio_prior: a JSON list (K proportions, or one list per target image) or "
-              "a CSV with one row of K numbers per image")
+@click.option("--prior", "prior_file", metavar="FILE|UPLOAD_ID",
+              help="sfda_prior's class-ratio prior: a JSON list (K proportions, or one list per target image) "
+              "goes inline; a CSV (header: class names or indices) or a JSON {\"sizes\", \"tags\"} / "
+              "{\"proportions\"} file is uploaded (params.prior_upload). Formats: README, Segmentation data")
 @click.option("--param", multiple=True, metavar="KEY=VALUE",
               help="method parameter, JSON-typed (lr=1e-3, collapse_guard=false); repeatable")
-@click.option("--model", metavar="FILE|UPLOAD_ID", help="source checkpoint (uploaded) or an upload id")
+@click.option("--candidates", metavar="M1,M2,...", help="--method auto: the methods to run and pick from "
+              "(default: the catalogue's set; adaptd methods)")
+@click.option("--model", "models", multiple=True, metavar="FILE|UPLOAD_ID[@ARCH[,N]]",
+              help="source checkpoint (uploaded) or an upload id; repeat it for several source models "
+              "(distill_nearest, distill_weighted), optionally each with its own architecture and class count")
 @click.option("--model-format", type=click.Choice(["safetensors", "pt"]))
 @click.option("--arch", "--architecture", "arch", help="architecture name (resnet18, digit_cnn, ...)")
 @click.option("--num-classes", type=int)
 @click.option("--arch-kwarg", multiple=True, metavar="KEY=VALUE", help="architecture keyword; repeatable")
 @click.option("--arch-kwargs", metavar="JSON", help="architecture keywords as a JSON object")
+@click.option("--student-arch", help="several source models: the student's architecture (the model the job "
+              "trains and exports)")
+@click.option("--student-num-classes", type=int, help="the student's classes (default --num-classes)")
+@click.option("--student-arch-kwarg", multiple=True, metavar="KEY=VALUE", help="student architecture keyword; "
+              "repeatable")
+@click.option("--student-weights", metavar="FILE|UPLOAD_ID", help="the student's initial weights (default: "
+              "freshly initialised; a model adaptd exported needs no --student-arch)")
+@click.option("--labelled-data", metavar="FILE|UPLOAD_ID", help="several source models: a few labelled target "
+              "images (similarity pseudo-labels and a supervised loss)")
+@click.option("--labelled-format", type=FORMATS)
 @click.option("--data", metavar="FILE|UPLOAD_ID", help="unlabelled target data (npz, zip, tar, parquet, a zipped Hugging Face save_to_disk folder); "
               "detected when no format is given")
 @click.option("--data-format", type=FORMATS)
@@ -85,9 +133,9 @@ def read_prior(path: str) -> list:
 @connection_options
 @output_options
 @guarded
-def submit(spec_file, method, task, prior_file, param, model, model_format, arch, num_classes, arch_kwarg,
-           arch_kwargs, data,
-           data_format, eval_data, eval_format, size, channels, mean, std, batch_size, epochs, seed, device,
+def submit(spec_file, method, task, prior_file, param, candidates, models, model_format, arch, num_classes,
+           arch_kwarg, arch_kwargs, student_arch, student_num_classes, student_arch_kwarg, student_weights,
+           labelled_data, labelled_format, data, data_format, eval_data, eval_format, size, channels, mean, std, batch_size, epochs, seed, device,
            precision, name, tags, notify_url, idempotency_key, watch, output, no_download, url, api_key,
            as_json, quiet) -> int:
     """Upload the files, submit an adaptation job, and with --watch follow it to the end and download
@@ -105,8 +153,13 @@ def submit(spec_file, method, task, prior_file, param, model, model_format, arch
     if task:
         base = {**(base or {}), "task": task}
     params = parse_pairs(param, "--param")
-    if prior_file:
-        params["class_ratio_prior"] = read_prior(prior_file)
+    prior_rows = inline_prior(prior_file) if prior_file else None
+    if prior_rows is not None:
+        params["class_ratio_prior"] = prior_rows
+    if candidates:
+        if (method or (base or {}).get("method")) != "auto":
+            raise click.UsageError("--candidates is for --method auto")
+        params["candidates"] = [c.strip() for c in candidates.split(",") if c.strip()]
     kwargs = parse_pairs(arch_kwarg, "--arch-kwarg")
     if arch_kwargs:
         parsed = parse_value(arch_kwargs)
@@ -118,32 +171,67 @@ def submit(spec_file, method, task, prior_file, param, model, model_format, arch
                                     "std": parse_floats(std, "--std")}.items() if v is not None}
     options = {k: v for k, v in {"batch_size": batch_size, "epochs": epochs, "seed": seed, "device": device,
                                  "precision": precision}.items() if v is not None}
+    sources = [parse_source(v) for v in models]
+    multisource = len(sources) > 1 or bool(student_arch or student_weights) or (base or {}).get("models") is not None
+    student = None
+    if student_arch or student_num_classes or student_arch_kwarg or student_weights:
+        if not multisource:
+            raise click.UsageError("--student-* flags are for several source models (distill_nearest, "
+                                   "distill_weighted)")
+        student = {k: v for k, v in {"architecture": student_arch,
+                                     "num_classes": student_num_classes or num_classes}.items() if v is not None}
+        if student_arch_kwarg:
+            student["arch_kwargs"] = parse_pairs(student_arch_kwarg, "--student-arch-kwarg")
+    if len(sources) > 1 and not (student_arch or student_weights or (base or {}).get("student")):
+        raise click.UsageError("several --model: the job trains a student; give its architecture (--student-arch) "
+                               "or initial weights adaptd exported (--student-weights)")
+    if labelled_data and not multisource:
+        raise click.UsageError("--labelled-data is for several source models (distill_nearest, distill_weighted)")
     fields = dict(method=method, params=params, architecture=arch,
                   num_classes=num_classes, arch_kwargs=kwargs, model_format=model_format,
-                  data_format=data_format, eval_format=eval_format, preprocess=preprocess, options=options,
-                  notify_url=notify_url, name=name, tags=list(tags) or None)
+                  data_format=data_format, eval_format=eval_format, labelled_format=labelled_format,
+                  preprocess=preprocess, options=options,
+                  notify_url=notify_url, name=name, tags=list(tags) or None, student=student)
     # Check what is required before uploading anything (--arch and --num-classes may come from the
     # model's adaptd metadata: the server says so if they cannot).
     placeholder = {"upload_id": "<file>"}
-    draft = build_spec(base, **fields, model=placeholder if model else None,
+    if multisource:
+        fields["models"] = [{**placeholder, **own} for _, own in sources] if sources else None
+    else:
+        fields.update({k: v for k, v in (sources[0][1] if sources else {}).items()})
+    draft = build_spec(base, **fields, model=placeholder if sources and not multisource else None,
                        data=placeholder if data else None, eval_data=placeholder if eval_data else None)
-    missing = [flag for flag, ok in [("--method", draft.get("method")),
-                                     ("--model", (draft.get("model") or {}).get("upload_id")),
+    has_model = (draft.get("model") or {}).get("upload_id") or draft.get("models")
+    missing = [flag for flag, ok in [("--method", draft.get("method")), ("--model", has_model),
                                      ("--data", (draft.get("data") or {}).get("upload_id"))] if not ok]
     if missing:
         raise click.UsageError(f"submit needs {', '.join(missing)} (as flags or in --spec)")
-    for flag, value in (("--model", model), ("--data", data), ("--eval-data", eval_data)):
+    for flag, value in ([("--model", ref) for ref, _ in sources] + [("--student-weights", student_weights),
+                        ("--data", data), ("--eval-data", eval_data), ("--labelled-data", labelled_data),
+                        ("--prior", prior_file)]):
         if value and not Path(value).is_file() and Path(value).suffix:
             raise click.UsageError(f"{flag}: no such file: {value}")
 
     line = Line(quiet=quiet)
     with make_client(url, api_key) as client:
+        def upload(value, kind):
+            ref = client.upload_ref(value, kind, lambda path, _kind: transfer_progress(f"upload {path.name}", line))
+            line.done()
+            return ref
+
         refs = {}
-        for field, value in (("model", model), ("data", data), ("eval_data", eval_data)):
+        for field, value in (("data", data), ("eval_data", eval_data), ("labelled_data", labelled_data)):
             if value:
-                refs[field] = client.upload_ref(value, "model" if field == "model" else "dataset",
-                                                lambda path, _kind: transfer_progress(f"upload {path.name}", line))
-                line.done()
+                refs[field] = upload(value, "dataset")
+        if multisource:
+            if sources:
+                fields["models"] = [{**upload(ref, "model"), **own} for ref, own in sources]
+            if student_weights:
+                fields["student"] = {**(student or {}), **upload(student_weights, "model")}
+        elif sources:
+            refs["model"] = upload(sources[0][0], "model")
+        if prior_file and prior_rows is None:
+            fields["params"] = {**params, "prior_upload": upload(prior_file, "prior")["upload_id"]}
         job = client.submit(build_spec(base, **fields, **refs), idempotency_key=idempotency_key)
         click.echo(f"submitted {job['method']} job {job['id']} ({job['status']})", err=True)
         if not watch:

@@ -128,12 +128,71 @@ def summary_lines(job: dict) -> list[str]:
             delta = m["accuracy_after"] - m["accuracy_before"]
             out.append(f"accuracy   {fmt(m['accuracy_before'], True)} -> {fmt(m['accuracy_after'], True)}  "
                        f"({delta:+.1%})")
+        for key, label in (("miou", "mIoU      "), ("dice", "Dice      "), ("pixel_accuracy", "pixel acc.")):
+            if m.get(f"{key}_before") is not None and m.get(f"{key}_after") is not None:
+                before, after = m[f"{key}_before"], m[f"{key}_after"]
+                out.append(f"{label} {fmt(before, True)} -> {fmt(after, True)}  ({after - before:+.1%})")
         out.append(f"entropy    {fmt(m.get('entropy_before'))} -> {fmt(m.get('entropy_after'))}   "
-                   f"agreement with source {fmt(m.get('agreement_with_source'), True)}   "
-                   f"estimated accuracy {fmt(m.get('estimated_accuracy_after'), True)}")
+                   f"agreement with source {fmt(m.get('agreement_with_source'), True)}")
+        out.append(estimate_line(m))
         out.append(f"predicted-class entropy {fmt(m.get('predicted_class_entropy_after'))}   "
                    f"collapse detected: {fmt(m.get('collapse_detected'))}   "
                    f"{fmt(m.get('images_per_second'))} images/s")
+        out += source_lines(job) + candidate_lines(m)
+        out += [f"note       {text}" for text in m.get("notes") or []]
+    return out
+
+
+def estimate_line(m: dict) -> str:
+    """The label-free accuracy estimate as what it is: an estimate, with the estimator's typical error."""
+    est = m.get("estimated_accuracy_after")
+    if est is None:
+        return "estimated accuracy -"
+    error = m.get("estimated_accuracy_error")
+    spread = f" ± {100 * error:.1f} pts" if error is not None else ""
+    how = m.get("estimator") or "label-free"
+    typical = " (typical error on the digit benchmarks, BENCHMARKS.md)" if error is not None else ""
+    return f"estimated accuracy {est:.1%}{spread}   label-free estimate, {how}{typical}"
+
+
+def source_lines(job: dict) -> list[str]:
+    """Several source models: each one's task similarity, weight and (with eval data) accuracy; the pick."""
+    m = job.get("metrics") or {}
+    if not m.get("sources"):
+        return []
+    refs = (job.get("spec") or {}).get("models") or []
+    how = {"labelled_centroids": "labelled target images' class centroids",
+           "source_predictions": "each source's own predictions"}.get(m.get("pseudo_labels"), m.get("pseudo_labels"))
+    out = [f"sources    similarity {m.get('similarity_metric') or '?'} (higher = closer to the target; pseudo-labels: "
+           f"{how}); {job['method']} selected #{m.get('selected_source')}"]
+    for s in m["sources"]:
+        ref = refs[s["index"]] if s["index"] < len(refs) else {}
+        arch = f"{ref.get('architecture', '?')}/{ref.get('num_classes', '?')}"
+        pick = "  <- selected" if s["index"] == m.get("selected_source") else ""
+        out.append(f"  #{s['index']} {arch:18s} similarity {s['similarity']:8.3f}   weight {s['weight']:.3f}   "
+                   f"accuracy {fmt(s.get('accuracy'), True)}{pick}")
+    return out
+
+
+def candidate_lines(m: dict) -> list[str]:
+    """`auto`: every candidate's label-free score beside its true accuracy (with eval data), the pick and why."""
+    if not m.get("candidates"):
+        return []
+    crit = m.get("criterion") or "?"
+    out = [f"candidates criterion {crit} (label-free, higher is better); picked {m.get('selected_method')}"]
+    for c in m["candidates"]:
+        pick = "  <- picked" if c["method"] == m.get("selected_method") else ""
+        out.append(f"  {c['method']:12s} score {c['score']:.4f}   accuracy {fmt(c.get('accuracy_after'), True)}{pick}")
+    labelled = [c for c in m["candidates"] if c.get("accuracy_after") is not None]
+    if labelled:
+        best = max(labelled, key=lambda c: c["accuracy_after"])
+        chosen = next((c for c in labelled if c["method"] == m.get("selected_method")), None)
+        if chosen is not None:
+            gap = best["accuracy_after"] - chosen["accuracy_after"]
+            out.append(f"  with labels the best is {best['method']} ({best['accuracy_after']:.1%}); the pick is "
+                       + ("the best" if gap <= 0 else f"{100 * gap:.1f} pts below it"))
+    if m.get("skipped_candidates"):
+        out.append(f"  skipped (budget_s): {', '.join(m['skipped_candidates'])}")
     return out
 
 
@@ -163,8 +222,9 @@ def job_table(items: list[dict]) -> list[str]:
     rows = [("ID", "NAME", "STATUS", "METHOD", "CREATED", "PROGRESS", "ACCURACY", "TAGS")]
     for j in items:
         m = j.get("metrics") or {}
-        acc = (f"{m['accuracy_before']:.1%}->{m['accuracy_after']:.1%}"
-               if m.get("accuracy_before") is not None else "-")
+        acc = (f"{m['accuracy_before']:.1%}->{m['accuracy_after']:.1%}" if m.get("accuracy_before") is not None
+               else f"mIoU {m['miou_before']:.1%}->{m['miou_after']:.1%}" if m.get("miou_before") is not None
+               else "-")
         p = j["progress"]
         if j["status"] == "running":
             prog = (f"{p['done']}/{p['total']} " if p["total"] else "") + (p["phase"] or "")

@@ -153,9 +153,10 @@ class JobSpec(_Strict):
             raise ValueError("`labelled_data` is for multi-source methods (with `models`)")
         if self.models is not None and self.labelled_data is None:
             # Without labelled target images, a source's similarity uses its own predictions as
-            # pseudo-labels and its logits are distilled: its classes must be the student's.
+            # pseudo-labels and its logits are distilled: its classes must be the student's. (A count left
+            # out is taken from the checkpoint's metadata at submit, and the completed spec checked again.)
             for i, m in enumerate(self.models):
-                if m.num_classes != self.student.num_classes:
+                if None not in (m.num_classes, self.student.num_classes) and m.num_classes != self.student.num_classes:
                     raise ValueError(f"models[{i}].num_classes is {m.num_classes}, the student's is "
                                      f"{self.student.num_classes}: sources with other classes need "
                                      "`labelled_data`")

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-UploadKind = Literal["model", "dataset"]
+UploadKind = Literal["model", "dataset", "prior"]  # prior: a method param file (sfda_prior's prior_upload)
 
 
 class UploadOut(BaseModel):

@@ -8,6 +8,7 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..contract.catalog import CATALOG
 from ..contract.jobs import TERMINAL  # noqa: F401  (callers use repo.TERMINAL)
 from .models import ApiKey, Artifact, Job, JobLog, JobTag, Tenant, Upload, Worker, utcnow
 
@@ -328,7 +329,9 @@ def active_jobs_using_upload(s: Session, upload_id: str, tenant_id: str) -> list
 def _upload_ids(spec: dict) -> set[str]:
     refs = [spec.get(k) or {} for k in ("model", "student", "data", "eval_data", "labelled_data")]
     refs += spec.get("models") or []
-    return {r.get("upload_id") for r in refs} - {None}
+    info, params = CATALOG.get(spec.get("method")), spec.get("params") or {}
+    files = {params.get(name) for name, _ in info.upload_params()} if info is not None else set()
+    return ({r.get("upload_id") for r in refs} | files) - {None}
 
 
 def delete_job(s: Session, job_id: str) -> list[str]:

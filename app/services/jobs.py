@@ -70,20 +70,23 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
     for field in ("eval_data", "labelled_data"):
         if getattr(spec, field) is not None:
             refs.append((field, getattr(spec, field).upload_id, "dataset"))
+    refs += [(f"params.{name}", params[name], kind) for name, kind in info.upload_params() if params.get(name)]
     uploads = {}
     with session_scope(settings.resolved_database_url) as s:
         for field, upload_id, kind in refs:
             upload = repo.get_upload(s, upload_id, tenant_id)
+            where = field if field.startswith("params.") else f"{field}.upload_id"  # a param is the id itself
             if upload is None:
-                raise ApiError("unknown_upload", f"{field}.upload_id: no upload {upload_id!r}",
-                               {"field": f"{field}.upload_id"})
+                raise ApiError("unknown_upload", f"{where}: no upload {upload_id!r}", {"field": where})
             if upload.kind != kind:
-                raise ApiError("invalid_upload_kind", f"{field}.upload_id: upload {upload_id} is a "
-                               f"{upload.kind!r} upload, expected {kind!r}", {"field": f"{field}.upload_id"})
+                raise ApiError("invalid_upload_kind", f"{where}: upload {upload_id} is a {upload.kind!r} upload, "
+                               f"expected {kind!r}", {"field": where})
             uploads[field] = upload
         stored = complete_spec(settings, s, spec, uploads)
     if spec.model is not None and spec.model.architecture is None:  # taken from the checkpoint's metadata
         check_task(spec, info, stored["model"]["architecture"])
+    if spec.models is not None:  # sources (and student) may have taken theirs from their metadata
+        check_task(JobSpec.model_validate(stored), info)
     return {**stored, "params": params}
 
 

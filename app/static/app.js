@@ -245,6 +245,9 @@ function kpi(id, label, value, sub, alert) {
   return `<div class="kpi${alert ? " alert" : ""}" id="${id}"><div class="label">${esc(label)}</div><div class="value">${value}</div><div class="sub">${sub || ""}</div></div>`;
 }
 
+// The label-free estimate's card text: an estimate, with the typical error its estimator reports.
+const estSub = m => `label-free estimate (${esc(m.estimator || "mean confidence")})${m.estimated_accuracy_error != null ? ` ± ${(100 * m.estimated_accuracy_error).toFixed(1)} pts typical error` : ""}`;
+
 function kpis(job) {
   const m = job.metrics;
   if (!m) return "";
@@ -254,13 +257,13 @@ function kpis(job) {
     cards.push(kpi("acc-before", "Accuracy before", pct(m.accuracy_before), "source model, labelled eval data"));
     cards.push(kpi("acc-after", "Accuracy after", pct(m.accuracy_after), deltaHtml(m.accuracy_before, m.accuracy_after) + " vs source"));
   } else {
-    cards.push(kpi("acc-after", "Estimated accuracy", pct(m.estimated_accuracy_after), "label-free (mean confidence); no eval data given"));
+    cards.push(kpi("acc-after", "Estimated accuracy", pct(m.estimated_accuracy_after), estSub(m) + "; no eval data given"));
   }
   cards.push(kpi("entropy", "Mean entropy", `${num(m.entropy_before)} → ${num(m.entropy_after)}`, "prediction entropy (nats), before → after"));
   const maxH = a.predicted_class_entropy_max || b.predicted_class_entropy_max;
   cards.push(kpi("class-entropy", "Predicted-class entropy", `${num(b.predicted_class_entropy)} → ${num(m.predicted_class_entropy_after)}`,
     `max ${num(maxH)}; ${m.collapse_detected ? "<b>collapse detected</b>" : "no collapse detected"}`, m.collapse_detected));
-  if (m.accuracy_before != null) cards.push(kpi("est-acc", "Estimated accuracy", pct(m.estimated_accuracy_after), "label-free (mean confidence)"));
+  if (m.accuracy_before != null) cards.push(kpi("est-acc", "Estimated accuracy", pct(m.estimated_accuracy_after), estSub(m)));
   const ece = m.eval && m.eval.before && m.eval.before.ece != null ? [m.eval.before.ece, m.eval.after.ece] : null;
   if (ece) cards.push(kpi("ece", "Calibration error (ECE)", `${pct(ece[0])} → ${pct(ece[1])}`, deltaHtml(ece[0], ece[1], false) + " · eval data, lower is better"));
   cards.push(kpi("agreement", "Agreement with source", pct(m.agreement_with_source), "same predicted class as the source model"));
@@ -292,7 +295,7 @@ function curves(steps, events, finished) {
 
 function histograms(job) {
   const m = job.metrics;
-  if (!m || !m.target) return "";
+  if (!m || !m.target || !m.target.before) return "";  // a student distilled from sources of other classes has no "before"
   const b = m.target.before.predicted_class_histogram, a = m.target.after.predicted_class_histogram;
   const names = (m.eval && m.eval.class_names) || b.map((_, i) => String(i));
   const total = b.reduce((x, y) => x + y, 0) || 1;
@@ -317,7 +320,7 @@ function paramsHtml(obj) {
 }
 
 function details(job) {
-  const m = job.metrics || {}, o = job.spec.options || {}, mdl = job.spec.model || {};
+  const m = job.metrics || {}, o = job.spec.options || {}, mdl = job.spec.model || job.spec.student || {};
   const rows = [["Job id", `<span class="mono">${esc(job.id)}</span>`], ["Method", esc(job.method)],
     ["Params", paramsHtml(job.params)],
     ["Model", `${esc(mdl.architecture)} · ${esc(mdl.num_classes)} classes`],
@@ -426,7 +429,7 @@ function jobView(id) {
 const COMPARE_ROWS = [  // [label, value(job, metrics), format, higher is better (for the best-of-row mark)]
   ["Method", j => j.method, esc], ["Status", j => j.status, badge],
   ["Accuracy before", (j, m) => m.accuracy_before, pct, true], ["Accuracy after", (j, m) => m.accuracy_after, pct, true],
-  ["ECE before", (j, m) => m.eval && m.eval.before.ece, pct, false], ["ECE after", (j, m) => m.eval && m.eval.after.ece, pct, false],
+  ["ECE before", (j, m) => m.eval && m.eval.before && m.eval.before.ece, pct, false], ["ECE after", (j, m) => m.eval && m.eval.after.ece, pct, false],
   ["Estimated accuracy", (j, m) => m.estimated_accuracy_after, pct, true],
   ["Mean entropy after", (j, m) => m.entropy_after, v => num(v), false],
   ["Agreement with source", (j, m) => m.agreement_with_source, pct],

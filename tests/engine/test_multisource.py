@@ -195,3 +195,5 @@ def test_job_estimate_and_entropy_note(pool):
     assert "BatchNorm" in E.entropy_note(0.6, 0.99, 10)
     assert "BatchNorm" not in E.entropy_note(0.6, 0.99, 0)
     assert E.entropy_note(None, 0.99, 10) is None
+    assert "student" in E.entropy_note(0.6, 0.99, 10, distilled=True)
+    assert E.entropy_note(0.6, 0.5, 10, distilled=True) is None

@@ -162,3 +162,103 @@ def test_per_image_priors_from_tags(seg_files, source_miou):
     rows[:, 0] = 1 - rows[:, 1:].sum(1)
     m = _run(root, "sfda_prior", {"class_ratio_prior": rows.tolist(), "lr": 1e-4}, 2).metrics
     assert m["miou_after"] > source_miou + 0.01 and m["method_report"]["prior"] == "per_image"
+
+
+def test_examples_show_masks_before_after_and_the_truth(seg_files):
+    """examples.json for masks: the images whose mask changed most first, palette PNG masks at the
+    thumbnail's size (255 transparent), per-image pixel accuracy; a few tens of KB at most."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    root, _ = seg_files
+    ex = _run(root, "bn_adapt").examples
+    assert ex["kind"] == "masks" and ex["set"] == "eval" and len(ex["colours"]) == NUM_CLASSES
+    items = ex["items"]
+    assert 1 <= len(items) <= 6 and ex["changed"] > 0
+    assert items[0]["changed"] == max(it["changed"] for it in items) > 0
+    assert len(json.dumps(ex)) < 40_000
+
+    def png(url):
+        assert url.startswith("data:image/png;base64,")
+        return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+    with np.load(root / "target.npz") as f:
+        truth = f["y"][items[0]["index"]]
+    for it in items:
+        image = png(it["image"])
+        for mask in (it["before"]["mask"], it["after"]["mask"], it["label"]["mask"]):
+            m = png(mask)
+            assert m.mode == "P" and m.size == image.size
+            assert len(m.getpalette()) <= 3 * (NUM_CLASSES + 1)  # K colours + one for ignored pixels
+        assert 0 <= it["before"]["pixel_accuracy"] <= 1 and 0 <= it["after"]["pixel_accuracy"] <= 1
+    label = png(items[0]["label"]["mask"])
+    shown = np.asarray(label)
+    assert label.info["transparency"] == NUM_CLASSES  # the ignored pixels' entry
+    assert set(np.unique(shown)) == {NUM_CLASSES if v == 255 else v for v in np.unique(truth)}  # indices, not colours
+
+
+def _archive(root, name, x, y=None):
+    from tests import builders as B
+
+    files = {f"images/{i:04d}.png": B.encode_image(x[i]) for i in range(len(x))}
+    if y is not None:
+        files.update({f"masks/{i:04d}.png": B.encode_mask(y[i], "P") for i in range(len(y))})
+    return B.build_zip(root / name, files)
+
+
+def test_an_archive_of_images_and_masks_scores_as_its_npz(seg_files, source_miou):
+    root, _ = seg_files
+    with np.load(root / "target.npz") as f:
+        _archive(root, "target.zip", f["x"], f["y"])
+    m = _run(root, "source", data="target.zip").metrics
+    assert m["miou_before"] == pytest.approx(source_miou)
+
+
+def test_a_prior_file_of_sizes_and_tags_is_the_prior_it_describes(seg_files):
+    """params.prior_upload (a JSON of one size per class and per-image tags, rows named by image) runs as
+    the same per-image rows given inline in stored order."""
+    import dataclasses
+    import json
+
+    root, prior = seg_files
+    with np.load(root / "target.npz") as f:
+        masks = f["y"]
+    tags = np.stack([(masks == c).any(axis=(1, 2)) for c in range(NUM_CLASSES)], 1).astype(int)
+    sizes = [round(1024 * p, 3) for p in prior]
+    n = len(tags)  # rows named by the npz index, in reverse: matched to the images by name
+    (root / "prior.json").write_text(json.dumps({"sizes": sizes, "tags": tags[::-1].tolist(),
+                                                 "images": [str(i) for i in reversed(range(n))]}))
+    rows = tags * np.asarray(sizes)[None]
+    inline = _run(root, "sfda_prior", {"class_ratio_prior": (rows / rows.sum(1, keepdims=True)).tolist(),
+                                       "lr": 1e-4}).metrics
+    req = RunRequest.for_files(root / "model.safetensors", root / "target.npz", root / "out-prior-file",
+                               eval_path=root / "target.npz", task="segmentation", method="sfda_prior",
+                               params={"prior_upload": "local-prior", "lr": 1e-4}, model=MODEL, preprocess=PRE,
+                               options={"batch_size": 32, "epochs": 1})
+    from_file = run(dataclasses.replace(req, param_files={"prior_upload": root / "prior.json"})).metrics
+    assert from_file["miou_after"] == pytest.approx(inline["miou_after"], abs=1e-6)
+    assert from_file["method_report"]["prior_mean"] == pytest.approx(inline["method_report"]["prior_mean"])
+    (root / "prior.json").write_text(json.dumps({"sizes": sizes, "tags": tags[:5].tolist()}))
+    with pytest.raises(AdaptationError) as err:
+        run(dataclasses.replace(req, param_files={"prior_upload": root / "prior.json"}))
+    assert err.value.code == "prior_shape_mismatch" and err.value.detail["rows"] == 5
+
+
+def test_mask_examples_stay_within_their_byte_budget():
+    """Photos compress far less than digit canvases: the gallery stops before it grows past its budget."""
+    import json
+
+    from worker.adaptation.data.images import ArrayImageSet
+    from worker.adaptation.examples import MASK_BUDGET_BYTES, pick_masks
+
+    rng = np.random.default_rng(0)
+    data = ArrayImageSet(rng.integers(0, 256, (8, 256, 256, 3), dtype=np.uint8),
+                         rng.integers(0, 3, (8, 256, 256), dtype=np.uint8))
+    before = {"mask": torch.from_numpy(rng.integers(0, 3, (8, 64, 64), dtype=np.uint8))}
+    after = {"mask": torch.zeros(8, 64, 64, dtype=torch.uint8)}
+    ex = pick_masks(data, before, after, labelled=True, num_classes=3)
+    assert 1 <= len(ex["items"]) < 6 and len(json.dumps(ex)) <= MASK_BUDGET_BYTES + 1000
+    assert [it["image"][:22] for it in ex["items"]] == ["data:image/png;base64,"] * len(ex["items"])

@@ -116,13 +116,20 @@ def accuracy_estimate(probs: torch.Tensor) -> dict:
             "estimated_accuracy_error": ESTIMATOR_MEAN_ABS_ERROR}
 
 
-def entropy_note(entropy_before: float | None, entropy_after: float | None, recalibrated_batches: int) -> str | None:
+def entropy_note(entropy_before: float | None, entropy_after: float | None, recalibrated_batches: int,
+                 distilled: bool = False) -> str | None:
     """Why the reported entropy can rise after an entropy-minimising method: both numbers are of models
     in eval mode; the adapted one with BatchNorm statistics re-estimated over the whole target, which
     the method never saw while it minimised entropy on batch statistics (the per-step entropy in
-    history.json is that one)."""
+    history.json is that one). `distilled`: entropy_after is a student's, another network than the
+    source entropy_before is of."""
     if entropy_before is None or entropy_after is None or entropy_after <= entropy_before:
         return None
+    if distilled:
+        return ("entropy_after > entropy_before: entropy_before is the selected source model's, entropy_after "
+                "the student's, another network trained by distillation and on the labelled images, not by "
+                "minimising entropy; a less confident student is not a worse one. Compare accuracies (eval_data) "
+                "or estimated_accuracy_after instead.")
     if recalibrated_batches:
         return ("entropy_after > entropy_before: entropy_after is the exported model's in eval mode, with "
                 "BatchNorm statistics re-estimated on the whole target; the method minimised the entropy of "

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.checks.metadata import encode as model_metadata
+from app.checks.preprocess import resolve as resolve_preprocess
 from app.contract.catalog import get_method_info
 from app.contract.jobs import JobSpec
 
@@ -166,21 +168,30 @@ def run_distill(req: DistillRequest, hooks: Hooks | None = None) -> RunResult:
     hooks.progress(len(rows), total, "exporting")
     req.output_dir.mkdir(parents=True, exist_ok=True)
     model_path = req.output_dir / "model.safetensors"
-    save_safetensors(student, model_path, {"architecture": st.architecture, "num_classes": str(st.num_classes),
-                                           "method": spec.method})
+    # The runner's metadata: the student resubmits without flags (architecture, classes, kwargs, input).
+    save_safetensors(student, model_path, model_metadata(
+        architecture=st.architecture, num_classes=st.num_classes, arch_kwargs=st.arch_kwargs,
+        preprocess=resolve_preprocess(pre.model_dump(exclude_unset=True), None, st.architecture), task=spec.task,
+        method=spec.method))
     source_target = report["source_probs"][selected]
     after_summary = task.summary(after_target, st.num_classes)
+    before_summary = None if source_target is None else task.summary(source_target, st.num_classes)
+    entropy_before = None if before_summary is None else before_summary["mean_entropy"]
     metrics = {
         "method": spec.method, "params": params, "sources": entries, "selected_source": selected,
         "similarity_metric": report["similarity_metric"], "pseudo_labels": report["pseudo_labels"],
-        "entropy_before": None if source_target is None else task.summary(source_target, st.num_classes)["mean_entropy"],
+        "entropy_before": entropy_before,
         "entropy_after": after_summary["mean_entropy"],
         "predicted_class_entropy_after": after_summary["predicted_class_entropy"],
         **E.accuracy_estimate(after_target),
         "images_per_second": len(rows) * opts.batch_size / seconds if seconds > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(device), "num_images": len(data), "device": str(device),
         "precision": precision, "num_labelled": 0 if labelled is None else len(labelled[1]),
-        "target": {"after": after_summary}, "batchnorm_recalibration_batches": recalibrated,
+        # `before`: the selected source's, when its classes are the student's (as entropy_before)
+        "target": {"after": after_summary, **({"before": before_summary} if before_summary is not None else {})},
+        "batchnorm_recalibration_batches": recalibrated,
+        "notes": [n for n in [E.entropy_note(entropy_before, after_summary["mean_entropy"], recalibrated,
+                                                    distilled=True)] if n],
         "model_load": {"sources": reports}, "timing": {"adapt_seconds": seconds, "steps": len(rows)},
         "collapse_detected": False,
     }

@@ -48,6 +48,7 @@ class RunRequest:
     output_dir: Path
     eval_path: Path | None = None
     data_options: dict = field(default_factory=dict)  # dataset reader limits (the worker's max_pixels)
+    param_files: dict[str, Path] = field(default_factory=dict)  # a method param naming an upload -> its file
 
     @classmethod
     def for_files(cls, model_path: Path, data_path: Path, output_dir: Path, eval_path: Path | None = None,
@@ -98,7 +99,8 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     # The data first (indexes only): from the first phase on, progress shows how many batches will run.
     # Fields the spec leaves out: the architecture's default input (the API stores them resolved already).
     pre = resolve_preprocess(spec.preprocess.model_dump(exclude_unset=True), None, spec.model.architecture)
-    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre["size"], **req.data_options)
+    data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre["size"], masks=task.masks,
+                          **req.data_options)
     eval_data = _open_eval(req, data, task, pre["size"])
     epochs = info.cost(opts.epochs)["epochs"]  # SFDA: the job's epochs, else the method's schedule
     total = math.ceil(len(data) / opts.batch_size) * epochs
@@ -114,7 +116,8 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
                         epochs=epochs, dataset_size=len(data),
                         seed=opts.seed, precision=precision,
                         iterate_target=lambda: prep.iterate(data, opts.batch_size),
-                        input_mean=tuple(pre["mean"]), input_std=tuple(pre["std"]))
+                        input_mean=tuple(pre["mean"]), input_std=tuple(pre["std"]), files=req.param_files,
+                        image_names=data.names)
 
     hooks.progress(0, total, "evaluating_source")
     source_target = predict(model, data, prep, opts.batch_size, ctx, task)
@@ -337,10 +340,10 @@ def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine, size: int | No
     spec = req.spec
     eval_data = data if req.eval_path == req.data_path else open_image_set(
         req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=size,
-        **req.data_options)
+        masks=task.masks, **req.data_options)
     if eval_data.labels is None:
-        raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz, class folders "
-                              "in archives)")
+        raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz; class folders, "
+                              "or masks/NAME.png beside images/NAME.ext for segmentation, in archives)")
     task.check_labels(eval_data.labels, spec.model.num_classes)
     return eval_data
 

@@ -79,6 +79,12 @@ class MethodInfo:
     def updates_weights(self) -> bool:
         return self.updates != "nothing"
 
+    def upload_params(self) -> list[tuple[str, str]]:
+        """(param name, upload kind) of the params that name an upload: declared on the params class with
+        `json_schema_extra={"upload_kind": kind}`; the API checks the upload, the worker fetches it."""
+        return [(name, f.json_schema_extra["upload_kind"]) for name, f in self.params_model.model_fields.items()
+                if isinstance(f.json_schema_extra, dict) and "upload_kind" in f.json_schema_extra]
+
     def params_schema(self) -> dict:
         return self.params_model.model_json_schema()
 

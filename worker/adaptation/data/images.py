@@ -19,6 +19,12 @@ class ImageSet(Protocol):
 
     def __len__(self) -> int: ...
 
+    @property
+    def names(self) -> list[str]:
+        """Each image's name in stored order (an archive's paths; an npz's indices), e.g. to match a prior
+        file's rows."""
+        ...
+
     def batches(self, batch_size: int, order: np.ndarray | None = None
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (uint8 NHWC tensor, int64 index tensor) in `order` (default: stored order)."""
@@ -37,6 +43,10 @@ class ArrayImageSet:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    @property
+    def names(self) -> list[str]:
+        return [str(i) for i in range(len(self.x))]
 
     def batches(self, batch_size: int, order: np.ndarray | None = None):
         n = len(self.x)
@@ -132,7 +142,7 @@ def open_image_set(path: Path, fmt: str | None = None, *, preprocess_size: int |
                    **options) -> ImageSet:
     """Open a dataset upload. `preprocess_size` is the job's square input size: archives whose images
     differ in size are resized to it while loading (without it they are refused). Other options go to
-    the archive reader (num_workers, limits...)."""
+    the archive reader (num_workers, limits, `masks` for a segmentation archive...)."""
     fmt = fmt or detect_format(path)
     try:
         reader = READERS[fmt]

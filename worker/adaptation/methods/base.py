@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -35,6 +36,10 @@ class MethodContext:
     # work in pixel space [0, 1]; None when unknown (augmentations then rescale each image's own range).
     input_mean: tuple[float, ...] | None = None
     input_std: tuple[float, ...] | None = None
+    # The local file of each param that names an upload (catalogue `upload_params`, e.g. prior_upload).
+    files: dict[str, Path] = field(default_factory=dict)
+    # The target images' names in stored order (data.names), to match a file's rows to images.
+    image_names: list[str] | None = None
 
     def autocast(self):
         if self.precision == "bf16":

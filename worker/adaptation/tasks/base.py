@@ -10,6 +10,7 @@ from torch import nn
 
 class TaskEngine(Protocol):
     name: str
+    masks: bool  # labels are per-pixel masks (an archive's images/ + masks/), not one class per image
 
     def check_output(self, out: torch.Tensor, num_classes: int) -> None:
         """Input check: raise AdaptationError when the model's output on a preprocessed batch is not

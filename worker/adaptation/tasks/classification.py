@@ -13,6 +13,7 @@ from ..models.export import recalibrate_batch_norm
 
 class Classification:
     name = "classification"
+    masks = False
 
     def check_output(self, out: torch.Tensor, num_classes: int) -> None:
         if out.ndim != 2 or out.shape[1] != num_classes:

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from .. import metrics as M
 from .. import segmentation as S
 from ..errors import AdaptationError
+from ..examples import pick_masks
 from ..models.export import recalibrate_batch_norm
 
 
 class Segmentation:
     name = "segmentation"
+    masks = True
 
     def check_output(self, out: torch.Tensor, num_classes: int) -> None:
         if out.ndim != 4 or out.shape[1] != num_classes:
@@ -97,8 +99,8 @@ class Segmentation:
         return {"pixel_accuracy": float((signals[keep] == flat[keep]).float().mean()) if keep.any() else None,
                 "num_images": len(signals) // per_image}
 
-    def examples(self, data, before: dict, after: dict, labelled: bool) -> None:
-        return None  # no gallery for masks yet: the job simply has no examples.json
+    def examples(self, data, before: dict, after: dict, labelled: bool) -> dict:
+        return pick_masks(data, before, after, labelled, num_classes=before["proportions"].shape[1])
 
     def recalibrate(self, model, batches, autocast) -> int:
         return recalibrate_batch_norm(model, batches, autocast)

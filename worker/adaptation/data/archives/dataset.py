@@ -60,14 +60,18 @@ class ArchiveImageSet:
 
     `preprocess_size`: the job's square input size; images of different sizes are resized to it on the
     CPU (Pillow, bilinear with antialiasing) so batches stack. Without it, mixed sizes are refused.
-    Same-size images are returned as stored (the device resizes batches)."""
+    Same-size images are returned as stored (the device resizes batches).
+
+    `masks` (segmentation jobs): a zip or tar holds `images/NAME.ext` and, optionally, `masks/NAME.png`
+    (L or palette PNG, value = class, 255 = ignore); `labels` are then the N×H×W masks, decoded once
+    while opening (app/checks/archive_names.py: the layout)."""
 
     def __init__(self, path: Path | str, fmt: str | None = None, *, preprocess_size: int | None = None,
                  num_workers: int | None = None, prefetch_factor: int = 2, pin_memory: bool = False,
                  multiprocessing_context: str | None = None,
                  max_entries: int = 1_000_000, max_total_bytes: int = 64 << 30,
                  max_entry_bytes: int = 1 << 30, max_ratio: float = 200.0, ratio_min_bytes: int = 1 << 20,
-                 max_pixels: int | None = None, spill_dir: str | None = None):
+                 max_pixels: int | None = None, spill_dir: str | None = None, masks: bool = False):
         self.path = Path(path)
         self.format = fmt or detect_format(self.path)
         if self.format not in ARCHIVE_FORMATS:
@@ -101,7 +105,7 @@ class ArchiveImageSet:
         try:
             index, self.labels, self.class_names = build_index(
                 entries, ignored, kind, source, max_pixels=self.max_pixels, preprocess_size=preprocess_size,
-                notes=self.notes, class_names=class_names)
+                notes=self.notes, class_names=class_names, masks=masks and self.format in ("zip", "tar"))
         except BaseException:
             self.close_spill()
             raise

@@ -130,3 +130,38 @@ def undecodable(name: str, data: bytes, exc: Exception) -> AdaptationError:
                                "JPEG or WebP", {"entry": name, "format": other})
     return AdaptationError("not_an_image", f"{name} is not a PNG, JPEG or WebP image (__MACOSX/ and dotfiles are "
                            "ignored; anything else in the archive must be an image)", {"entry": name})
+
+
+MASK_MODES = ("L", "P")  # one byte per pixel: the value (L) or the palette index (P) is the class
+
+
+def decode_mask(name: str, data: bytes, image_size: tuple[int, int], max_pixels: int,
+                resize_to: tuple[int, int] | None) -> np.ndarray:
+    """A segmentation mask PNG -> uint8 H×W of class indices (255 = ignore): its L value or palette index,
+    never a colour. `image_size` = (width, height) of its image, which the mask must match; resized
+    (nearest, so no new class appears) to `resize_to` = (width, height) with its image."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
+            if im.size[0] * im.size[1] > max_pixels:  # checked on the header, before a pixel is inflated
+                raise image_too_large(name, im.size, max_pixels)
+            if im.mode not in MASK_MODES:
+                raise AdaptationError("mask_not_indexed", f"{name} is a {im.mode} PNG; a mask is an L (grey value "
+                                      "= class) or palette (index = class) PNG, 255 = ignore; convert colour masks "
+                                      "to class indices first", {"entry": name, "mode": im.mode})
+            if im.size != tuple(image_size):
+                raise AdaptationError("mask_size_mismatch", f"{name} is {im.size[0]}×{im.size[1]}, its image "
+                                      f"{image_size[0]}×{image_size[1]}", {"entry": name, "mask": list(im.size),
+                                                                         "image": list(image_size)})
+            im.load()
+            if resize_to is not None and im.size != tuple(resize_to):
+                im = im.resize(resize_to, Image.Resampling.NEAREST)
+            return np.array(im, dtype=np.uint8)  # P: the indices, not the palette's colours
+    except AdaptationError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise AdaptationError("image_too_large", f"{name}: {exc}", {"entry": name}) from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the input's fault
+        if _sniff(data) not in (None, "PNG"):
+            raise AdaptationError("invalid_mask", f"{name} is a {_sniff(data)} file; masks are PNG (lossless)",
+                                  {"entry": name}) from None
+        raise undecodable(name, data, exc) from None

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from app.checks import CheckError
+from app.checks.archive_names import ignored, mask_layout
+
 from ...errors import AdaptationError
-from .decode import CHANNEL_MODE, probe_image, undecodable
-from .layout import (LABEL_SUFFIX, MAX_LABEL_BYTES, duplicates, folder_labels, ignored, is_sidecar, normalise,
+from .decode import CHANNEL_MODE, decode_mask, probe_image, undecodable
+from .layout import (LABEL_SUFFIX, MAX_LABEL_BYTES, duplicates, folder_labels, is_sidecar, normalise,
                      sidecar_labels)
 from .limits import Limits
-from .reader import COPY_CHUNK, Index, Reader
+from .reader import COPY_CHUNK, Index, Reader, read_member
 
 PEEK_BYTES = 64 * 1024           # bytes read to parse an image header while indexing
 
@@ -273,11 +276,12 @@ def _read_back(out, path: str, start: int, size: int) -> bytes:
 # --- the index --------------------------------------------------------------------------------------
 
 def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *, max_pixels: int,
-                preprocess_size: int | None, notes: list[str], class_names: list[str] | None = None
-                ) -> tuple[Index, np.ndarray | None, list[str] | None]:
+                preprocess_size: int | None, notes: list[str], class_names: list[str] | None = None,
+                masks: bool = False) -> tuple[Index, np.ndarray | None, list[str] | None]:
     """(index, labels, class_names) from the listed entries; every image header is probed. Labels come
     from the entries' own `label` (tables; `class_names` names them), from `.cls` files (WebDataset)
-    or from the folders."""
+    or from the folders; with `masks` (segmentation), from `masks/NAME.png` beside `images/NAME.ext`:
+    N×H×W uint8 class indices, decoded here (within the same limits)."""
     sidecars = {e.name: e.text for e in entries if e.sidecar}
     if sidecars and not any(n.lower().endswith(LABEL_SUFFIX) for n in sidecars):
         raise undecodable(next(iter(sidecars)), b"", ValueError("a metadata file without .cls labels"))
@@ -294,7 +298,18 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
                               {"entries": dupes[:20]})
     entries.sort(key=lambda e: e.name)
     names = [e.name for e in entries]
-    if any(e.label is not None for e in entries):
+    mask_entries = None
+    if masks:
+        try:
+            layout = mask_layout(names)
+        except CheckError as exc:
+            raise AdaptationError(exc.code, exc.message, exc.detail) from None
+        by_name = {e.name: e for e in entries}
+        entries = [by_name[n] for n in layout.images]
+        names = list(layout.images)
+        mask_entries = [by_name[n] for n in layout.masks] if layout.masks is not None else None
+        labels = None
+    elif any(e.label is not None for e in entries):
         labels = np.fromiter((e.label for e in entries), np.int64, len(entries))
     elif sidecars:
         labels, class_names = sidecar_labels(names, sidecars, notes), None
@@ -338,9 +353,23 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
         index.resize = (index.heights != s) | (index.widths != s)
         notes.append(f"{len(sizes)} image sizes: {int(index.resize.sum())} images are resized to {s}×{s} "
                      "on the CPU while loading")
+    if mask_entries is not None:
+        labels = _decode_masks(mask_entries, index, kind, source)
     present = sorted(set(channels.tolist()))
     index.channels = max(present)
     if len(present) > 1:
         notes.append(f"mixed channel counts {present}: every image is converted to "
                      f"{CHANNEL_MODE[index.channels]}")
     return index, labels, class_names
+
+
+def _decode_masks(entries: list[Entry], index: Index, kind: str, source: str) -> np.ndarray:
+    """The masks of the indexed images (same order), N×H×W uint8 at the images' output size."""
+    out_h, out_w = index.out_hw
+    labels = np.empty((len(entries), out_h, out_w), np.uint8)
+    with open(source, "rb") as f:
+        for i, e in enumerate(entries):
+            data = read_member(f, kind, e.offset, e.csize, e.usize, e.method, e.crc, e.name, None)
+            labels[i] = decode_mask(e.name, data, (int(index.widths[i]), int(index.heights[i])), index.max_pixels,
+                                    (out_w, out_h) if index.resize[i] else None)
+    return labels

@@ -1,5 +1,6 @@
-"""What an archive's entry names mean: which are validated paths, which are ignored, and how the
-folder structure turns into labels (flat: unlabelled; one folder per class: labelled). A name is
+"""What an archive's entry names mean: which are validated paths and how the folder structure turns
+into labels (flat: unlabelled; one folder per class: labelled). Which names are ignored, and the
+segmentation layout (images/ + masks/), are shared with the API: app/checks/archive_names.py. A name is
 never joined onto the filesystem."""
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import numpy as np
 
 from ...errors import AdaptationError
 
-IGNORED_DIRS = ("__MACOSX",)
-IGNORED_FILES = ("Thumbs.db", "desktop.ini")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -23,11 +22,6 @@ def normalise(raw: str) -> str:
     if ".." in parts:
         raise AdaptationError("archive_path_traversal", f"'..' in an archive path: {raw!r}", {"entry": raw})
     return "/".join(parts)
-
-
-def ignored(name: str) -> bool:
-    parts = name.split("/")
-    return (any(p in IGNORED_DIRS or p.startswith(".") for p in parts) or parts[-1] in IGNORED_FILES)
 
 
 def duplicates(names: list[str]) -> list[str]:
