@@ -23,6 +23,7 @@ true accuracy (mean absolute error, points); the calibrated one is fitted leavin
 
     nice -n 10 .venv/bin/python benchmarks/multisource_benchmark.py            # both parts
     .venv/bin/python benchmarks/multisource_benchmark.py --parts pool --targets usps_fill
+    .venv/bin/python benchmarks/multisource_benchmark.py --rows a.json,b.json   # tables; pool rows merged per target
 """
 from __future__ import annotations
 
@@ -173,6 +174,8 @@ def run_pool(args, doms) -> list[dict]:
     params = DistillWeightedParams().model_dump()
     params.update(args.param)
     cfg = D.DistillConfig.from_params(params, epochs=args.distill_epochs, seed=args.seed)
+    cfg_pl = D.DistillConfig.from_params({**params, "pseudo_label_weight": 1.0}, epochs=args.distill_epochs,
+                                         seed=args.seed)
     rows = []
     for target in args.targets:
         t0 = time.perf_counter()
@@ -191,31 +194,46 @@ def run_pool(args, doms) -> list[dict]:
         outs = [D.source_outputs(m, batches(), same_label_space=True) for m in sources]
         own = [T.source_similarity(o.features, o.probs, 10) for o in outs]
         labelled = [T.source_similarity(o.features, None, 10, (o.features[lab], y[lab])) for o in outs]
+        # GBC on the labelled images alone, with their true labels (Pandy et al.'s protocol for a
+        # transferability metric), beside the default's labelled-centroid pseudo-labels on every image
+        true_labels = [T.similarity(T.gbc(o.features[lab], y[lab], 10)) for o in outs]
         weights = T.similarity_weights(labelled)
 
-        def student(w) -> tuple[float, object]:
+        def student(w, c=cfg) -> tuple[float, object]:
             seed_everything(args.seed)
             st = build_model("digit_cnn", 10, **STUDENT_KW)
-            D.train_student(st, batches, outs, w, (x[lab], y[lab]), cfg, torch.device("cpu"), len(x))
+            D.train_student(st, batches, outs, w, (x[lab], y[lab]), c, torch.device("cpu"), len(x))
             p = predict(st, x)
             return accuracy(p, y), p
 
-        per_source = [student(torch.eye(len(names))[i]) for i in range(len(names))]
-        weighted_acc, weighted_p = student(weights)
-        only_labels_acc, only_labels_p = student(torch.zeros(len(names)))
         pick = int(np.argmax(labelled))
+        one_hot = torch.eye(len(names))
+        trained: dict[str, tuple[float, object]] = {}
+        per_source = [student(one_hot[i]) for i in range(len(names))] if "single" in args.students else None
+        if per_source is not None:
+            trained["nearest"] = per_source[pick]
+        elif "nearest" in args.students:
+            trained["nearest"] = student(one_hot[pick])
+        if "weighted" in args.students:
+            trained["weighted"] = student(weights)
+        if "labels_only" in args.students:
+            trained["labels_only"] = student(torch.zeros(len(names)))
+        if "pseudo_labels" in args.students:  # the same two with pseudo-label distillation on (weight 1)
+            trained["nearest_pl"] = student(one_hot[pick], cfg_pl)
+            trained["weighted_pl"] = student(weights, cfg_pl)
         row = {"target": target, "n": len(x), "n_labelled": len(lab), "sources": [], "pick": pick,
-               "pick_own": int(np.argmax(own)), "oracle_source": int(np.argmax([accuracy(o.probs, y) for o in outs])),
-               "oracle_student": int(np.argmax([a for a, _ in per_source])),
-               "nearest": per_source[pick][0], "weighted": weighted_acc, "labels_only": only_labels_acc,
-               "estimates": []}
+               "pick_own": int(np.argmax(own)), "pick_true_labels": int(np.argmax(true_labels)),
+               "oracle_source": int(np.argmax([accuracy(o.probs, y) for o in outs])),
+               "oracle_student": None if per_source is None else int(np.argmax([a for a, _ in per_source])),
+               **{k: a for k, (a, _) in trained.items()}, "estimates": []}
         for i, (name, o) in enumerate(zip(names, outs)):
             row["sources"].append({"name": name, "similarity_own": own[i], "similarity_labelled": labelled[i],
+                                   "similarity_true_labels": true_labels[i],
                                    "weight": float(weights[i]), "accuracy": accuracy(o.probs, y),
-                                   "student_accuracy": per_source[i][0]})
+                                   "student_accuracy": None if per_source is None else per_source[i][0]})
         models = [(f"source:{n}", o.probs) for n, o in zip(names, outs)] + \
-                 [(f"student:{n}", p) for n, (_, p) in zip(names, per_source)] + \
-                 [("student:weighted", weighted_p), ("student:labels_only", only_labels_p)]
+                 ([(f"student:{n}", p) for n, (_, p) in zip(names, per_source)] if per_source else []) + \
+                 [(f"student:{k}", p) for k, (_, p) in trained.items() if k != "nearest" or per_source is None]
         ensemble = [p for _, p in models]
         for name, p in models:
             t = E.atc_threshold(p[lab], y[lab])
@@ -225,8 +243,8 @@ def run_pool(args, doms) -> list[dict]:
         rows.append(row)
         save_partial(args, "pool", rows)
         log(f"pool {target}: sources {[round(s['accuracy'], 3) for s in row['sources']]} "
-            f"students {[round(a, 3) for a, _ in per_source]} weighted {weighted_acc:.3f} labels-only "
-            f"{only_labels_acc:.3f}  {time.perf_counter() - t0:.0f}s")
+            f"students {[round(a, 3) for a, _ in per_source or []]} "
+            f"{ {k: round(a, 3) for k, (a, _) in trained.items()} }  {time.perf_counter() - t0:.0f}s")
     return rows
 
 
@@ -289,29 +307,56 @@ def run_auto(args) -> list[dict]:
 
 # --- tables --------------------------------------------------------------------------------------
 
+def merge_pool_rows(rows: list[dict]) -> list[dict]:
+    """Rows of one target from runs that trained different `--students` (same sources and data), merged:
+    every value a later row has (not None) is kept, per source too; estimates once per model."""
+    merged: dict[str, dict] = {}
+    for r in rows:
+        m = merged.get(r["target"])
+        if m is None:
+            merged[r["target"]] = json.loads(json.dumps(r))
+            continue
+        if m["pick"] != r["pick"]:
+            raise SystemExit(f"{r['target']}: the runs' similarities differ (other sources?): not merged")
+        m.update({k: v for k, v in r.items() if v is not None and k not in ("sources", "estimates")})
+        for ms, rs in zip(m["sources"], r["sources"]):
+            ms.update({k: v for k, v in rs.items() if v is not None})
+        known = {e["model"] for e in m["estimates"]}
+        m["estimates"] += [e for e in r["estimates"] if e["model"] not in known]
+    return list(merged.values())
+
+
 def pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
 def pool_tables(rows: list[dict]) -> str:
+    def cell(v) -> str:
+        return "–" if v is None else pct(v)
+
     out = ["### Sources: similarity against true accuracy", "",
-           "| target | source | similarity (own pred.) | similarity (labelled) | weight | source acc % | "
-           "single-source student acc % |", "|---|---|---:|---:|---:|---:|---:|"]
+           "| target | source | similarity (own pred.) | similarity (labelled centroids) | similarity (labelled "
+           "images, true labels) | weight | source acc % | single-source student acc % |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         for i, s in enumerate(r["sources"]):
             mark = " ◀ pick" if i == r["pick"] else ""
+            true = s.get("similarity_true_labels")
             out.append(f"| {r['target']} | {s['name']}{mark} | {s['similarity_own']:.2f} | {s['similarity_labelled']:.2f} | "
-                       f"{s['weight']:.2f} | {pct(s['accuracy'])} | {pct(s['student_accuracy'])} |")
+                       f"{'–' if true is None else f'{true:.2f}'} | {s['weight']:.2f} | {pct(s['accuracy'])} | "
+                       f"{cell(s.get('student_accuracy'))} |")
     out += ["", "### Students (digit_cnn width 16) against the sources", "",
             "| target | n (labelled) | best source acc % | labels only % | DistillNearest % (pick) | "
-            "DistillWeighted % | pick = oracle? (source acc / student acc) |", "|---|---:|---:|---:|---:|---:|---|"]
+            "DistillWeighted % | DistillNearest + pseudo-labels % | DistillWeighted + pseudo-labels % | "
+            "pick = oracle? (source acc / student acc) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         names = [s["name"] for s in r["sources"]]
         best = max(s["accuracy"] for s in r["sources"])
-        ok = lambda i: "yes" if i == r["pick"] else f"no ({names[i]})"  # noqa: E731
-        out.append(f"| {r['target']} | {r['n']} ({r['n_labelled']}) | {pct(best)} | {pct(r['labels_only'])} | "
-                   f"{pct(r['nearest'])} ({names[r['pick']]}) | {pct(r['weighted'])} | "
-                   f"{ok(r['oracle_source'])} / {ok(r['oracle_student'])} |")
+        ok = lambda i: "–" if i is None else "yes" if i == r["pick"] else f"no ({names[i]})"  # noqa: E731
+        out.append(f"| {r['target']} | {r['n']} ({r['n_labelled']}) | {pct(best)} | {cell(r.get('labels_only'))} | "
+                   f"{cell(r.get('nearest'))} ({names[r['pick']]}) | {cell(r.get('weighted'))} | "
+                   f"{cell(r.get('nearest_pl'))} | {cell(r.get('weighted_pl'))} | "
+                   f"{ok(r['oracle_source'])} / {ok(r.get('oracle_student'))} |")
     return "\n".join(out)
 
 
@@ -365,6 +410,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="override a distillation param (catalogue defaults otherwise), e.g. kd_weight=0")
     ap.add_argument("--n-target", type=int, default=1000, help="target images per pool target (a fixed subsample)")
     ap.add_argument("--distill-epochs", type=int, default=12)
+    ap.add_argument("--students", default="single,weighted,labels_only,pseudo_labels",
+                    help="pool students to train: single (one per source; gives DistillNearest and the oracle), "
+                         "nearest (DistillNearest alone, without single), weighted, labels_only, pseudo_labels "
+                         "(DistillNearest and DistillWeighted again with pseudo_label_weight=1)")
     ap.add_argument("--auto-shifts", default=",".join(AUTO_SHIFTS))
     ap.add_argument("--candidates", default=",".join(AUTO_CANDIDATES))
     ap.add_argument("--n-auto", type=int, default=1000, help="target images per auto shift")
@@ -375,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", help="print the tables from saved --json files (comma-separated) instead of running")
     args = ap.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
+    args.students = [t for t in args.students.split(",") if t]
     args.auto_shifts = [t for t in args.auto_shifts.split(",") if t]
     args.candidates = [t for t in args.candidates.split(",") if t]
     parts = args.parts.split(",")
@@ -388,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
             result["seconds"] += saved.get("seconds", 0.0)
             for part in ("pool", "auto"):
                 result[part] = result.get(part, []) + saved.get(part, [])
+        result["pool"] = merge_pool_rows(result["pool"])
     else:
         import torch
 

@@ -131,6 +131,30 @@ def test_feature_distillation_needs_no_shared_label_space(pool):
     assert last < 0.7 * first, (first, last)
 
 
+def test_pseudo_label_distillation_across_label_spaces(pool):
+    """Sources over 5 classes of their own (pairs of digits merged), not the target's 10: no logit loss,
+    but a head per source learns its soft pseudo-labels and that loss falls; off by default."""
+    def merged(o: D.SourceOutputs) -> D.SourceOutputs:
+        z = o.logits.view(len(o.logits), 5, 2).logsumexp(2)
+        return D.SourceOutputs(o.features, z, same_label_space=False)
+
+    sources = [merged(o) for o in pool.outputs]
+    assert all(s.probs is None for s in sources)
+    params = {**DistillWeightedParams().model_dump(), "pseudo_label_weight": 1.0}
+    assert DistillWeightedParams().pseudo_label_weight == 0.0
+    cfg = D.DistillConfig.from_params(params, epochs=6, seed=0)
+    seed_everything(0)
+    rows = D.train_student(build_model("digit_cnn", 10, **KW), pool.batches, sources,
+                           T.similarity_weights(pool.similarities(True)), pool.labelled, cfg, CPU, len(pool.x))
+    assert all(r["kd_loss"] == 0.0 for r in rows)
+    first = np.mean([r["pseudo_label_loss"] for r in rows[:5]])
+    last = np.mean([r["pseudo_label_loss"] for r in rows[-5:]])
+    assert first > 0 and last < 0.7 * first, (first, last)
+    default = D.train_student(build_model("digit_cnn", 10, **KW), pool.batches, sources, torch.ones(3) / 3,
+                              pool.labelled, config(1), CPU, len(pool.x))
+    assert all(r["pseudo_label_loss"] == 0.0 for r in default)
+
+
 def test_atc_threshold_reproduces_the_labelled_accuracy(pool):
     probs, y = pool.outputs[1].probs, pool.y
     t = E.atc_threshold(probs, y)

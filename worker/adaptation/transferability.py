@@ -1,8 +1,17 @@
 """Task similarity between a source model and the target data, from the source's features and pseudo-labels
 on the target (no source data): the score DistillNearest ranks sources by and DistillWeighted weights them
-with (Borup, Phoo, Hariharan, ICCV 2023). Only the paper's abstract could be read when this was written:
-which similarity metric and which weighting the authors settled on is not checked against their text or
-code. GBC and a softmax of -ln(overlap) are this implementation's choices, measured in BENCHMARKS.md.
+with (Borup, Phoo, Hariharan, ICCV 2023, arXiv 2304.12314).
+
+Provenance. Only the paper's abstract (and its ICLR 2023 submission's, OpenReview yzHn1QejdT4) could be
+read from this environment: the stored copies of the full text (ar5iv, arXiv, a markdown mirror, the ICLR
+text dump) are served from their first page only, and no code by the authors is in the code index (searched
+2026-11-29: "DistillNearest", "DistillWeighted", the title, the arXiv id, the first author's
+repositories). The abstract fixes: task-similarity metrics select the source (DistillNearest), sources are
+weighted "by their relevance for the target task" (DistillWeighted), and the methods "merely need features
+and pseudo-labels of the source models". Which metric the authors settled on, whether it is computed on
+the few labelled images or on pseudo-labelled unlabelled ones, and how scores become weights are NOT
+checked. GBC, the pseudo-labels below and a softmax of -ln(overlap) are this implementation's choices,
+measured against the sources' true accuracy in BENCHMARKS.md ("Several source models").
 
 The metric is the Gaussian Bhattacharyya Coefficient (GBC; Pandy et al., CVPR 2022): fit one diagonal
 Gaussian per (pseudo-)class to the source's features of the target images and sum the pairwise
