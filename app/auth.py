@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass
 
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
+from starlette.requests import cookie_parser
 
 from .config import Settings
 from .db import repo
+from .db.batched import Batched, per_loop
 from .db.models import DEFAULT_TENANT
 from .db.session import session_scope
 from .errors import ApiError
@@ -46,11 +47,32 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def presented_credentials(request: Request) -> tuple[str | None, str | None]:
+    """(the API key, the dashboard session cookie) a request presents, in one pass over its raw
+    headers (the first authorization header counts, as with `request.headers.get`; cookies from every
+    cookie header, as `request.cookies`): every request of the hot path asks, so it does not build
+    Starlette's header and cookie mappings for it."""
+    auth = api_key = None
+    cookies: list[str] = []
+    for name, value in request.scope["headers"]:
+        if name == b"authorization" and auth is None:
+            auth = value.decode("latin-1")
+        elif name == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1")
+        elif name == b"cookie":
+            cookies.append(value.decode("latin-1"))
+    if auth is not None and auth.lower().startswith("bearer "):
+        key = auth[7:].strip() or None
+    else:
+        key = api_key or None
+    session = None
+    for cookie in cookies:
+        session = cookie_parser(cookie).get(SESSION_COOKIE, session)
+    return key, session
+
+
 def presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
+    return presented_credentials(request)[0]
 
 
 def _is_admin_hash(settings: Settings, key_hash: str) -> bool:
@@ -62,7 +84,10 @@ def _principal_for_hash(settings: Settings, key_hash: str) -> Principal:
     if _is_admin_hash(settings, key_hash):
         return Principal(DEFAULT_TENANT, is_admin=True)
     with session_scope(settings.resolved_database_url) as s:
-        row = repo.get_api_key_by_hash(s, key_hash)
+        return _principal_for_row(repo.get_api_key_by_hash(s, key_hash))
+
+
+def _principal_for_row(row) -> Principal:
     if row is None or row.revoked_at is not None:
         raise ApiError("invalid_api_key", "the API key is unknown or revoked")
     return Principal(row.tenant_id, is_admin=row.is_admin, key_id=row.id)
@@ -82,10 +107,23 @@ def resolve(settings: Settings, key: str | None, session: str | None = None) -> 
 
 
 async def principal_of(request: Request, settings: Settings) -> Principal:
-    key, session = presented_key(request), request.cookies.get(SESSION_COOKIE)
-    if key is None and (session is None or settings.auth != "keys"):
-        return resolve(settings, None, session)  # no database involved: answered without a thread hop
-    return await run_in_threadpool(resolve, settings, key, session)
+    """`resolve` for a request, on the event loop: the key's row is read with those of the requests
+    waiting at the same time, in one statement (app.db.batched: every answer from a read that started
+    after its request arrived, so a revoked key is refused from the next request on, in every process)."""
+    key, session = presented_credentials(request)
+    if key is not None:
+        key_hash = hash_key(key)
+    elif session is not None and settings.auth == "keys":
+        key_hash = _session_key_hash(settings, session)
+    else:
+        key_hash = None
+    if key_hash is None:
+        return resolve(settings, None)  # open access or missing_api_key: no database involved
+    if _is_admin_hash(settings, key_hash):
+        return Principal(DEFAULT_TENANT, is_admin=True)
+    url = settings.resolved_database_url
+    row = await per_loop(("api_keys", url), lambda: Batched(url, repo.api_keys_by_hash)).get(key_hash)
+    return _principal_for_row(row)
 
 
 # --- dashboard sessions ------------------------------------------------------------------------------

@@ -106,8 +106,10 @@ class MethodInfo(TypedDict):
     description: str
     needs_labels: bool
     needs_source_statistics: bool
+    needs_source_data: bool  # trains on a labelled source pool: the job's `source_data`
     updates_weights: bool
     tasks: list[str]
+    task_defaults: dict  # {task: {param: value}}: the params' defaults that differ by task
     cost: dict  # default schedule: epochs, forward_passes and backward_passes over the target data
     params_schema: dict
 
@@ -180,7 +182,8 @@ def resolve_connection(url: str | None = None, api_key: str | None = None) -> tu
 
 # --- the job spec from keyword arguments ---------------------------------------------------------------
 
-def build_spec(base: Mapping | None = None, *, method: str | None = None, params: Mapping | None = None,
+def build_spec(base: Mapping | None = None, *, task: str | None = None, method: str | None = None,
+               params: Mapping | None = None,
                model: Mapping | None = None, architecture: str | None = None, num_classes: int | None = None,
                arch_kwargs: Mapping | None = None, model_format: str | None = None,
                data: Mapping | None = None, data_format: str | None = None,
@@ -190,8 +193,8 @@ def build_spec(base: Mapping | None = None, *, method: str | None = None, params
                models: list[Mapping] | None = None, student: Mapping | None = None,
                labelled_data: Mapping | None = None, labelled_format: str | None = None) -> dict:
     """A job spec (`app/contract/jobs.py:JobSpec`): `base` (e.g. a spec file) overlaid with the given
-    fields. `model`, `data`, `eval_data`, `labelled_data` are refs `{"upload_id": ...}`; None leaves a field
-    as `base` has it. `name` and `tags` label the run so that `jobs(name=..., tags=[...])` finds it again.
+    fields (`task`: classification, segmentation, detection). `model`, `data`, `eval_data`, `labelled_data`
+    are refs `{"upload_id": ...}`; None leaves a field as `base` has it. `name` and `tags` label the run so that `jobs(name=..., tags=[...])` finds it again.
 
     Several source models (multi-source methods): `models` is a list of `{"upload_id", "architecture"?,
     "num_classes"?, "arch_kwargs"?, "format"?}`; `architecture`, `num_classes`, `arch_kwargs` and
@@ -199,6 +202,8 @@ def build_spec(base: Mapping | None = None, *, method: str | None = None, params
     `architecture`), and `student` is `{"architecture", "num_classes", "arch_kwargs"?,
     "upload_id"? (initial weights)}`."""
     spec = json.loads(json.dumps(base or {}))  # deep copy
+    if task is not None:
+        spec["task"] = task
     if method is not None:
         spec["method"] = method
     if params:
@@ -354,7 +359,8 @@ class Client:
     # --- jobs ------------------------------------------------------------------------------------------
 
     def submit(self, spec: Mapping | None = None, idempotency_key: str | None = None, *,
-               method: str | None = None, params: Mapping | None = None, model: Ref | None = None,
+               task: str | None = None, method: str | None = None, params: Mapping | None = None,
+               model: Ref | None = None,
                architecture: str | None = None, num_classes: int | None = None,
                arch_kwargs: Mapping | None = None, model_format: str | None = None, data: Ref | None = None,
                data_format: str | None = None, eval_data: Ref | None = None, eval_format: str | None = None,
@@ -372,7 +378,7 @@ class Client:
         `{"model": path or upload id, "architecture", "num_classes", "arch_kwargs"}`; `student`
         `{"architecture", "num_classes", "arch_kwargs"?, "weights"?: path or upload id}`; `labelled_data`
         a few labelled target images."""
-        fields = dict(method=method, params=params, architecture=architecture, num_classes=num_classes,
+        fields = dict(task=task, method=method, params=params, architecture=architecture, num_classes=num_classes,
                       arch_kwargs=arch_kwargs, model_format=model_format, data_format=data_format,
                       eval_format=eval_format, preprocess=preprocess, options=options, notify_url=notify_url,
                       name=name, tags=tags, labelled_format=labelled_format)

@@ -45,6 +45,11 @@ STATUS = {
     "mask_without_image": 422,
     "invalid_prior": 422,
     "prior_shape_mismatch": 422,
+    # Detection box labels (app/checks/boxes.py; the worker fails COCO archives with the same codes).
+    "detection_labels_missing": 422,
+    "invalid_detection_labels": 422,
+    "invalid_box": 422,
+    "box_out_of_image": 422,
     "architecture_unavailable": 422,
     "notify_url_not_allowed": 422,
     "task_mismatch": 422,

@@ -21,7 +21,7 @@ backend, a table per round and the ratios: job/healthz, (job+streams)/job, and p
 bounded: every phase lasts --duration seconds.
 
     python benchmarks/api_ratio.py [--backend postgres,sqlite] [--pollers 200] [--streams 200]
-        [--duration 10] [--rounds 2] [--every 1] [--profile DIR]
+        [--duration 10] [--rounds 2] [--every 1] [--profile DIR] [--auth open|keys]
 
 --profile DIR runs `py-spy record` (if installed) on the API processes during the first `job` phase
 and writes DIR/<backend>-job.txt (collapsed stacks) and prints the top frames (self and inclusive).
@@ -55,14 +55,15 @@ from load import CpuSampler, cpu_model, create_jobs, postgres_pids  # noqa: E402
 class Conn:
     """One keep-alive connection; GET only; Content-Length bodies (what the API answers to GETs)."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, auth: str = ""):
         self.host, self.port = host, port
+        self.auth = f"Authorization: Bearer {auth}\r\n" if auth else ""
         self.reader = self.writer = None
 
     async def get(self, path: str) -> tuple[int, int]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.auth}\r\n".encode())
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         length = 0
@@ -76,7 +77,7 @@ class Conn:
     async def stream(self, path: str, opened: asyncio.Event, counts: Counter) -> None:
         """Hold an event stream open, reading (and discarding) what it sends."""
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.auth}\r\n".encode())
         head = await self.reader.readuntil(b"\r\n\r\n")
         counts[int(head[9:12])] += 1
         opened.set()
@@ -89,8 +90,8 @@ class Conn:
             self.writer = None
 
 
-async def phase(host: str, port: int, paths: list[str], pollers: int, duration: float, every_s: float = 0.0
-                ) -> dict:
+async def phase(host: str, port: int, paths: list[str], pollers: int, duration: float, every_s: float = 0.0,
+                auth: str = "") -> dict:
     """`pollers` clients GET `paths` in turn for `duration` s: back to back, or each at most once per
     `every_s` (a paced client, as the CLI and the dashboard poll)."""
     latencies: list[float] = []
@@ -98,7 +99,7 @@ async def phase(host: str, port: int, paths: list[str], pollers: int, duration: 
     stop_at = time.monotonic() + duration
 
     async def poller(k: int) -> None:
-        conn, i = Conn(host, port), k
+        conn, i = Conn(host, port, auth), k
         if every_s:  # spread the paced clients over the interval instead of a burst each second
             await asyncio.sleep(every_s * k / pollers)
         try:
@@ -127,8 +128,8 @@ async def phase(host: str, port: int, paths: list[str], pollers: int, duration: 
             "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
 
 
-async def open_streams(host: str, port: int, paths: list[str], n: int, counts: Counter) -> list:
-    conns = [Conn(host, port) for _ in range(n)]
+async def open_streams(host: str, port: int, paths: list[str], n: int, counts: Counter, auth: str = "") -> list:
+    conns = [Conn(host, port, auth) for _ in range(n)]
     events = [asyncio.Event() for _ in range(n)]
     tasks = [asyncio.create_task(c.stream(paths[k % len(paths)], events[k], counts)) for k, c in enumerate(conns)]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
@@ -144,6 +145,19 @@ def close_streams(held) -> None:
 
 
 # --- services --------------------------------------------------------------------------------------
+
+ADMIN_KEY = "adk_benchmark-admin-key"
+
+
+def tenant_key(url: str) -> str:
+    """A new tenant's API key (keys mode), made with the admin key."""
+    import httpx
+
+    r = httpx.post(f"{url}/v1/admin/keys", json={"tenant": "bench"}, timeout=30,
+                   headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    r.raise_for_status()
+    return r.json()["key"]
+
 
 def queued_jobs(db_url: str, n: int, like: str) -> list[str]:
     """Jobs left queued (never enqueued, so no worker takes them): subjects for event streams."""
@@ -161,11 +175,13 @@ def queued_jobs(db_url: str, n: int, like: str) -> list[str]:
 
 
 class Stack:
-    def __init__(self, backend: str, work: Path):
+    def __init__(self, backend: str, work: Path, auth: str = "open"):
         from tests.services import REDIS_URL, Service, base_env, create_pg_database
 
         self.backend, self.db_name = backend, None
-        env = {"ADAPTD_HOME": str(work / "home"), "ADAPTD_REAPER_QUEUED_AFTER_S": "100000"}
+        env = {"ADAPTD_HOME": str(work / "home"), "ADAPTD_REAPER_QUEUED_AFTER_S": "100000", "ADAPTD_AUTH": auth}
+        if auth == "keys":
+            env["ADAPTD_ADMIN_KEY"] = ADMIN_KEY
         if backend == "postgres":
             self.db_name, self.db_url = create_pg_database()
             env |= {"ADAPTD_DATABASE_URL": self.db_url, "ADAPTD_BROKER_URL": REDIS_URL,
@@ -200,7 +216,9 @@ class Stack:
                 continue
             for q in tree:
                 try:
-                    celery = "celery" in " ".join(q.cmdline()) or "worker" in q.cmdline()
+                    # a Celery worker: `adaptd worker`, `celery ...`, or started as `python -c "from
+                    # worker.__main__ import main; ..."` (app/spawn.py; embedded mode's children)
+                    celery = any("celery" in a or "worker.__main__" in a or a == "worker" for a in q.cmdline())
                 except psutil.Error:
                     continue
                 if (role == "worker") == celery:
@@ -256,11 +274,12 @@ PHASES = ("healthz", "job", "job+streams", "job ", "list", "job paced")
 
 def run_backend(backend: str, args) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix=f"adaptd-ratio-{backend}-"))
-    stack, ok = Stack(backend, work), False
+    stack, ok = Stack(backend, work, args.auth), False
     try:
         url = stack.start()
         host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
-        done = create_jobs(url, 4, 180.0, {})
+        key = tenant_key(url) if args.auth == "keys" else ""
+        done = create_jobs(url, 4, 180.0, {"Authorization": f"Bearer {key}"} if key else {})
         queued = queued_jobs(stack.db_url, 4, done[0])
         job_paths = [f"/v1/jobs/{j}" for j in done]
         stream_paths = [f"/v1/jobs/{j}/events" for j in queued]
@@ -275,7 +294,7 @@ def run_backend(backend: str, args) -> list[dict]:
                 for name in PHASES:
                     held, counts = None, Counter()
                     if name == "job+streams":
-                        held = await open_streams(host, port, stream_paths, args.streams, counts)
+                        held = await open_streams(host, port, stream_paths, args.streams, counts, key)
                     paths = {"healthz": ["/healthz"], "list": ["/v1/jobs?limit=20"]}.get(name, job_paths)
                     name = name.strip()
                     spy = None
@@ -284,7 +303,7 @@ def run_backend(backend: str, args) -> list[dict]:
                                     args.profile / f"{backend}-{name.replace('+', '-')}.txt")
                     with CpuSampler(groups) as cpu:
                         res = await phase(host, port, paths, args.pollers, args.duration,
-                                          args.every if name == "job paced" else 0.0)
+                                          args.every if name == "job paced" else 0.0, key)
                     if held is not None:
                         res["streams_ok"] = counts.get(200, 0)
                         close_streams(held)
@@ -308,7 +327,7 @@ def run_backend(backend: str, args) -> list[dict]:
 
 
 def report(backend: str, rows: list[dict], args) -> str:
-    out = [f"### {backend}: {args.pollers} pollers, {args.streams} streams, {args.duration:.0f} s per phase, "
+    out = [f"### {backend} ({args.auth} access): {args.pollers} pollers, {args.streams} streams, {args.duration:.0f} s per phase, "
            f"{args.rounds} rounds", "",
            "| round | phase | req/s | p50 ms | p99 ms | errors | CPU s: API / client / database / worker |",
            "|---:|---|---:|---:|---:|---|---|"]
@@ -343,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--every", type=float, default=1.0, help="seconds between one paced client's polls")
     p.add_argument("--profile", type=Path, default=None)
+    p.add_argument("--auth", choices=("open", "keys"), default="open",
+                   help="keys: every request carries a tenant's API key (ADAPTD_AUTH=keys)")
     args = p.parse_args(argv)
     if not (0 < args.duration <= 120 and 1 <= args.rounds <= 5 and 1 <= args.pollers <= 1000
             and 0 <= args.streams <= 1000):

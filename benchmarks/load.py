@@ -363,6 +363,20 @@ def postgres_pids() -> list[int]:
     return [p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("postgres")]
 
 
+def postgres_pids_of(db_name: str) -> list[int]:
+    """The PostgreSQL backends connected to one database, and the server's WAL writer, checkpointer and
+    background writer (shared, but they write this database's pages and WAL too): on a server other
+    people use at the same time, what postgres_pids counts includes their work."""
+    import psycopg
+
+    from tests.services import PG_ADMIN_URL
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
+        return [r[0] for r in c.execute(
+            "select pid from pg_stat_activity where datname = %s or backend_type in "
+            "('walwriter', 'checkpointer', 'background writer')", (db_name,))]
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) * 1000 if values else float("nan")
 

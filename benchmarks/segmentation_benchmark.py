@@ -45,11 +45,43 @@ def tag_priors(masks: np.ndarray, sizes: np.ndarray) -> list[list[float]]:
     return prior.tolist()
 
 
-def methods(sizes: np.ndarray, masks: np.ndarray) -> list[tuple[str, str, dict, int]]:
+def methods(sizes: np.ndarray, masks: np.ndarray) -> list[tuple[str, str, dict, int | None]]:
     mean = [float(sizes[0])] + [float(v) / 10 for v in sizes[1:]]  # every digit equally likely, no tags
     return [("source", "source", {}, 1), ("bn_adapt", "bn_adapt", {}, 1), ("tent", "tent", {}, 1),
             ("sfda_prior (one prior)", "sfda_prior", {"class_ratio_prior": mean, "lr": 1e-4}, 3),
-            ("sfda_prior (tags)", "sfda_prior", {"class_ratio_prior": tag_priors(masks, sizes), "lr": 1e-4}, 3)]
+            ("sfda_prior (tags)", "sfda_prior", {"class_ratio_prior": tag_priors(masks, sizes), "lr": 1e-4}, 3),
+            ("cotta", "cotta", {}, 1),
+            # one-shot: the first target canvas + the labelled source canvases, 100 steps (default 300)
+            ("idm (1 target image + source pool)", "idm", {}, 100)]
+
+
+def setup(data: Path, n_source: int, n_target: int, epochs: int, width: int = 16):
+    """(source UNet, source canvases, {shift: (target images, masks)}); the UNet cached in benchmarks/.cache.
+    Shared with benchmarks/segmentation_vs_reference.py."""
+    mnist = np.load(data / "mnist_train5k.npz")
+    test = np.load(data / "mnist_test.npz")
+    usps = np.load(data / "usps_test.npz")
+    crop = (slice(None), slice(4, 24), slice(4, 24))  # MNIST's 20 px digit box
+    src = make_canvases(mnist["x"][crop], mnist["y"], n_source, seed=0)
+    same = make_canvases(test["x"][crop][:5000], test["y"][:5000], n_target, seed=1)
+    usps_c = make_canvases(usps["x"], usps["y"], n_target, seed=2)
+    shifts = {"MNIST test (no shift)": (to_rgb(same.x), same.masks),
+              "USPS": (to_rgb(usps_c.x), usps_c.masks),
+              "photo backgrounds": (photo_blend(same.x, skimage_photos(), seed=3), same.masks),
+              "sensor noise": (noise_contrast(to_rgb(same.x), seed=4), same.masks)}
+    tag = "" if width == 16 else f"_w{width}"
+    cache = Path(__file__).resolve().parent / ".cache" / f"unet_mnist_{n_source}_{epochs}{tag}.safetensors"
+    t0 = time.perf_counter()
+    if cache.exists():
+        model, _ = load_model("unet_small", NUM_CLASSES, {"width": width}, cache)
+    else:
+        seed_everything(0)
+        model = train_segmenter(build_model("unet_small", NUM_CLASSES, width=width), to_rgb(src.x), src.masks,
+                                Preprocess(**PRE), epochs=epochs, lr=3e-3)
+        cache.parent.mkdir(exist_ok=True)
+        save_safetensors(model, cache)
+    print(f"source UNet (width {width}): {n_source} canvases, {epochs} epochs, {time.perf_counter() - t0:.0f} s")
+    return model, src, shifts
 
 
 def main() -> None:
@@ -59,30 +91,13 @@ def main() -> None:
     ap.add_argument("--n-source", type=int, default=2000)
     ap.add_argument("--n-target", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="", help="comma-separated method names (default: all)")
+    ap.add_argument("--width", type=int, default=16, help="UNet width (16: 0.12 M parameters; 8: 4x cheaper)")
+    ap.add_argument("--shifts", default="", help="comma-separated shift names, in this order (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    mnist = np.load(args.data / "mnist_train5k.npz")
-    test = np.load(args.data / "mnist_test.npz")
-    usps = np.load(args.data / "usps_test.npz")
-    crop = (slice(None), slice(4, 24), slice(4, 24))  # MNIST's 20 px digit box
-    src = make_canvases(mnist["x"][crop], mnist["y"], args.n_source, seed=0)
-    same = make_canvases(test["x"][crop][:5000], test["y"][:5000], args.n_target, seed=1)
-    usps_c = make_canvases(usps["x"], usps["y"], args.n_target, seed=2)
-    shifts = {"MNIST test (no shift)": (to_rgb(same.x), same.masks),
-              "USPS": (to_rgb(usps_c.x), usps_c.masks),
-              "photo backgrounds": (photo_blend(same.x, skimage_photos(), seed=3), same.masks),
-              "sensor noise": (noise_contrast(to_rgb(same.x), seed=4), same.masks)}
-    cache = Path(__file__).resolve().parent / ".cache" / f"unet_mnist_{args.n_source}_{args.epochs}.safetensors"
-    t0 = time.perf_counter()
-    if cache.exists():
-        model, _ = load_model("unet_small", NUM_CLASSES, {}, cache)
-    else:
-        seed_everything(0)
-        model = train_segmenter(build_model("unet_small", NUM_CLASSES), to_rgb(src.x), src.masks,
-                                Preprocess(**PRE), epochs=args.epochs, lr=3e-3)
-        cache.parent.mkdir(exist_ok=True)
-        save_safetensors(model, cache)
-    print(f"source UNet: {args.n_source} canvases, {args.epochs} epochs, {time.perf_counter() - t0:.0f} s")
+    model, src, shifts = setup(args.data, args.n_source, args.n_target, args.epochs, args.width)
+    spec_model = {**MODEL, "arch_kwargs": {"width": args.width}}
     # a digit's typical share of a canvas where it occurs; the background's mean share
     sizes = np.array([(src.masks == c).sum((1, 2))[(src.masks == c).any((1, 2))].mean() / src.masks[0].size
                       for c in range(NUM_CLASSES)])
@@ -90,13 +105,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         save_safetensors(model, root / "model.safetensors")
-        for shift, (x, y) in shifts.items():
+        np.savez(root / "source.npz", x=to_rgb(src.x), y=src.masks)  # idm's labelled source pool
+        for shift in (args.shifts.split(",") if args.shifts else shifts):
+            x, y = shifts[shift]
             path = root / "target.npz"
             np.savez(path, x=x, y=y)
+            np.savez(root / "one.npz", x=x[:1])  # idm's one-shot target image
             for label, method, params, epochs in methods(sizes, y):
+                if args.only and method not in args.only.split(","):
+                    continue
+                one_shot = method == "idm"
                 t = time.perf_counter()
-                m = run(RunRequest.for_files(root / "model.safetensors", path, root / method, eval_path=path,
-                                             task="segmentation", method=method, params=params, model=MODEL,
+                m = run(RunRequest.for_files(root / "model.safetensors", root / "one.npz" if one_shot else path,
+                                             root / method, eval_path=path,
+                                             source_path=root / "source.npz" if one_shot else None,
+                                             task="segmentation", method=method, params=params, model=spec_model,
                                              preprocess=PRE, options={"batch_size": 32, "epochs": epochs})).metrics
                 rows.append((shift, label, m["miou_before"], m["miou_after"], m["dice_after"],
                              m["collapse_detected"], time.perf_counter() - t))

@@ -9,7 +9,8 @@ For each backend (PostgreSQL as `adaptd api`; SQLite as `adaptd up`) on a fresh 
 
 Every upload has distinct bytes (no deduplication). Prints MiB/s and MB/s per row, the API's peak RSS
 during the HTTP rows (memory must stay bounded: it may not grow with the upload size), and the CPU
-seconds per GiB of the API, the database server (all PostgreSQL processes) and the client. On a shared
+seconds per GiB of the API, the database server (the PostgreSQL backends of this run's database and the
+server's WAL writer, checkpointer and background writer; the server may be shared) and the client. On a shared
 machine the wall-clock rate mostly says how much CPU the run was given; CPU per GiB does not depend on
 that, and gives the rate the API and the database could sustain with a core each.
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from api_ratio import Stack  # noqa: E402
-from load import CpuSampler, cpu_model, postgres_pids  # noqa: E402
+from load import CpuSampler, cpu_model, postgres_pids_of  # noqa: E402
 
 MiB = 1 << 20
 
@@ -86,10 +87,9 @@ def run_backend(backend: str, args, template: bytes) -> list[tuple]:
         url = stack.start()
         n = args.mib
         groups = {"API": lambda: stack.pids("api"), "client": lambda: [os.getpid()]}
-        if backend == "postgres":
-            groups["PostgreSQL"] = postgres_pids
-        here = {"API": lambda: [os.getpid()], "client": lambda: []} | (
-            {"PostgreSQL": postgres_pids} if backend == "postgres" else {})
+        database = {"PostgreSQL": lambda: postgres_pids_of(stack.db_name)} if backend == "postgres" else {}
+        groups |= database
+        here = {"API": lambda: [os.getpid()], "client": lambda: []} | database
         with CpuSampler(here) as cpu:
             t = time.perf_counter()
             h = hashlib.sha256()

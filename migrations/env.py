@@ -24,6 +24,10 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = engine_from_config({"sqlalchemy.url": url}, prefix="sqlalchemy.", poolclass=pool.NullPool)
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":  # a new file's page size, before its first table
+            from app.db.session import set_sqlite_page_size
+
+            set_sqlite_page_size(connection.connection.dbapi_connection)
         context.configure(connection=connection, target_metadata=Base.metadata,
                           render_as_batch=connection.dialect.name == "sqlite")
         with context.begin_transaction():

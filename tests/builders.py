@@ -421,3 +421,34 @@ def webdataset_files(images: list[bytes], labels: list[int] | None, ext: str = "
         for suffix, blob in (extra or {}).items():
             files[f"{key}{suffix}"] = blob
     return files
+
+
+# --- detection: COCO JSON beside the images -----------------------------------------------------------
+
+def coco_document(file_names: list[str], sizes: list[tuple[int, int]], boxes: list[tuple[int, list[float], int]],
+                  categories: dict[int, str] | None = None) -> dict:
+    """A COCO annotation dict: `sizes` (height, width) per image, `boxes` (image position, [x, y, w, h],
+    category_id) per annotation; image ids are 100 + position (not the archive's order)."""
+    categories = categories or {1: "one", 2: "two"}
+    return {"images": [{"id": 100 + i, "file_name": f, "height": h, "width": w}
+                       for i, (f, (h, w)) in enumerate(zip(file_names, sizes))],
+            "annotations": [{"id": k, "image_id": 100 + i, "bbox": bbox, "category_id": c, "iscrowd": 0,
+                             "area": bbox[2] * bbox[3]} for k, (i, bbox, c) in enumerate(boxes)],
+            "categories": [{"id": c, "name": n} for c, n in categories.items()]}
+
+
+def coco_archive(path: Path, fmt: str = "zip", count: int = 3, size: tuple[int, int] = (24, 32),
+                 boxes: list[tuple[int, list[float], int]] | None = None, document: dict | None = None,
+                 json_name: str = "annotations.json", folder: str = "images") -> tuple[Path, dict]:
+    """`images/img_000.png`... beside a COCO `annotations.json` naming them by base name (as COCO does);
+    returns (path, the COCO document)."""
+    names = [f"img_{i:03d}.png" for i in range(count)]
+    if boxes is None:
+        boxes = [(0, [2.0, 3.0, 10.0, 8.0], 1), (0, [15.0, 10.0, 12.5, 9.0], 2), (2, [0.0, 0.0, 32.0, 24.0], 1)]
+    doc = document or coco_document(names, [size] * count, boxes)
+    import json
+
+    files = {f"{folder}/{n}" if folder else n: encode_image(random_image(size[0], size[1], seed=i))
+             for i, n in enumerate(names)}
+    files[json_name] = json.dumps(doc).encode()
+    return build_archive(path, files, fmt), doc

@@ -39,6 +39,38 @@ def assets(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def detection_assets(tmp_path_factory) -> dict:
+    """A CPU-sized detector (fcos_small) trained briefly on canvases of scikit-learn's digits (label = 1 +
+    digit), and a target set of other digits under a sensor shift (lower contrast, brighter, noisy) with its
+    boxes: the engine and HTTP detection tests share it (trained once per session, ~30 s on one thread)."""
+    import torch
+
+    from app.demo_data import load_sklearn_digits
+    from worker.adaptation.canvases import make_canvases, noise_contrast, to_rgb
+    from worker.adaptation.device import seed_everything
+    from worker.adaptation.models import build_model
+    from worker.adaptation.models.export import save_safetensors
+    from worker.adaptation.training import train_detector
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("detection")
+    x, y = load_sklearn_digits()
+    src = make_canvases(x[:1000], y[:1000], 256, size=32, digit_size=12, seed=0)
+    tgt = make_canvases(x[1000:], y[1000:], 96, size=32, digit_size=12, seed=1)
+    arch_kwargs = {"min_size": 32, "max_size": 32}
+    seed_everything(0)
+    model = train_detector(build_model("fcos_small", 11, **arch_kwargs), to_rgb(src.x), src.boxes, src.labels + 1,
+                           src.image_index, epochs=20, lr=3e-3)
+    save_safetensors(model, out / "model.safetensors")
+    target_x = noise_contrast(to_rgb(tgt.x), seed=2, contrast=0.8, brightness=20, sigma=10)
+    boxes = {"boxes": tgt.boxes, "labels": tgt.labels + 1, "image_index": tgt.image_index}
+    np.savez(out / "target.npz", x=target_x)
+    np.savez(out / "eval.npz", x=target_x, **boxes)
+    return {"dir": out, "model": out / "model.safetensors", "target": out / "target.npz", "eval": out / "eval.npz",
+            "x": target_x, **boxes, "arch_kwargs": arch_kwargs, "num_classes": 11}
+
+
+@pytest.fixture(scope="session")
 def pg_service(tmp_path_factory):
     """API + one worker on a fresh PostgreSQL database and Redis, migrated with `adaptd migrate`."""
     import subprocess

@@ -82,6 +82,38 @@ def test_keys_are_required_and_stored_hashed(keyed_service):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_concurrent_keyed_reads_each_get_their_own_tenant(keyed_service, assets):
+    """Keys of requests arriving together are read in one statement (app.db.batched): under concurrency
+    each request still gets its own key's tenant (its job, or 404 for another tenant's), unknown and
+    revoked keys get 401, and a key revoked now is refused by the very next request."""
+    import asyncio
+
+    a, b, gone = (make_key(keyed_service, t) for t in ("batch-a", "batch-b", "batch-gone"))
+    assert admin(keyed_service).delete(f"/v1/admin/keys/{gone['id']}").status_code == 200
+    with Client(keyed_service.url, api_key=a["key"]) as ca:
+        job_id = ca.submit(tent_spec(upload_assets(ca, assets), assets, method="source"))["id"]
+    expected = {a["key"]: 200, b["key"]: 404, gone["key"]: 401, "adk_unknown": 401}
+
+    async def burst() -> list[tuple[str, int, dict]]:
+        async with httpx.AsyncClient(base_url=keyed_service.url, timeout=60) as c:
+            keys = list(expected) * 25
+
+            async def one(key):
+                r = await c.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"})
+                return key, r.status_code, r.json()
+            return await asyncio.gather(*(one(k) for k in keys))
+
+    for key, status, body in asyncio.run(burst()):
+        assert status == expected[key], (key, status, body)
+        if status == 200:
+            assert body["id"] == job_id
+        elif status == 401:
+            assert body["error"]["code"] == "invalid_api_key"
+    assert admin(keyed_service).delete(f"/v1/admin/keys/{a['id']}").status_code == 200
+    r = httpx.get(f"{keyed_service.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {a['key']}"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
 def test_tenants_cannot_see_each_other(keyed_service, assets, tmp_path):
     a, b = make_key(keyed_service, "tenant-a"), make_key(keyed_service, "tenant-b")
     with Client(keyed_service.url, api_key=a["key"]) as ca, Client(keyed_service.url, api_key=b["key"]) as cb:

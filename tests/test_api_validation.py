@@ -147,7 +147,7 @@ def test_job_list_rows_are_summaries_unless_full_is_asked(pg_service, uploaded, 
 
 def test_concurrent_job_reads_each_get_their_own_job(pg_service, uploaded, assets):
     """GET /v1/jobs/{id} shares one database read among the requests that wait together
-    (app.services.jobs.ViewReader): many at once, for several jobs and a missing one, each still gets
+    (app.services.jobs.view_reader, app.db.batched): many at once, for several jobs and a missing one, each still gets
     exactly its own job, the same body as a lone request; and a new job is seen by the next read."""
     import asyncio
 

@@ -37,32 +37,40 @@ def seg_uploads(pg_service, tmp_path_factory):
     shifted = noise_contrast(to_rgb(tgt.x), seed=2)
     np.savez(root / "target.npz", x=shifted)
     np.savez(root / "eval.npz", x=shifted, y=tgt.masks)
+    np.savez(root / "one.npz", x=shifted[:1])                    # idm: the one-shot target image
+    np.savez(root / "source.npz", x=to_rgb(src.x), y=src.masks)  # idm: the labelled source pool
     with Client(pg_service.url) as c:
         ids = {k: c.upload(root / f, kind=kind)["id"] for k, f, kind in
                [("model", "model.safetensors", "model"), ("data", "target.npz", "dataset"),
-                ("eval", "eval.npz", "dataset")]}
+                ("eval", "eval.npz", "dataset"), ("one", "one.npz", "dataset"), ("source", "source.npz", "dataset")]}
     prior = [float((src.masks == c).mean()) for c in range(NUM_CLASSES)]
     np.savez(root / "target-masks.npz", y=tgt.masks)  # for the archive and prior files of the tests below
     return ids, prior, root
 
 
-def _spec(ids, method, params=None, task="segmentation", architecture="unet_small", epochs=1):
-    return {"task": task, "method": method, "params": params or {},
+def _spec(ids, method, params=None, task="segmentation", architecture="unet_small", epochs=1, data="data",
+          source=None):
+    spec = {"task": task, "method": method, "params": params or {},
             "model": {**MODEL, "architecture": architecture, "upload_id": ids["model"]},
-            "data": {"upload_id": ids["data"]}, "eval_data": {"upload_id": ids["eval"]},
+            "data": {"upload_id": ids[data]}, "eval_data": {"upload_id": ids["eval"]},
             "preprocess": PRE, "options": {"batch_size": 32, "epochs": epochs, "seed": 0}}
+    if source is not None:
+        spec["source_data"] = {"upload_id": ids[source]}
+    return spec
 
 
 @pytest.mark.parametrize("method,params,epochs", [("source", {}, 1), ("bn_adapt", {}, 1), ("tent", {}, 1),
-                                                  ("sfda_prior", {"lr": 1e-4}, 2)])
+                                                  ("sfda_prior", {"lr": 1e-4}, 2), ("cotta", {}, 1),
+                                                  ("idm", {}, 60)])
 def test_segmentation_job_over_http(pg_service, seg_uploads, tmp_path, method, params, epochs):
     from app.client import Client
 
     ids, prior, _ = seg_uploads
     if method == "sfda_prior":
         params = {**params, "class_ratio_prior": prior}
+    one_shot = {"data": "one", "source": "source"} if method == "idm" else {}
     with Client(pg_service.url) as c:
-        job = c.wait(c.submit(_spec(ids, method, params, epochs=epochs))["id"], poll=0.2, timeout=300)
+        job = c.wait(c.submit(_spec(ids, method, params, epochs=epochs, **one_shot))["id"], poll=0.2, timeout=300)
         assert job["status"] == "succeeded", (job["error"], pg_service.logs())
         m = job["metrics"]
         for key in ("miou_before", "miou_after", "pixel_accuracy_before", "pixel_accuracy_after", "dice_before",
@@ -103,6 +111,31 @@ def test_sfda_prior_needs_its_prior(pg_service, seg_uploads):
     with Client(pg_service.url) as c, pytest.raises(ApiError) as err:
         c.submit(_spec(ids, "sfda_prior"))
     assert err.value.status == 422 and "class_ratio_prior" in str(err.value.detail)
+
+
+@pytest.mark.parametrize("method,data,source,message", [
+    ("idm", "one", None, "labelled source pool"),      # idm without its source pool
+    ("idm", "data", "source", "params.shots"),         # the whole target set is not one shot
+    ("tent", "data", "source", "does not use a source pool"),
+])
+def test_source_data_goes_with_the_methods_that_need_it(pg_service, seg_uploads, method, data, source, message):
+    from app.client import Client
+
+    ids, _, _ = seg_uploads
+    with Client(pg_service.url) as c, pytest.raises(ApiError) as err:
+        c.submit(_spec(ids, method, data=data, source=source))
+    assert err.value.status == 422 and message in err.value.message, err.value.message
+    assert err.value.detail["field"] in ("source_data", "data")
+
+
+def test_the_catalogue_shows_task_defaults_and_the_source_pool(pg_service):
+    from app.client import Client
+
+    with Client(pg_service.url) as c:
+        methods = {m["name"]: m for m in c.methods()}
+    assert methods["idm"]["needs_source_data"] and not methods["cotta"]["needs_source_data"]
+    assert methods["cotta"]["task_defaults"]["segmentation"]["head_lr_scale"] == 10.0
+    assert methods["tent"]["task_defaults"]["segmentation"]["lr"] == 2.5e-4
 
 
 # --- archives, prior files and the CLI ----------------------------------------------------------------

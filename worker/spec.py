@@ -42,4 +42,5 @@ def build_run_request(stored: dict, workdir: Path, fetch: Callable[[str, Path], 
     files = {name: local(spec.params[name], f"param-{name}.bin")
              for name, _ in get_method_info(spec.method).upload_params() if spec.params.get(name)}
     return RunRequest(spec, model_path=local(spec.model.upload_id, "model.bin"), data_path=data_path,
-                      output_dir=workdir / "out", eval_path=eval_path, param_files=files)
+                      output_dir=workdir / "out", eval_path=eval_path, param_files=files,
+                      source_path=local(spec.source_data.upload_id, "source.bin") if spec.source_data else None)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import inspect
 from typing import Annotated
 
 from fastapi import Depends, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from ..auth import Principal, principal_of
@@ -28,3 +30,30 @@ def json_response(model: BaseModel, status_code: int = 200) -> Response:
     """The model's JSON as the response, serialized once: returned as a Response, FastAPI skips
     re-validating it against the route's response_model (which still documents it)."""
     return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+
+
+class PlainRoute(APIRoute):
+    """A hot route called without FastAPI's per-request dependency resolution (which cost more CPU than
+    the rest of `GET /v1/jobs/{id}` together). Its endpoint may take only `str` path parameters,
+    `who: PrincipalDep` and `request: Request`, and returns a Response; anything else is refused when the
+    route is built. The OpenAPI schema still comes from the endpoint's signature, as for any route."""
+
+    def get_route_handler(self):
+        endpoint = self.endpoint
+        params = inspect.signature(endpoint, eval_str=True).parameters
+        path = [name for name in params if name in self.param_convertors]
+        for name, p in params.items():
+            allowed = {"who": PrincipalDep, "request": Request}.get(name, str if name in path else None)
+            if allowed is None or p.annotation != allowed:
+                raise TypeError(f"PlainRoute {self.path}: parameter {name}: {p.annotation} is not supported")
+        wants_who, wants_request = "who" in params, "request" in params
+
+        async def handler(request: Request) -> Response:
+            kwargs = {name: request.path_params[name] for name in path}
+            if wants_who:
+                kwargs["who"] = await principal_of(request, get_settings())
+            if wants_request:
+                kwargs["request"] = request
+            return await endpoint(**kwargs)
+
+        return handler

@@ -13,9 +13,11 @@ from ..errors import ApiError
 from ..contract.jobs import JobList, JobOut, JobSpec, JobStatus
 from ..services import jobs as service
 from ..storage import iter_blob
-from .deps import PrincipalDep, SettingsDep, json_response
+from ..config import get_settings
+from .deps import PlainRoute, PrincipalDep, SettingsDep, json_response
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+hot = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=PlainRoute)  # polled: no per-request DI
 
 ARTIFACT_TYPES = {"model.safetensors": "application/octet-stream", "metrics.json": "application/json",
                   "history.json": "application/json", "examples.json": "application/json"}
@@ -43,8 +45,9 @@ async def list_jobs(settings: SettingsDep, who: PrincipalDep,
                                     limit, cursor, view == "full", name, tag))
 
 
-@router.get("/{job_id}", response_model=JobOut)
-async def get_job(job_id: str, settings: SettingsDep, who: PrincipalDep) -> Response:
+@hot.get("/{job_id}", response_model=JobOut)
+async def get_job(job_id: str, who: PrincipalDep) -> Response:
+    settings = get_settings()
     job_id = await service.full_job_id(settings, who.tenant_id, job_id)
     view = await service.view_reader(settings).get(job_id)
     if view is None or view.tenant_id != who.tenant_id:

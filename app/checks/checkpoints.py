@@ -42,7 +42,8 @@ def align_keys(expected: set[str], keys: list[str]) -> tuple[dict[str, str], lis
     the same way: the DataParallel/compile prefixes stripped; one wrapper prefix on every key (e.g.
     'model.', 'net.') stripped when that makes more keys match; BatchNorm `num_batches_tracked` buffers
     absent from checkpoints saved before PyTorch 0.4 (torchvision's published ResNets) allowed.
-    Returns (checkpoint key -> aligned key, absent num_batches_tracked keys, notes)."""
+    Returns (checkpoint key -> aligned key, keys left out of it being dropped; absent num_batches_tracked
+    keys; notes)."""
     rename, notes = {k: k for k in keys}, []
     changed = True
     while changed:  # e.g. "_orig_mod.module." (compiled DDP) or "module._orig_mod."
@@ -65,6 +66,13 @@ def align_keys(expected: set[str], keys: list[str]) -> tuple[dict[str, str], lis
                   and f"{k.rsplit('.', 1)[0]}.running_mean" in aligned]
     if absent_nbt:
         notes.append(f"{len(absent_nbt)} BatchNorm num_batches_tracked buffers absent from the checkpoint: set to 0")
+    # The reverse: a detector trained with live BatchNorm2d (torchvision built without weights) loaded into
+    # the FrozenBatchNorm2d layers its COCO checkpoints use, which have no such buffer (and drop it).
+    extra_nbt = [k for k, v in rename.items() if v.endswith(".num_batches_tracked") and v not in expected
+                 and f"{v.rsplit('.', 1)[0]}.running_mean" in expected]
+    if extra_nbt:
+        notes.append(f"{len(extra_nbt)} num_batches_tracked buffers of frozen BatchNorm layers dropped")
+        rename = {k: v for k, v in rename.items() if k not in set(extra_nbt)}
     return rename, absent_nbt, notes
 
 

@@ -8,11 +8,15 @@ import struct
 import zipfile
 from typing import IO
 
+import numpy as np
+
 from . import CheckError
+from .boxes import BOX_KEYS, check_box_arrays
 from .archive_names import ignored, mask_layout
 from .formats import detect_format
 
 NPY_MAGIC = b"\x93NUMPY"
+MAX_BOX_LABEL_BYTES = 64 << 20  # box arrays up to this size are checked value by value at submit (~4M boxes)
 
 
 def _npy_header(raw: IO[bytes], name: str) -> tuple[str, tuple[int, ...]]:
@@ -28,8 +32,9 @@ def _npy_header(raw: IO[bytes], name: str) -> tuple[str, tuple[int, ...]]:
         raise CheckError("invalid_dataset", f"npz member {name!r} has an unreadable .npy header") from None
 
 
-def check_npz(f: IO[bytes]) -> dict:
-    """{"x": shape, "y": shape?}; refuses what the worker's npz reader refuses."""
+def check_npz(f: IO[bytes], box_labels: bool = False) -> dict:
+    """{"x": shape, "y": shape?, "boxes": count?}; refuses what the worker's npz reader refuses.
+    `box_labels`: the set must carry detection labels (a detection job's eval_data), checked in full."""
     f.seek(0)
     try:
         with zipfile.ZipFile(f) as zf:
@@ -51,6 +56,12 @@ def check_npz(f: IO[bytes]) -> dict:
         raise CheckError("invalid_dataset", f"'x' must be N×H×W or N×H×W×C (C in 1,3,4), got {list(x_shape)}",
                          {"shape": list(x_shape)})
     out = {"x": list(x_shape), "images": x_shape[0]}
+    if box_labels:
+        try:
+            with zipfile.ZipFile(f) as zf:
+                out["boxes"] = _check_box_members(zf, names, x_shape)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise CheckError("invalid_dataset", f"not a readable npz file: {exc}") from None
     if y is not None and len(y[1]) == 3 and y[1] != x_shape[:3]:
         raise CheckError("mask_size_mismatch", f"'y' masks must be N×H×W like the images {list(x_shape[:3])}, got "
                          f"{list(y[1])}", {"images": list(x_shape[:3]), "masks": list(y[1])})
@@ -63,6 +74,53 @@ def check_npz(f: IO[bytes]) -> dict:
                              f"{descr}{list(shape)}", {"dtype": descr, "shape": list(shape)})
         out["y"] = list(shape)
     return out
+
+
+def _check_box_members(zf: zipfile.ZipFile, names: list[str], x_shape: tuple[int, ...]) -> int:
+    """A detection set's `boxes`, `labels`, `image_index` (app/checks/boxes.py), read without pickle:
+    headers always, values too when the three arrays are small enough to hold in the API process.
+    Returns the box count."""
+    missing = [k for k in BOX_KEYS if f"{k}.npy" not in names]
+    if missing:
+        found = [n[:-4] for n in names][:20]
+        if "y.npy" in names and len(missing) == len(BOX_KEYS):
+            raise CheckError("detection_labels_missing", "a detection job's eval_data npz carries box labels "
+                             "('boxes' M×4 float32 x1,y1,x2,y2; 'labels' M int64; 'image_index' M int64), not "
+                             "'y' (one class per image is classification's form)", {"arrays": found})
+        raise CheckError("detection_labels_missing", f"a detection job's eval_data npz lacks {missing} (box "
+                         "labels: 'boxes' M×4 float32 x1,y1,x2,y2; 'labels' M int64; 'image_index' M int64)",
+                         {"missing": missing, "arrays": found})
+    headers = {}
+    for key in BOX_KEYS:
+        with zf.open(f"{key}.npy") as raw:
+            headers[key] = _npy_header(raw, key)
+    for key, (descr, shape) in headers.items():
+        kind = descr.lstrip("|<>=")[:1]
+        ok = kind in ("f", "i", "u") if key == "boxes" else kind in ("i", "u")
+        if not ok:
+            wanted = "numbers" if key == "boxes" else "integers"
+            raise CheckError("invalid_detection_labels", f"'{key}' must hold {wanted}, got dtype {descr!r}",
+                             {"array": key, "dtype": descr})
+    m = headers["boxes"][1][0] if headers["boxes"][1] else -1
+    small = sum(zf.getinfo(f"{k}.npy").file_size for k in BOX_KEYS) <= MAX_BOX_LABEL_BYTES
+    if small:
+        arrays = {}
+        for key in BOX_KEYS:
+            with zf.open(f"{key}.npy") as raw:
+                try:
+                    arrays[key] = np.lib.format.read_array(raw, allow_pickle=False)
+                except ValueError as exc:
+                    raise CheckError("invalid_detection_labels", f"'{key}' could not be read without pickle: "
+                                     f"{exc}", {"array": key}) from None
+        check_box_arrays(arrays["boxes"], arrays["labels"], arrays["image_index"], x_shape[0], x_shape[1],
+                         x_shape[2])
+        return len(arrays["boxes"])
+    shapes = {k: s for k, (_, s) in headers.items()}
+    if (len(shapes["boxes"]) != 2 or shapes["boxes"][1:] != (4,) or shapes["labels"] != (m,)
+            or shapes["image_index"] != (m,)):
+        raise CheckError("invalid_detection_labels", "'boxes' must be M×4, 'labels' and 'image_index' M, got "
+                         f"{ {k: list(v) for k, v in shapes.items()} }", {k: list(v) for k, v in shapes.items()})
+    return m
 
 
 def zip_names(f: IO[bytes]) -> list[str] | None:
@@ -104,14 +162,16 @@ def check_masks(fmt: str, f: IO[bytes], found: dict, labelled: bool) -> dict:
     return {"images": len(layout.images), "names": layout.images}
 
 
-def check_dataset(f: IO[bytes], declared: str | None, masks: bool = False, labelled: bool = False) -> dict:
-    """`masks`: a segmentation job's dataset; `labelled`: its eval_data (masks required). The result's
-    `images` is the number of images when the headers tell it."""
+def check_dataset(f: IO[bytes], declared: str | None, masks: bool = False, labelled: bool = False,
+                  box_labels: bool = False) -> dict:
+    """`masks`: a segmentation job's dataset; `labelled`: its eval_data (masks required); `box_labels`: a
+    detection job's eval_data (npz: box arrays required and checked). The result's `images` is the number
+    of images when the headers tell it."""
     fmt = detect_format(f)
     if declared is not None and declared != fmt and not (declared == "zip" and fmt == "npz"):
         raise CheckError("format_mismatch", f"the dataset was declared {declared!r} but is {fmt!r}",
                          {"declared": declared, "detected": fmt})
     if fmt == "npz" and declared == "zip":  # read as a zip archive of .npy files: nothing to say
         return {"format": fmt}
-    found = {"format": fmt, **(check_npz(f) if fmt == "npz" else {})}
+    found = {"format": fmt, **(check_npz(f, box_labels) if fmt == "npz" else {})}
     return {**found, **(check_masks(fmt, f, found, labelled) if masks else {})}

@@ -105,7 +105,7 @@ def check_keys(architecture: str, num_classes: int, arch_kwargs: dict, shapes: d
         return ["arch_kwargs change the architecture's keys: they are checked by the worker"]
     expected = shapes_at(entry, params)
     rename, absent_nbt, _notes = align_keys(set(expected), list(shapes))
-    shapes = {rename[k]: v for k, v in shapes.items()} | {k: [] for k in absent_nbt}
+    shapes = {rename[k]: v for k, v in shapes.items() if k in rename} | {k: [] for k in absent_nbt}
     missing, unexpected, mismatched = _differences(expected, shapes)
     if not (missing or unexpected or mismatched):
         return []

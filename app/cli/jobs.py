@@ -25,6 +25,11 @@ example:
       --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 --name first-try --tag cifar --watch
 
 \b
+detection (a torchvision detector; eval boxes as COCO JSON beside the images in a zip, or npz boxes):
+  adaptd submit --task detection --method mean_teacher --model detector.safetensors \\
+      --arch fasterrcnn_mobilenet_v3_large_fpn --num-classes 11 --data target.zip --eval-data coco.zip --watch
+
+\b
 several source models distilled into one student (distill_nearest, distill_weighted):
   adaptd submit --method distill_weighted --model mnist.safetensors --model usps.safetensors \\
       --model letters.safetensors@digit_cnn,26 --arch digit_cnn --num-classes 10 --student-arch digit_cnn \\
@@ -112,7 +117,9 @@ def inline_prior(path: str) -> list | None:
 @click.option("--data", metavar="FILE|UPLOAD_ID", help="unlabelled target data (npz, zip, tar, parquet, a zipped Hugging Face save_to_disk folder); "
               "detected when no format is given")
 @click.option("--data-format", type=FORMATS)
-@click.option("--eval-data", metavar="FILE|UPLOAD_ID", help="labelled data: accuracy before and after")
+@click.option("--eval-data", metavar="FILE|UPLOAD_ID",
+              help="labelled data: accuracy (mIoU, mAP) before and after; detection: npz with boxes/labels/"
+              "image_index, or an archive of images with a COCO JSON")
 @click.option("--eval-format", type=FORMATS)
 @click.option("--size", type=int, help="square resize")
 @click.option("--channels", type=click.Choice(["1", "3"]))
@@ -150,8 +157,6 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
             raise click.UsageError(f"--spec {spec_file}: {exc}") from None
         if not isinstance(base, dict):
             raise click.UsageError(f"--spec {spec_file}: must hold a JSON object")
-    if task:
-        base = {**(base or {}), "task": task}
     params = parse_pairs(param, "--param")
     prior_rows = inline_prior(prior_file) if prior_file else None
     if prior_rows is not None:
@@ -187,7 +192,7 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
                                "or initial weights adaptd exported (--student-weights)")
     if labelled_data and not multisource:
         raise click.UsageError("--labelled-data is for several source models (distill_nearest, distill_weighted)")
-    fields = dict(method=method, params=params, architecture=arch,
+    fields = dict(task=task, method=method, params=params, architecture=arch,
                   num_classes=num_classes, arch_kwargs=kwargs, model_format=model_format,
                   data_format=data_format, eval_format=eval_format, labelled_format=labelled_format,
                   preprocess=preprocess, options=options,

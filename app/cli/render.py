@@ -132,6 +132,14 @@ def summary_lines(job: dict) -> list[str]:
             if m.get(f"{key}_before") is not None and m.get(f"{key}_after") is not None:
                 before, after = m[f"{key}_before"], m[f"{key}_after"]
                 out.append(f"{label} {fmt(before, True)} -> {fmt(after, True)}  ({after - before:+.1%})")
+        if m.get("map_before") is not None:  # detection (COCO mAP@[.5:.95] and mAP@.5)
+            out.append(f"mAP        {fmt(m['map_before'], True)} -> {fmt(m['map_after'], True)}  "
+                       f"({m['map_after'] - m['map_before']:+.1%})   mAP50 {fmt(m.get('map50_before'), True)} -> "
+                       f"{fmt(m.get('map50_after'), True)}")
+        if m.get("detections_per_image_after") is not None:
+            out.append(f"detections per image {fmt(m.get('detections_per_image_before'))} -> "
+                       f"{fmt(m['detections_per_image_after'])}   mean score {fmt(m.get('mean_score_before'))} -> "
+                       f"{fmt(m.get('mean_score_after'))}")
         out.append(f"entropy    {fmt(m.get('entropy_before'))} -> {fmt(m.get('entropy_after'))}   "
                    f"agreement with source {fmt(m.get('agreement_with_source'), True)}")
         out.append(estimate_line(m))
@@ -224,6 +232,7 @@ def job_table(items: list[dict]) -> list[str]:
         m = j.get("metrics") or {}
         acc = (f"{m['accuracy_before']:.1%}->{m['accuracy_after']:.1%}" if m.get("accuracy_before") is not None
                else f"mIoU {m['miou_before']:.1%}->{m['miou_after']:.1%}" if m.get("miou_before") is not None
+               else f"mAP {m['map_before']:.1%}->{m['map_after']:.1%}" if m.get("map_before") is not None
                else "-")
         p = j["progress"]
         if j["status"] == "running":
@@ -256,9 +265,10 @@ def method_listing(methods: list[dict]) -> list[str]:
     for m in methods:
         flags = [f for f, on in (("needs labels", m.get("needs_labels")),
                                  ("needs source statistics", m.get("needs_source_statistics")),
+                                 ("needs source_data", m.get("needs_source_data")),
                                  ("updates weights", m.get("updates_weights"))) if on]
         cost = m.get("cost") or {}
-        if m["kind"] == "sfda" and cost:
+        if m["kind"] in ("sfda", "oneshot") and cost:
             flags.append(f"{cost['epochs']} epochs by default (--epochs)")
         out.append(f"{m['name']}  ({m['kind']}{'; ' + ', '.join(flags) if flags else ''})")
         out += [f"    {text}" for text in textwrap.wrap(m["description"], 96)]

@@ -11,8 +11,10 @@ from .tasks import Task
 
 # The form of the model's output, per task: "logits" = (N, num_classes) class scores; "mask_logits" =
 # (N, num_classes, H, W) per-pixel class scores at the input's size ("mask_logits_dict": torchvision's
-# segmentation models, a dict whose "out" is that tensor and "aux" an optional auxiliary head).
-OutputForm = Literal["logits", "mask_logits", "mask_logits_dict"]
+# segmentation models, a dict whose "out" is that tensor and "aux" an optional auxiliary head); "detections" =
+# torchvision's detector output in eval mode, one dict {"boxes" K×4 xyxy, "scores" K, "labels" K} per image
+# (worker/adaptation/tasks/detection.py).
+OutputForm = Literal["logits", "mask_logits", "mask_logits_dict", "detections"]
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class InputDefaults:
     """The input the architecture is built for by default (its arch_kwargs can change it)."""
 
     channels: int
-    size: int
+    size: int | None  # None: the input size as it is (detectors resize inside, by min_size/max_size)
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -32,6 +34,10 @@ class ArchitectureInfo:
     output: OutputForm
     input: InputDefaults
     description: str
+    # Detectors: the label id that means "background" (torchvision's Faster R-CNN and SSD count it in
+    # num_classes, at 0: object classes are 1..num_classes-1); None: every label id is an object class
+    # (FCOS, RetinaNet; torchvision's COCO checkpoints still use 91 ids with id 0 unused).
+    background_label: int | None = None
 
 
 _DIGITS = InputDefaults(channels=1, size=32, mean=(0.5,), std=(0.5,))
@@ -42,6 +48,14 @@ _DIGITS_RGB = InputDefaults(channels=3, size=32, mean=(0.5, 0.5, 0.5), std=(0.5,
 _CANVAS = InputDefaults(channels=3, size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 # torchvision's segmentation references evaluate at 520 px (VOC/COCO) with ImageNet normalisation.
 _TV_SEG = InputDefaults(channels=3, size=520, mean=_IMAGENET.mean, std=_IMAGENET.std)
+# torchvision's detectors take [0, 1] pixels at any size: their own transform resizes (min_size, max_size)
+# and normalises (image_mean, image_std), all arch_kwargs; boxes come back in the input's pixels.
+_TV_DET = InputDefaults(channels=3, size=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+# (builder name, label 0 is background?) of torchvision's detectors served here.
+TORCHVISION_DETECTORS = (("fasterrcnn_resnet50_fpn", True), ("fasterrcnn_resnet50_fpn_v2", True),
+                         ("fasterrcnn_mobilenet_v3_large_fpn", True), ("fasterrcnn_mobilenet_v3_large_320_fpn", True),
+                         ("fcos_resnet50_fpn", False), ("retinanet_resnet50_fpn", False),
+                         ("retinanet_resnet50_fpn_v2", False), ("ssdlite320_mobilenet_v3_large", True))
 
 ARCHITECTURES: dict[str, ArchitectureInfo] = {a.name: a for a in (
     ArchitectureInfo("digit_cnn", "classification", "logits", _DIGITS,
@@ -61,6 +75,14 @@ ARCHITECTURES: dict[str, ArchitectureInfo] = {a.name: a for a in (
                        f"torchvision {name} (its keys; arch_kwargs reach the builder, e.g. aux_loss)")
       for name in ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50",
                    "fcn_resnet50")),
+    *(ArchitectureInfo(name, "detection", "detections", _TV_DET,
+                       f"torchvision {name} (its keys, FrozenBatchNorm2d where its COCO checkpoints have it; "
+                       "arch_kwargs reach the builder, e.g. min_size, max_size, image_mean, image_std)",
+                       background_label=0 if background else None)
+      for name, background in TORCHVISION_DETECTORS),
+    ArchitectureInfo("fcos_small", "detection", "detections", _TV_DET,
+                     "torchvision FCOS (its head, anchors, losses, NMS) on a small 3-stage CNN + torchvision "
+                     "FeaturePyramidNetwork (~0.2 M parameters; strides 4 and 8): CPU-sized, for small canvases."),
 )}
 BUILTIN_ARCHITECTURES = tuple(ARCHITECTURES)
 

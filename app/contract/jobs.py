@@ -129,6 +129,9 @@ class JobSpec(_Strict):
     eval_data: DataRef | None = None
     labelled_data: DataRef | None = Field(None, description="a few labelled target images (multi-source "
                                           "methods): similarity pseudo-labels and a supervised loss")
+    source_data: DataRef | None = Field(None, description="a labelled source pool (images with their masks), "
+                                        "for the methods that train on one (catalogue: needs_source_data; "
+                                        "idm); refused with any other method")
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
     options: Options = Field(default_factory=Options)
     notify_url: HttpUrl | None = Field(None, description="POSTed the job's final state (signed, "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-# detection is next: it adds its name here and one engine module.
-Task = Literal["classification", "segmentation"]
+Task = Literal["classification", "segmentation", "detection"]
 TASKS: tuple[str, ...] = get_args(Task)
 DEFAULT_TASK: Task = "classification"

@@ -264,6 +264,13 @@ def get_api_key_by_hash(s: Session, key_hash: str) -> ApiKey | None:
     return s.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
 
 
+def api_keys_by_hash(c: Connection | Session, key_hashes: list[str]) -> dict[str, Row]:
+    """Keys by their sha256, in one statement (id, tenant_id, is_admin, revoked_at); unknown hashes absent."""
+    q = select(ApiKey.key_hash, ApiKey.id, ApiKey.tenant_id, ApiKey.is_admin, ApiKey.revoked_at).where(
+        ApiKey.key_hash.in_(key_hashes))
+    return {r.key_hash: r for r in c.execute(q)}
+
+
 def ensure_tenant(s: Session, tenant_id: str, **limits) -> Tenant:
     tenant = s.get(Tenant, tenant_id)
     if tenant is None:

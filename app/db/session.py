@@ -12,24 +12,43 @@ from sqlalchemy.orm import Session, sessionmaker
 T = TypeVar("T")
 
 
+# Pages of a new SQLite file (an existing file keeps its own): blob chunks span many pages, and each
+# page is a write (and a checkpoint copy) of its own; 64 KiB pages took a 1 MiB chunk's system time
+# from 7.4 to 2.2 CPU s/GiB (BENCHMARKS.md, Uploads).
+SQLITE_PAGE_SIZE = 65536
+
+
+def set_sqlite_page_size(dbapi_conn) -> None:
+    """Before the file's first table (a no-op afterwards)."""
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
+    cur.close()
+
+
+def _sqlite_engine(url: str, synchronous: str, **options) -> Engine:
+    # As many connections as PostgreSQL's pool: writers queue on SQLite's lock (busy_timeout), and a
+    # request must not wait for a pooled connection instead (20 simultaneous submits: a pool of 5 + 10
+    # ran dry and answered 503).
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
+                           max_overflow=30, pool_timeout=30, **options)
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(conn, _record):  # WAL: the API reads while the worker writes
+        set_sqlite_page_size(conn)
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.close()
+
+    return engine
+
+
 @lru_cache
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        # As many connections as PostgreSQL's pool: writers queue on SQLite's lock (busy_timeout), and a
-        # request must not wait for a pooled connection instead (20 simultaneous submits: a pool of 5 + 10
-        # ran dry and answered 503).
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
-                               max_overflow=30, pool_timeout=30)
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(conn, _record):  # WAL: the API reads while the worker writes
-            cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        return engine
+        return _sqlite_engine(url, "FULL")
     # More connections than the API's threadpool (anyio: 40 threads), so a request never waits for one.
     return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_timeout=10)
 
@@ -90,25 +109,17 @@ async def read(url: str, fn: Callable[..., T], *args: Any) -> T:
         return await conn.run_sync(fn, *args)
 
 
-@contextmanager
-def deferred_durability_scope(url: str) -> Iterator[Connection]:
-    """A transaction whose commit does not wait for the disk (PostgreSQL: synchronous_commit off for
-    it; SQLite in WAL mode: synchronous=NORMAL while it commits). Only for rows that count once a later
-    ordinary commit refers to them, such as blob chunks before their blob is sealed: the log is
-    written in order, so that later commit's flush makes them durable too, and a crash before it
-    leaves an unsealed blob that nothing refers to."""
-    engine = get_engine(url)
-    with engine.connect() as conn:
-        sqlite = engine.dialect.name == "sqlite"
-        if sqlite:
-            conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
-            conn.commit()  # ends SQLAlchemy's autobegun transaction (SQLite opened none for a PRAGMA)
-        try:
-            with conn.begin():
-                if not sqlite:
-                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-                yield conn
-        finally:
-            if sqlite:
-                conn.exec_driver_sql("PRAGMA synchronous=FULL")
-                conn.commit()
+@lru_cache
+def get_deferred_durability_engine(url: str) -> Engine:
+    """A pool of its own for rows that count once a later ordinary commit refers to them, such as blob
+    chunks before their blob is sealed: autocommit (each statement its own transaction, one round
+    trip), and commits that do not wait for the disk (PostgreSQL: synchronous_commit off for these
+    sessions; SQLite in WAL mode: synchronous=NORMAL). The log is written in order, so the later
+    commit's flush makes them durable too, and a crash before it leaves an unsealed blob that nothing
+    refers to. No pre-ping (a round trip per checkout): after a server restart one statement fails
+    (503) and SQLAlchemy drops the pool. Connections are taken per statement, so concurrent uploads
+    share the pool instead of holding one each."""
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url, "NORMAL", isolation_level="AUTOCOMMIT")
+    return create_engine(url, pool_size=10, max_overflow=30, pool_timeout=30, isolation_level="AUTOCOMMIT",
+                         connect_args={"options": "-c synchronous_commit=off"})

@@ -32,7 +32,8 @@ from ..db import repo
 from ..db.session import read
 from ..errors import ApiError
 from ..contract.jobs import JobOut
-from .jobs import per_loop, views_out
+from ..db.batched import per_loop
+from .jobs import views_out
 
 RETRY_MS = 2000
 log = logging.getLogger("adaptd.events")

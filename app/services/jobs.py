@@ -1,7 +1,6 @@
 """Jobs: validate everything before queueing, commit, then enqueue; idempotency; cancel; views."""
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -9,20 +8,19 @@ import logging
 import math
 import re
 import uuid
-import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from ..config import Settings
 from ..contract.architectures import task_of
-from ..contract.catalog import CATALOG, MethodInfo
+from ..contract.catalog import CATALOG, MethodInfo, validate_params
 from ..contract.jobs import ArtifactOut, JobList, JobOut, JobSpec
 from ..db import repo
 from ..db.models import Job
+from ..db.batched import Batched, per_loop
 from ..db.session import read, read_scope, session_scope
 from ..errors import ApiError
 from ..netguard import NotAllowed, check_url
@@ -33,7 +31,6 @@ from .submit_checks import complete_spec
 from ..db.fleet import fleet
 
 log = logging.getLogger("adaptd.jobs")
-T = TypeVar("T")
 
 
 def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
@@ -57,7 +54,7 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
         raise ApiError("unknown_method", f"method: unknown method {spec.method!r}",
                        {"field": "method", "known": sorted(CATALOG)})
     try:
-        params = info.params_model.model_validate(spec.params).model_dump(mode="json")
+        params = validate_params(info, spec.params, spec.task).model_dump(mode="json")
     except ValidationError as exc:
         errors = [{"loc": ["body", "params", *e["loc"]], "field": ".".join(map(str, ["params", *e["loc"]])),
                    "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
@@ -65,9 +62,10 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                        {"errors": errors, "schema": info.params_schema()}) from None
     check_models(spec, info)
     check_task(spec, info)
+    check_source_data(spec, info)
     refs = [(field, upload_id, "model") for field, upload_id in spec.model_refs()]
     refs.append(("data", spec.data.upload_id, "dataset"))
-    for field in ("eval_data", "labelled_data"):
+    for field in ("eval_data", "labelled_data", "source_data"):
         if getattr(spec, field) is not None:
             refs.append((field, getattr(spec, field).upload_id, "dataset"))
     refs += [(f"params.{name}", params[name], kind) for name, kind in info.upload_params() if params.get(name)]
@@ -82,12 +80,24 @@ def validate_spec(settings: Settings, tenant_id: str, spec: JobSpec) -> dict:
                 raise ApiError("invalid_upload_kind", f"{where}: upload {upload_id} is a {upload.kind!r} upload, "
                                f"expected {kind!r}", {"field": where})
             uploads[field] = upload
-        stored = complete_spec(settings, s, spec, uploads)
+        # one-shot methods (idm) take at most `shots` target images
+        stored = complete_spec(settings, s, spec, uploads, params.get("shots"))
     if spec.model is not None and spec.model.architecture is None:  # taken from the checkpoint's metadata
         check_task(spec, info, stored["model"]["architecture"])
     if spec.models is not None:  # sources (and student) may have taken theirs from their metadata
         check_task(JobSpec.model_validate(stored), info)
     return {**stored, "params": params}
+
+
+def check_source_data(spec: JobSpec, info: MethodInfo) -> None:
+    """`source_data` (a labelled source pool) goes with the methods that train on one, and only with them."""
+    if info.needs_source_data and spec.source_data is None:
+        raise ApiError("invalid_spec", f"source_data: {spec.method} trains on a labelled source pool: give "
+                       "`source_data` (images with masks)", {"field": "source_data"})
+    if spec.source_data is not None and not info.needs_source_data:
+        raise ApiError("invalid_spec", f"source_data: {spec.method} does not use a source pool "
+                       f"(methods that do: {', '.join(n for n, i in CATALOG.items() if i.needs_source_data)})",
+                       {"field": "source_data"})
 
 
 def check_models(spec: JobSpec, info: MethodInfo) -> None:
@@ -252,49 +262,6 @@ class View:
     json: bytes  # the body of GET /v1/jobs/{id}
 
 
-class ViewReader:
-    """`GET /v1/jobs/{id}` in one API process (and event loop). A request that finds no read in flight
-    starts one; requests arriving meanwhile wait for the next, which reads all their jobs in one
-    statement, and requests for the same job share its JSON. So every answer comes from a read that
-    started after its request arrived (a client reads its own writes), a process has at most one
-    such read in flight, and N pollers cost a few statements per round trip instead of N."""
-
-    MAX_IDS = 500  # per statement
-
-    def __init__(self, url: str):
-        self.url = url
-        self.pending: dict[str, list[asyncio.Future]] = {}
-        self.busy = False
-
-    async def get(self, job_id: str) -> View | None:
-        future = asyncio.get_running_loop().create_future()
-        self.pending.setdefault(job_id, []).append(future)
-        if not self.busy:
-            self.busy = True
-            asyncio.create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            while self.pending:
-                ids = list(self.pending)[:self.MAX_IDS]
-                batch = {job_id: self.pending.pop(job_id) for job_id in ids}
-                try:
-                    views = await read(self.url, _read_views, ids)
-                except Exception as exc:  # noqa: BLE001 - every waiting request gets it (503 etc.)
-                    for futures in batch.values():
-                        for f in futures:
-                            if not f.done():
-                                f.set_exception(exc)
-                    continue
-                for job_id, futures in batch.items():
-                    for f in futures:
-                        if not f.done():
-                            f.set_result(views.get(job_id))
-        finally:
-            self.busy = False
-
-
 def _read_views(c, job_ids: list[str]) -> dict[str, View]:
     rows = repo.job_views(c, job_ids)
     tenants = {r.id: r.tenant_id for r in rows}
@@ -302,20 +269,10 @@ def _read_views(c, job_ids: list[str]) -> dict[str, View]:
             for job_id, job in views_out(rows).items()}
 
 
-_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
-
-
-def per_loop(key: tuple, make: Callable[[], T]) -> T:
-    """One object per event loop and key (its futures and tasks belong to that loop)."""
-    objects = _per_loop.setdefault(asyncio.get_running_loop(), {})
-    if key not in objects:
-        objects[key] = make()
-    return objects[key]
-
-
-def view_reader(settings: Settings) -> ViewReader:
+def view_reader(settings: Settings) -> Batched[str, View]:
+    """`GET /v1/jobs/{id}`: concurrent requests of a process share one statement (app.db.batched)."""
     url = settings.resolved_database_url
-    return per_loop(("views", url), lambda: ViewReader(url))
+    return per_loop(("views", url), lambda: Batched(url, _read_views))
 
 
 def job_page(c, tenant_id: str, status: str | None, limit: int, cursor: str | None, full: bool = False,

@@ -24,9 +24,10 @@ def _refused(field: str, exc: CheckError) -> ApiError:
     return ApiError(exc.code, f"{field}: {exc.message}", {"field": field, **exc.detail})
 
 
-def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
+def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict, max_data_images: int | None = None) -> dict:
     """The spec as it is stored and run: every field resolved. `uploads`: field -> Upload row (a method
-    param's file under `params.<name>`)."""
+    param's file under `params.<name>`). `max_data_images`: the most target images the method takes (a
+    one-shot method's `shots`)."""
     url = settings.resolved_database_url
     body = spec.model_dump(mode="json")
     if spec.models is not None:
@@ -35,15 +36,21 @@ def complete_spec(settings: Settings, s, spec: JobSpec, uploads: dict) -> dict:
     architecture = spec.architectures()[-1][1].architecture if spec.model is None else body["model"]["architecture"]
     body["preprocess"] = resolve(spec.preprocess.model_dump(exclude_unset=True), meta.get("preprocess"), architecture)
     found = {}
-    for field in ("data", "eval_data", "labelled_data"):
+    for field in ("data", "eval_data", "labelled_data", "source_data"):
         if field in uploads:
             up = uploads[field]
             try:
                 with open_blob(url, up.blob_id, up.size) as f:
                     found[field] = check_dataset(f, getattr(spec, field).format, masks=spec.task == "segmentation",
-                                                 labelled=field == "eval_data")
+                                                 labelled=field in ("eval_data", "source_data"),
+                                                 box_labels=spec.task == "detection" and field == "eval_data")
             except CheckError as exc:
                 raise _refused(field, exc) from None
+    images = found["data"].get("images")
+    if max_data_images is not None and images is not None and images > max_data_images:
+        raise ApiError("invalid_spec", f"data: {spec.method} adapts on {max_data_images} target image(s) (params.shots) "
+                       f"and data holds {images}; upload the one-shot image(s) as data and the rest as eval_data",
+                       {"field": "data", "images": images, "shots": max_data_images})
     num_classes = body["model"]["num_classes"] if spec.model is not None else body["student"]["num_classes"]
     for field, up in uploads.items():
         if up.kind == "prior":

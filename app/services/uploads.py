@@ -46,9 +46,10 @@ async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: 
         raise _over_quota(quota, used)
     url = settings.resolved_database_url
     writer = await run_in_threadpool(BlobWriter, url)
-    buf, received, chunk = bytearray(), 0, settings.chunk_bytes
+    pieces, buffered, received, chunk = [], 0, 0, settings.chunk_bytes
     # The previous chunk's insert (and hash) runs in a thread while the next chunk arrives: receiving
-    # and storing overlap, and memory stays at two chunks per upload.
+    # and storing overlap, and memory stays at two chunks per upload. A chunk is joined from the
+    # pieces the server received (one copy), not grown in a buffer.
     writing: asyncio.Future | None = None
     try:
         async for piece in chunks:
@@ -57,17 +58,19 @@ async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: 
                 raise _too_large(limit)
             if used + received > quota:
                 raise _over_quota(quota, used)
-            buf += piece
-            if len(buf) >= chunk:
-                data = bytes(buf[:chunk])
-                del buf[:chunk]
+            pieces.append(piece)
+            buffered += len(piece)
+            while buffered >= chunk:
+                joined = b"".join(pieces)
+                data, rest = (joined, b"") if buffered == chunk else (joined[:chunk], joined[chunk:])
+                pieces, buffered = ([rest] if rest else []), len(rest)
                 if writing is not None:
                     await writing
                 writing = asyncio.ensure_future(run_in_threadpool(writer.write, data))
         if writing is not None:
             await writing
-        if buf:
-            await run_in_threadpool(writer.write, bytes(buf))
+        if pieces:
+            await run_in_threadpool(writer.write, b"".join(pieces))
         if writer.size == 0:
             raise ApiError("empty_upload", "the upload has no bytes")
         size = writer.size

@@ -1,8 +1,8 @@
 """Blob bytes live in `blob_chunks` rows of at most `chunk_bytes`. Writers commit chunk by chunk (so
 neither side ever holds a whole file in memory); a blob becomes visible under its sha256 only when it is
-complete, and identical content is stored once. Chunk commits do not wait for the disk; the seal's
-commit does, and flushes the chunks before it (app.db.session.deferred_durability_scope): one disk
-flush per blob instead of one per chunk."""
+complete, and identical content is stored once. Each chunk is one autocommitted insert (one round
+trip) whose commit does not wait for the disk; the seal's commit does, and flushes the chunks before
+it (app.db.session.get_deferred_durability_engine): one disk flush per blob instead of one per chunk."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +15,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..db.models import Blob, BlobChunk
-from ..db.session import deferred_durability_scope, session_scope
+from ..db.session import get_deferred_durability_engine, session_scope
+
+
+_INSERT_CHUNK = insert(BlobChunk)
 
 
 class BlobWriter:
@@ -31,8 +34,9 @@ class BlobWriter:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        with deferred_durability_scope(self.db_url) as conn:
-            conn.execute(insert(BlobChunk).values(blob_id=self.blob_id, seq=self._seq, offset=self.size, data=data))
+        with get_deferred_durability_engine(self.db_url).connect() as conn:
+            conn.execute(_INSERT_CHUNK, {"blob_id": self.blob_id, "seq": self._seq, "offset": self.size,
+                                         "data": data})
         self._hash.update(data)
         self._seq += 1
         self.size += len(data)

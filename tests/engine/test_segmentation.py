@@ -35,14 +35,23 @@ def seg_files(tmp_path_factory):
                             Preprocess(**PRE), epochs=8, lr=3e-3)
     root = tmp_path_factory.mktemp("seg")
     save_safetensors(model, root / "model.safetensors")
-    np.savez(root / "target.npz", x=noise_contrast(to_rgb(tgt.x), seed=2), y=tgt.masks)
+    shifted = noise_contrast(to_rgb(tgt.x), seed=2)
+    np.savez(root / "target.npz", x=shifted, y=tgt.masks)
+    np.savez(root / "one.npz", x=shifted[:1])  # idm's one-shot target image
+    np.savez(root / "source.npz", x=to_rgb(src.x), y=src.masks)  # idm's labelled source pool
     prior = [float((src.masks == c).mean()) for c in range(NUM_CLASSES)]  # one typical proportion per class
     return root, prior
 
 
-def _run(root, method, params=None, epochs=1, data="target.npz"):
+def _run(root, method, params=None, epochs=1, data="target.npz", source=None):
+    evaluated = data
+    if method == "idm":  # one shot of the target; scored on the whole target set
+        evaluated = "target.npz"
+        if data == "target.npz" and source is None:
+            data, source = "one.npz", "source.npz"
     return run(RunRequest.for_files(root / "model.safetensors", root / data, root / f"out-{method}",
-                                    eval_path=root / data, task="segmentation", method=method, params=params or {},
+                                    eval_path=root / evaluated, source_path=root / source if source else None,
+                                    task="segmentation", method=method, params=params or {},
                                     model=MODEL, preprocess=PRE, options={"batch_size": 32, "epochs": epochs}))
 
 
@@ -58,6 +67,8 @@ def source_miou(seg_files):
     ("bn_adapt", {}, 1),
     ("tent", {}, 1),
     ("sfda_prior", {"lr": 1e-4}, 2),
+    ("cotta", {}, 1),
+    ("idm", {}, 60),
 ])
 def test_each_method_beats_the_source_model(seg_files, source_miou, method, params, epochs):
     root, prior = seg_files
@@ -84,8 +95,9 @@ def test_each_segmentation_method_updates_only_what_it_declares_and_repeats(seg_
     root, prior = seg_files
     info = CATALOG[name]
     params = {"class_ratio_prior": prior, "lr": 1e-4} if name == "sfda_prior" else {}
-    first = _run(root, name, params, epochs=1)
-    second = _run(root, name, params, epochs=1)
+    epochs = 5 if name == "idm" else 1
+    first = _run(root, name, params, epochs=epochs)
+    second = _run(root, name, params, epochs=epochs)
     source = load_file(root / "model.safetensors")
     a, b = load_file(first.model_path), load_file(second.model_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -162,6 +174,31 @@ def test_per_image_priors_from_tags(seg_files, source_miou):
     rows[:, 0] = 1 - rows[:, 1:].sum(1)
     m = _run(root, "sfda_prior", {"class_ratio_prior": rows.tolist(), "lr": 1e-4}, 2).metrics
     assert m["miou_after"] > source_miou + 0.01 and m["method_report"]["prior"] == "per_image"
+
+
+def test_cotta_takes_its_segmentation_defaults_and_averages_scaled_views(seg_files):
+    """The task's defaults (SGD 2.5e-4, head x10, no Nesterov, weight decay 5e-4, ap 0.9) fill what the job
+    leaves out; a value the job gives wins; the shifted target is below ap, so every batch is averaged."""
+    root, _ = seg_files
+    m = _run(root, "cotta", {"lr": 1e-4}).metrics
+    p = m["params"]
+    assert (p["optimizer"], p["lr"], p["nesterov"], p["weight_decay"], p["head_lr_scale"], p["ap"]) == \
+        ("sgd", 1e-4, False, 5e-4, 10.0, 0.9)
+    report = m["method_report"]
+    assert report["augmentation_averaged_batches"] == report["batches"] > 0
+
+
+def test_idm_needs_its_source_pool_and_one_shot(seg_files):
+    root, _ = seg_files
+    with pytest.raises(AdaptationError) as err:
+        _run(root, "idm", {}, 2, data="one.npz")
+    assert err.value.code == "source_data_missing"
+    with pytest.raises(AdaptationError) as err:  # the whole target set is not one shot
+        _run(root, "idm", {}, 2, data="target.npz", source="source.npz")
+    assert err.value.code == "invalid_params" and "shots" in err.value.message
+    with pytest.raises(AdaptationError) as err:  # an unlabelled pool
+        _run(root, "idm", {}, 2, data="one.npz", source="one.npz")
+    assert err.value.code == "source_data_unlabelled"
 
 
 def test_examples_show_masks_before_after_and_the_truth(seg_files):

@@ -15,36 +15,44 @@ COUNT = 8
 THUMBNAIL_PX = 48  # the longer side; smaller images are enlarged by the browser, not here
 
 
-def pick(data, before: torch.Tensor, after: torch.Tensor, labelled: bool, count: int = COUNT) -> dict:
-    """`before`/`after`: the probabilities of the source and adapted models over `data`, in stored order."""
-    n = len(data)
-    pred_b, pred_a = before.argmax(1), after.argmax(1)
-    changed = torch.nonzero(pred_b != pred_a).flatten().tolist()
-    chosen = changed[: count // 2]
+def choose(changed, count: int) -> list[int]:
+    """Up to `count` image indices out of `len(changed)`: the most changed first (at most half of them, and
+    only images that changed at all), then images spread evenly over the set."""
+    changed = np.asarray(changed, dtype=np.float64)
+    n = len(changed)
+    chosen = [int(i) for i in np.argsort(-changed, kind="stable")[: count // 2] if changed[i] > 0]
     for i in np.linspace(0, n - 1, min(n, count)).astype(int).tolist():
         if len(chosen) >= min(n, count):
             break
         if i not in chosen:
             chosen.append(i)
-    chosen = sorted(chosen)
+    return chosen
+
+
+def pick(data, before: torch.Tensor, after: torch.Tensor, labelled: bool, count: int = COUNT) -> dict:
+    """`before`/`after`: the probabilities of the source and adapted models over `data`, in stored order."""
+    pred_b, pred_a = before.argmax(1), after.argmax(1)
+    changed = (pred_b != pred_a).numpy()
+    chosen = sorted(choose(changed, count))
     images, _ = next(iter(data.batches(len(chosen), np.asarray(chosen, dtype=np.int64))))
     labels = getattr(data, "labels", None) if labelled else None
     items = []
     for k, i in enumerate(chosen):
-        items.append({"index": i, "image": _thumbnail(images[k].numpy()),
+        items.append({"index": i, "image": thumbnail(images[k].numpy())[0],
                       "label": int(labels[i]) if labels is not None else None,
                       "before": {"class": int(pred_b[i]), "confidence": round(float(before[i].max()), 4)},
                       "after": {"class": int(pred_a[i]), "confidence": round(float(after[i].max()), 4)}})
     return {"set": "eval" if labelled else "target", "class_names": getattr(data, "class_names", None),
-            "changed": len(changed), "items": items}
+            "changed": int(changed.sum()), "items": items}
 
 
-def _thumbnail(hwc: np.ndarray) -> str:
+def thumbnail(hwc: np.ndarray, px: int = THUMBNAIL_PX) -> tuple[str, tuple[int, int]]:
+    """(PNG data URL, (width, height)) of the image shrunk to fit `px` on its longer side."""
     img = Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc)
-    img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    img.thumbnail((px, px))
     buf = io.BytesIO()
     img.save(buf, "PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.size
 
 
 # --- segmentation: masks before / after (and the ground truth) -------------------------------------
@@ -78,16 +86,9 @@ def pick_masks(data, before: dict, after: dict, labelled: bool, num_classes: int
     ignore: the palette's last entry, transparent), and its pixel accuracy before/after when labelled."""
     import torch.nn.functional as F
 
-    n = len(data)
     mb, ma = before["mask"], after["mask"]
     changed = (mb != ma).float().mean(dim=(1, 2))
-    order = torch.argsort(changed, descending=True, stable=True)
-    chosen = [int(i) for i in order[: count // 2] if changed[i] > 0]  # kept in this order: most changed first
-    for i in np.linspace(0, n - 1, min(n, count)).astype(int).tolist():
-        if len(chosen) >= min(n, count):
-            break
-        if i not in chosen:
-            chosen.append(i)
+    chosen = choose(changed.numpy(), count)  # kept in this order: most changed first
     images, _ = next(iter(data.batches(len(chosen), np.asarray(chosen, dtype=np.int64))))
     labels = getattr(data, "labels", None) if labelled else None
     colours = class_colours(num_classes)

@@ -18,7 +18,7 @@ from torch import nn
 from app.checks.metadata import encode as model_metadata
 from app.checks.preprocess import resolve as resolve_preprocess
 from app.contract.catalog import CollapseGuard as GuardParams
-from app.contract.catalog import ProtocolParams, get_method_info
+from app.contract.catalog import ProtocolParams, get_method_info, validate_params
 from app.contract.jobs import JobSpec
 
 from . import estimation as E
@@ -48,18 +48,22 @@ class RunRequest:
     output_dir: Path
     eval_path: Path | None = None
     data_options: dict = field(default_factory=dict)  # dataset reader limits (the worker's max_pixels)
+    source_path: Path | None = None  # the labelled source pool (`source_data`) of methods that need one
     param_files: dict[str, Path] = field(default_factory=dict)  # a method param naming an upload -> its file
 
     @classmethod
     def for_files(cls, model_path: Path, data_path: Path, output_dir: Path, eval_path: Path | None = None,
-                  **spec) -> "RunRequest":
+                  source_path: Path | None = None, **spec) -> "RunRequest":
         """Local files instead of uploads (tests, benchmarks): `spec` holds JobSpec's fields, its
         `model` without an upload id."""
         refs = {"model": {**spec.pop("model"), "upload_id": "local"}, "data": {"upload_id": "local"}}
         if eval_path is not None:
             refs["eval_data"] = {"upload_id": "local-eval"}
+        if source_path is not None:
+            refs["source_data"] = {"upload_id": "local-source"}
         return cls(JobSpec.model_validate({**spec, **refs}), Path(model_path), Path(data_path), Path(output_dir),
-                   Path(eval_path) if eval_path is not None else None)
+                   Path(eval_path) if eval_path is not None else None,
+                   source_path=Path(source_path) if source_path is not None else None)
 
 
 @dataclass
@@ -90,7 +94,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     num_classes = spec.model.num_classes
     info = get_method_info(spec.method)
     task = get_task(spec.task)
-    params = info.params_model.model_validate(spec.params)
+    params = validate_params(info, spec.params, spec.task)
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     seed_everything(opts.seed)
@@ -99,9 +103,11 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     # The data first (indexes only): from the first phase on, progress shows how many batches will run.
     # Fields the spec leaves out: the architecture's default input (the API stores them resolved already).
     pre = resolve_preprocess(spec.preprocess.model_dump(exclude_unset=True), None, spec.model.architecture)
+    task.check_preprocess(pre)
     data = open_image_set(req.data_path, spec.data.format, preprocess_size=pre["size"], masks=task.masks,
-                          **req.data_options)
+                          pad_mixed_sizes=task.pad_mixed_sizes, **req.data_options)
     eval_data = _open_eval(req, data, task, pre["size"])
+    source_data = _open_source(req, info, task, pre["size"])
     epochs = info.cost(opts.epochs)["epochs"]  # SFDA: the job's epochs, else the method's schedule
     total = math.ceil(len(data) / opts.batch_size) * epochs
     hooks.progress(0, total, "loading")
@@ -117,7 +123,8 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
                         seed=opts.seed, precision=precision,
                         iterate_target=lambda: prep.iterate(data, opts.batch_size),
                         input_mean=tuple(pre["mean"]), input_std=tuple(pre["std"]), files=req.param_files,
-                        image_names=data.names)
+                        image_names=data.names, task=spec.task,
+                        source_pool=_source_pool(source_data, prep) if source_data is not None else None)
 
     hooks.progress(0, total, "evaluating_source")
     source_target = predict(model, data, prep, opts.batch_size, ctx, task)
@@ -134,16 +141,18 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     # on those params (the threshold is reported either way).
     guarded = isinstance(params, GuardParams)
     ratio = params.collapse_entropy_ratio if guarded else GuardParams.model_fields["collapse_entropy_ratio"].default
-    guard = CollapseGuard(num_classes, ratio, task.collapse_score(source_summary),
+    guard = CollapseGuard(task.signal_classes(num_classes), ratio, task.collapse_score(source_summary),
                           enabled=info.updates_weights and guarded and params.collapse_guard)
     reset_each = params.reset_each if isinstance(params, ProtocolParams) else 0  # 0: never reset
-    loop = _adapt(method, data, prep, opts.batch_size, opts.seed, reset_each, ctx, guard, hooks, info.kind, task)
+    loop = _adapt(method, data, prep, opts.batch_size, opts.seed, reset_each, ctx, guard, hooks, info.multi_epoch,
+                  task)
 
     hooks.progress(loop.done, loop.total, "recalibrating")
     method_report = method.report()
     adapted = method.export_model()
     recalibrated = 0
-    if info.kind != "baseline" and has_batch_norm(adapted):  # `source` returns the model as uploaded
+    # `source` returns the model as uploaded; a one-shot method keeps the statistics of its training batches
+    if info.kind != "baseline" and method.recalibrate_on_target and has_batch_norm(adapted):
         recalibrated = task.recalibrate(
             adapted, (x for x, _ in _take(prep.iterate(data, opts.batch_size), RECALIBRATION_BATCHES)), ctx.autocast)
 
@@ -195,10 +204,13 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
         metrics.update(**task.eval_headline(before, after),
                        eval={"num_images": len(eval_data), "before": before, "after": after,
                              "class_names": eval_data.class_names})
+        mapping = getattr(eval_data, "category_mapping", None)  # COCO categories -> label ids (archives/coco.py)
+        if mapping is not None:
+            metrics["eval"]["category_mapping"] = mapping
     if loop.online_predictions is not None and data.labels is not None:
         # Labels in `data` never reach the method; they only score the online predictions.
         metrics["online"] = task.online(loop.online_predictions, data.labels)
-    history = {"steps": loop.history, "collapse_events": guard.events}
+    history = {"steps": loop.history, "collapse_events": guard.events, **method.history()}
     shown = (eval_data, source_eval, after_eval) if eval_data is not None else (data, source_target, after_target)
     examples = task.examples(*shown, labelled=eval_data is not None)
     return RunResult(metrics=metrics, history=history, model_path=model_path, examples=examples)
@@ -235,7 +247,7 @@ def _take(it, n: int):
 
 @torch.no_grad()
 def predict(model: nn.Module, data: ImageSet, prep: _Prep, batch_size: int, ctx: MethodContext,
-            task: TaskEngine) -> torch.Tensor | dict[str, torch.Tensor]:
+            task: TaskEngine) -> torch.Tensor | dict[str, torch.Tensor] | list:
     """The task's predictions of `model` in eval mode over `data`, in stored order, on the CPU."""
     was_training = {m: m.training for m in model.modules()}
     model.eval()
@@ -247,6 +259,8 @@ def predict(model: nn.Module, data: ImageSet, prep: _Prep, batch_size: int, ctx:
         m.train(t)
     if isinstance(out[0], dict):
         return {k: torch.cat([o[k] for o in out]).cpu() for k in out[0]}
+    if isinstance(out[0], list):  # one item per image (detections: variable length)
+        return [item for o in out for item in o]
     return torch.cat(out).cpu()
 
 
@@ -261,7 +275,7 @@ class _LoopResult:
 
 
 def _adapt(method, data: ImageSet, prep: _Prep, batch_size: int, seed: int, reset_each: int, ctx: MethodContext,
-           guard: CollapseGuard, hooks: Hooks, kind: str, task: TaskEngine) -> _LoopResult:
+           guard: CollapseGuard, hooks: Hooks, multi_epoch: bool, task: TaskEngine) -> _LoopResult:
     n_batches = math.ceil(len(data) / batch_size)
     total = n_batches * ctx.epochs
     rng = np.random.default_rng(seed)
@@ -303,16 +317,16 @@ def _adapt(method, data: ImageSet, prep: _Prep, batch_size: int, seed: int, rese
 
     for epoch in range(ctx.epochs):
         method.begin_epoch(epoch)
-        order = rng.permutation(len(data)) if kind == "sfda" else None
+        order = rng.permutation(len(data)) if multi_epoch else None
         for xb, idx in data.batches(batch_size, order):
             if hooks.should_cancel():
                 raise JobCancelled()
             x = prep(xb)
             out = method.adapt(x, idx.to(ctx.device))
-            preds = task.collapse_signal(out.logits)
+            preds = task.collapse_signal(out.logits, ctx.num_classes)
             if guard.enabled:
                 guard.observe(preds)
-            if epoch == ctx.epochs - 1 and kind != "sfda":
+            if epoch == ctx.epochs - 1 and not multi_epoch:
                 online.append(preds)
             pending.append((done, epoch, out))
             done += 1
@@ -340,12 +354,36 @@ def _open_eval(req: RunRequest, data: ImageSet, task: TaskEngine, size: int | No
     spec = req.spec
     eval_data = data if req.eval_path == req.data_path else open_image_set(
         req.eval_path, spec.eval_data.format if spec.eval_data else None, preprocess_size=size,
-        masks=task.masks, **req.data_options)
+        masks=task.masks, pad_mixed_sizes=task.pad_mixed_sizes, **req.data_options)
     if eval_data.labels is None:
         raise AdaptationError("eval_data_unlabelled", "eval_data must carry labels ('y' in npz; class folders, "
                               "or masks/NAME.png beside images/NAME.ext for segmentation, in archives)")
     task.check_labels(eval_data.labels, spec.model.num_classes)
     return eval_data
+
+
+def _open_source(req: RunRequest, info, task: TaskEngine, size: int | None) -> ImageSet | None:
+    """The labelled source pool of a method that trains on one (the API refuses the spec otherwise)."""
+    if not info.needs_source_data:
+        return None
+    if req.source_path is None:
+        raise AdaptationError("source_data_missing", f"{info.name} trains on a labelled source pool: the job "
+                              "needs `source_data` (images with masks)")
+    pool = open_image_set(req.source_path, req.spec.source_data.format if req.spec.source_data else None,
+                          preprocess_size=size, masks=task.masks, pad_mixed_sizes=task.pad_mixed_sizes,
+                          **req.data_options)
+    if pool.labels is None:
+        raise AdaptationError("source_data_unlabelled", "source_data must carry its masks ('y' in npz, "
+                              "masks/NAME.png beside images/NAME.ext in archives)")
+    task.check_labels(pool.labels, req.spec.model.num_classes)
+    return pool
+
+
+def _source_pool(pool: ImageSet, prep: _Prep) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole source pool preprocessed on the run's device, with its labels: (x, y). Held in memory (a
+    one-shot method samples from it at random every step)."""
+    xs = [x for x, _ in prep.iterate(pool, 256)]
+    return torch.cat(xs), torch.from_numpy(np.asarray(pool.labels).astype(np.int64)).to(prep.device)
 
 
 def _check_input_shape(model: nn.Module, data: ImageSet, prep: _Prep, num_classes: int, task: TaskEngine) -> None:

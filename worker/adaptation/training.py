@@ -48,3 +48,37 @@ def train_segmenter(model: nn.Module, x: np.ndarray, masks: np.ndarray, preproce
     loop with masks as the targets."""
     return train_classifier(model, x, masks, preprocess, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                             device=device, ignore_index=255)
+
+
+def train_detector(model: nn.Module, x: np.ndarray, boxes: np.ndarray, labels: np.ndarray, image_index: np.ndarray,
+                   epochs: int = 10, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
+                   device: str = "cpu") -> nn.Module:
+    """Adam on a torchvision detector's own losses (train mode, one target dict per image; `labels` are
+    the model's label ids). The frozen BatchNorm of its backbone is trained live (BatchNorm2d) and frozen
+    again after, as a detector is trained before its checkpoint is published. `x`: N×H×W[×3] uint8."""
+    from .boxes import targets_per_image
+    from .models.torchvision_det import freeze_bn, unfreeze_bn
+
+    seed_everything(seed)
+    dev = torch.device(device)
+    unfreeze_bn(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.to(dev).train()
+    data = ArrayImageSet(x if x.ndim == 4 else np.repeat(x[..., None], 3, axis=-1))
+    targets = targets_per_image({"boxes": boxes, "labels": labels, "image_index": image_index}, len(data))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    steps = epochs * -(-len(data) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        for xb, idx in data.batches(batch_size, rng.permutation(len(data))):
+            xt = xb.to(dev).permute(0, 3, 1, 2).float().div_(255.0)
+            tb = [{k: v.to(dev) for k, v in targets[i].items()} for i in idx.tolist()]
+            loss = sum(model(xt, tb).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    freeze_bn(model, only_marked=True)
+    return model.eval()

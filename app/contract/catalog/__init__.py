@@ -5,12 +5,12 @@ The API validates job params and serves `GET /v1/methods` from it without torch;
 implementation (`worker/adaptation/methods/`) registers against its params class here
 (`@implements(TentParams)`), so an entry and its implementation are bound by one object and a test
 keeps the two sets equal. Defaults are the authors' and exist only here. Adding a method: a params
-class + `@describe` in the module of its kind (`baselines`, `tta`, `sfda`, `segmentation`, `multimodel`), and one implementation
+class + `@describe` in the module of its kind (`baselines`, `tta`, `sfda`, `segmentation`, `detection`, `multimodel`), and one implementation
 file (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,7 +63,7 @@ UpdateScope = Literal["nothing", "norm_affine", "norm_affine_but_last", "all", "
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
-    kind: Literal["baseline", "tta", "sfda", "multisource", "auto"]
+    kind: Literal["baseline", "tta", "sfda", "oneshot", "multisource", "auto"]
     description: str
     params_model: type[MethodParams]
     updates: UpdateScope
@@ -74,6 +74,18 @@ class MethodInfo:
     epochs: int = 1
     forward_passes_per_epoch: int = 0
     forward_passes_once: int = 0
+    # Defaults that differ by task, {task: {field: value}}: a field the job leaves out takes its task's value
+    # here, else the params class's own default (written once, in one of the two places; the field's
+    # description names both). `validate_params` applies them; `GET /v1/methods` shows them.
+    task_defaults: dict = field(default_factory=dict)
+    # A labelled source pool (the job's top-level `source_data`: images with masks/labels) the method trains
+    # on; the API refuses the method without it and every other method with it.
+    needs_source_data: bool = False
+
+    @property
+    def multi_epoch(self) -> bool:
+        """Makes several passes over the target set (its `epochs`), in a shuffled order."""
+        return self.kind in ("sfda", "oneshot")
 
     @property
     def updates_weights(self) -> bool:
@@ -91,7 +103,7 @@ class MethodInfo:
     def cost(self, epochs: int | None = None) -> dict:
         """Expected cost in passes over the target data, for `epochs` (default: the method's schedule).
         Every job adds its evaluation passes (source and adapted model) on top."""
-        epochs = (epochs or self.epochs) if self.kind == "sfda" else 1
+        epochs = (epochs or self.epochs) if self.multi_epoch else 1
         extra = self.forward_passes_per_epoch * epochs + self.forward_passes_once
         return {"epochs": epochs, "forward_passes": epochs + extra,
                 "backward_passes": epochs if self.updates_weights else 0}
@@ -102,7 +114,7 @@ CATALOG: dict[str, MethodInfo] = {}
 
 def describe(name: str, kind: str, description: str, *, updates: UpdateScope,
              tasks: tuple[Task, ...] = ("classification",), epochs: int = 1, forward_passes_per_epoch: int = 0,
-             forward_passes_once: int = 0):
+             forward_passes_once: int = 0, task_defaults: dict | None = None, needs_source_data: bool = False):
     """Class decorator on a params model: adds the method to the catalogue; duplicates fail loudly."""
 
     def wrap(params_model: type[MethodParams]) -> type[MethodParams]:
@@ -110,8 +122,13 @@ def describe(name: str, kind: str, description: str, *, updates: UpdateScope,
             raise ValueError(f"method {name!r} is described twice")
         if any(info.params_model is params_model for info in CATALOG.values()):
             raise ValueError(f"{params_model.__name__} already describes another method")
+        for task, values in (task_defaults or {}).items():
+            unknown = set(values) - set(params_model.model_fields)
+            if task not in tasks or unknown:
+                raise ValueError(f"{name}: task_defaults for {task!r} name a task it lacks or unknown fields {unknown}")
         CATALOG[name] = MethodInfo(name, kind, description, params_model, updates, tasks, epochs,
-                                   forward_passes_per_epoch, forward_passes_once)
+                                   forward_passes_per_epoch, forward_passes_once, dict(task_defaults or {}),
+                                   needs_source_data)
         return params_model
 
     return wrap
@@ -125,6 +142,12 @@ def info_for_params(params_model: type[MethodParams]) -> MethodInfo:
     raise KeyError(f"{params_model.__name__} describes no method (decorate it with @describe)")
 
 
+def validate_params(info: MethodInfo, params: dict, task: str) -> MethodParams:
+    """A job's params for its task: the task's defaults (`task_defaults`) under what the job gives. The API
+    stores the result complete, so the worker's re-validation finds every field given."""
+    return info.params_model.model_validate({**info.task_defaults.get(task, {}), **params})
+
+
 def get_method_info(name: str) -> MethodInfo:
     try:
         return CATALOG[name]
@@ -133,13 +156,14 @@ def get_method_info(name: str) -> MethodInfo:
 
 
 # Importing the per-kind modules runs their @describe decorators.
-from . import baselines, multimodel, segmentation, sfda, tta  # noqa: E402,F401
+from . import baselines, detection, multimodel, segmentation, sfda, tta  # noqa: E402,F401
 
 
 def catalogue_json() -> list[dict]:
     """The catalogue as `GET /v1/methods` serves it (and `adaptd methods` prints it without a server).
-    needs_labels / needs_source_statistics: kept for existing clients; the service never has labels or
-    source data, so no method can need them."""
+    needs_labels / needs_source_statistics: kept for existing clients (no method needs target labels or
+    source statistics); needs_source_data: the method trains on a labelled source pool (`source_data`)."""
     return [{"name": m.name, "kind": m.kind, "description": m.description, "needs_labels": False,
-             "needs_source_statistics": False, "updates_weights": m.updates_weights, "tasks": list(m.tasks),
+             "needs_source_statistics": False, "needs_source_data": m.needs_source_data,
+             "updates_weights": m.updates_weights, "tasks": list(m.tasks), "task_defaults": m.task_defaults,
              "cost": m.cost(), "params_schema": m.params_schema()} for m in CATALOG.values()]

@@ -62,3 +62,49 @@ class SFDAPriorParams(CollapseGuard):
                                                or any(not (0 <= v <= 1e3) for v in self.class_weights)):
             raise ValueError("class_weights must have one non-negative weight per class of class_ratio_prior")
         return self
+
+
+@describe("idm", "oneshot", "IDM, Informative Data Mining for one-shot cross-domain segmentation (Wang, Liang, Xiao, "
+          "Mei, Yang, Zhang; ICCV 2023): adapts a source model with a labelled SOURCE pool (`source_data`: images "
+          "with masks) and ONE unlabelled target image (`data`; `shots` of them at most). Informative data "
+          "mining: the source images are rendered in the target image's style (AdaIN of the first convolution's "
+          "channel statistics) and the most uncertain ones (mean pixel entropy per class present) are selected, "
+          "re-mined every mine_every steps. Each step trains every weight on the selected source images with "
+          "patch-wise mixing (a random half of a grid of patches replaced by the target's, labelled with the "
+          "model's confident pseudo-labels) by cross-entropy, plus prototype-based information maximisation on "
+          "the target image (class prototypes: EMA of source pixel features by mask; the target's prediction "
+          "rectified by its prototype similarity; pixel entropy minus the entropy of the mean prediction). "
+          "The paper's setting: DeepLab-v2, GTA5/SYNTHIA -> Cityscapes, one target image; its optimiser "
+          "settings are the DeepLab-v2 line's (SGD 2.5e-4, momentum 0.9, weight decay 5e-4, head x10); the mining, "
+          "mixing and IM defaults are this service's choices for small canvases (the paper's values were not "
+          "available to check). `epochs` counts steps (one pass over the one-shot target set each).",
+          updates="all", tasks=("segmentation",), epochs=300, needs_source_data=True)
+class IDMParams(CollapseGuard):
+    shots: int = Field(1, ge=1, le=16, description="Target images the job may hold in `data` (one-shot: 1); "
+                       "a larger target set is refused at submit: evaluate on it through eval_data.")
+    select_ratio: float = Field(0.2, gt=0, le=1, description="Fraction of the source pool mined as informative "
+                                "(highest uncertainty under the target's style).")
+    mine_every: int = Field(50, ge=1, le=100_000, description="Steps between two minings of the source pool "
+                            "(the target's pseudo-labels are refreshed with them).")
+    source_batch: int = Field(4, ge=1, le=256, description="Mined source images per step, each mixed with the "
+                              "target image.")
+    patch_grid: int = Field(4, ge=1, le=64, description="Patch-wise mixing: the image is cut into grid x grid "
+                            "patches.")
+    mix_ratio: float = Field(0.5, ge=0, le=1, description="Fraction of the patches taken from the target image.")
+    pseudo_threshold: float = Field(0.9, ge=0, le=1, description="Target pixels whose confidence is below this "
+                                    "are ignored in the mixed labels.")
+    lambda_im: float = Field(1.0, ge=0, le=1e3, description="Weight of the prototype-based information "
+                             "maximisation on the target image.")
+    lambda_div: float = Field(1.0, ge=0, le=1e3, description="Weight of its diversity term (entropy of the "
+                              "image's mean prediction) inside the IM loss.")
+    prototype_momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the class prototypes.")
+    temperature: float = Field(0.1, gt=0, le=10, description="Softmax temperature over the cosine similarity "
+                               "of a pixel's features to the class prototypes.")
+    lr: float = Field(2.5e-4, gt=0, le=1.0, description="SGD learning rate (the DeepLab-v2 line's 2.5e-4).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(5e-4, ge=0, le=1.0, description="SGD weight decay.")
+    head_lr_scale: float = Field(10.0, gt=0, le=1e3, description="lr multiplier of the segmentation head.")
+    collapse_entropy_ratio: float = Field(
+        0.1, gt=0, lt=1, description="The collapse guard's threshold (see the other methods; 0.25 there): lower "
+        "here because it watches a few canvases per step, mostly background even when healthy; an "
+        "all-background mask (entropy ~0) is still caught.")

@@ -3,19 +3,25 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from . import CollapseGuardParams, MethodParams, ProtocolParams, describe  # noqa: F401
 
 
 @describe("tent", "tta", "TENT (Wang et al., ICLR 2021): minimise the mean softmax entropy (per pixel for "
-          "segmentation), updating only "
-          "the affine parameters of the norm layers, one step per batch.",
-          updates="norm_affine", tasks=("classification", "segmentation"))
+          "segmentation), updating only the affine parameters of the norm layers, one step per batch. "
+          "Segmentation defaults (task_defaults): SGD 2.5e-4, momentum 0.9, weight decay 5e-4, as the reference "
+          "library's segmentation/ (which also resets after every image: reset_each=1 here).",
+          updates="norm_affine", tasks=("classification", "segmentation"),
+          task_defaults={"segmentation": {"optimizer": "sgd", "lr": 2.5e-4, "weight_decay": 5e-4}})
 class TentParams(CollapseGuardParams):
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam for CIFAR-scale, SGD for ImageNet.")
-    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64).")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam for CIFAR-scale, SGD for ImageNet and "
+                                              "segmentation (task default).")
+    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64; "
+                      "segmentation, task default).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="0 for classification; 5e-4 for segmentation "
+                                "(task default).")
     steps: int = Field(1, ge=1, le=10, description="Gradient steps per batch.")
 
 
@@ -65,28 +71,60 @@ class SARParams(CollapseGuardParams):
         "library does on WRN-28-10, whose module names its filter does not match).")
 
 
+# CoTTA for segmentation (its authors' Cityscapes -> ACDC setting, and mariodoebler/test-time-adaptation's
+# `segmentation/` defaults): SGD 2.5e-4 (momentum 0.9, no Nesterov, weight decay 5e-4), the head at 10x the
+# lr, a teacher averaged over 6 scales with random flips when the anchor's mean pixel confidence is below 0.9.
+COTTA_SEGMENTATION = {"optimizer": "sgd", "lr": 2.5e-4, "nesterov": False, "weight_decay": 5e-4,
+                      "head_lr_scale": 10.0, "ap": 0.9}
+
+
 @describe("cotta", "tta", "CoTTA (Wang et al., CVPR 2022): the student (all weights) learns the cross-entropy "
-          "to an EMA teacher (0.999), whose prediction averages 32 augmented views when the source model's "
+          "to an EMA teacher (0.999), whose prediction averages augmented views when the source model's "
           "mean confidence is below ap; then each weight returns to its source value with probability "
-          "restore_prob. Predictions and the exported model are the teacher's. Augmentations run batched on "
-          "the device.",
-          updates="all")
+          "restore_prob. Predictions and the exported model are the teacher's. Classification: 32 random "
+          "views (colour, affine, blur, flip, noise) batched on the device. Segmentation (per pixel): the "
+          "teacher's logits averaged over the input and `scales` resized views, each image flipped at random "
+          "(logits resized back and unflipped), and the segmentation head trained at head_lr_scale x lr. "
+          "Defaults differ by task (task_defaults): segmentation takes SGD 2.5e-4, no Nesterov, weight decay "
+          "5e-4, head x10, ap 0.9 (the reference library's segmentation/ setting).",
+          updates="all", tasks=("classification", "segmentation"),
+          task_defaults={"segmentation": COTTA_SEGMENTATION})
 class CoTTAParams(CollapseGuardParams):
     optimizer: Literal["adam", "sgd"] = Field(
-        "adam", description="Adam for CIFAR; SGD (Nesterov momentum 0.9) for ImageNet.")
-    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 0.01 with SGD (ImageNet, batch 64).")
+        "adam", description="Adam for CIFAR; SGD for ImageNet and for segmentation (its task default).")
+    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 0.01 with SGD (ImageNet, batch 64); "
+                      "2.5e-4 with SGD for segmentation (task default).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
+    nesterov: bool = Field(True, description="Nesterov momentum with SGD: the reference library's classification "
+                           "setting; its segmentation setting has none (task default false).")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="0 for classification; 5e-4 for segmentation "
+                                "(task default).")
+    head_lr_scale: float = Field(1.0, gt=0, le=1e3, description="lr multiplier of the segmentation head (the "
+                                 "modules producing the class logits): 10 for segmentation (task default).")
     teacher_momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of the teacher.")
     restore_prob: float = Field(0.01, ge=0, le=1, description="Stochastic restore probability per weight "
-                                "element: 0.01 CIFAR, 0.001 ImageNet.")
+                                "element: 0.01 CIFAR and segmentation, 0.001 ImageNet.")
     ap: float = Field(0.92, ge=0, le=1, description="Augment-average the teacher when the anchor (source) "
-                      "model's mean max-probability is below this: 0.92 CIFAR10, 0.1 ImageNet.")
-    n_augmentations: int = Field(32, ge=1, le=128, description="Augmented views averaged by the teacher.")
+                      "model's mean max-probability (per pixel for segmentation) is below this: 0.92 CIFAR10, "
+                      "0.1 ImageNet, 0.9 segmentation (task default).")
+    n_augmentations: int = Field(32, ge=1, le=128, description="Augmented views averaged by the teacher "
+                                 "(classification; segmentation uses one view per scale).")
+    scales: list[float] = Field(
+        [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1, max_length=16,
+        description="Segmentation: the teacher's view sizes as fractions of the input size (CoTTA's "
+        "multi-scale ratios; the reference library applies them to half its 1024x512 crops).")
     loss: Literal["ce", "symmetric"] = Field(
-        "ce", description="ce: cross-entropy student ← teacher (CIFAR); symmetric: the mean of both "
-        "directions (the reference's ImageNet variant).")
+        "ce", description="ce: cross-entropy student ← teacher (CIFAR, segmentation); symmetric: the mean of "
+        "both directions (the reference's ImageNet variant).")
     hflip: bool = Field(True, description="Random horizontal flips among the augmentations (the reference's, "
                         "made for natural images); turn off where a mirror image changes the class (digits, text).")
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        if any(not (0.05 <= r <= 4.0) for r in v):
+            raise ValueError("scales must lie in 0.05..4")
+        return v
 
 
 @describe("rmt", "tta", "RMT (Döbler et al., CVPR 2023), source-free variant: the student (all weights) and "

@@ -8,14 +8,19 @@ import numpy as np
 import torch
 
 from ..errors import AdaptationError
+from . import boxes
 from .formats import ARCHIVE_FORMATS, detect_format
 
 
 class ImageSet(Protocol):
     """A finite, ordered set of uint8 images (N×H×W×C), optionally labelled."""
 
-    labels: np.ndarray | None        # int64 (N,) class labels, uint8 (N, H, W) masks, or None
+    # int64 (N,) class labels, uint8 (N, H, W) masks, a dict of box arrays (data/boxes.py), or None
+    labels: np.ndarray | dict | None
     class_names: list[str] | None    # label index -> name, when the format carries names
+    # int64 N×2: the (height, width) each image's pixels take in the batches, from their top-left corner
+    # (smaller than the batch's size where images of several sizes are padded: detection)
+    image_sizes: np.ndarray
 
     def __len__(self) -> int: ...
 
@@ -34,7 +39,7 @@ class ImageSet(Protocol):
 class ArrayImageSet:
     """An in-memory uint8 array (npz). Batches are zero-copy slices."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray | None = None, class_names: list[str] | None = None):
+    def __init__(self, x: np.ndarray, y: np.ndarray | dict | None = None, class_names: list[str] | None = None):
         if x.ndim == 3:
             x = x[..., None]
         self.x = x
@@ -43,6 +48,10 @@ class ArrayImageSet:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    @property
+    def image_sizes(self) -> np.ndarray:
+        return np.tile(np.asarray(self.x.shape[1:3], np.int64), (len(self.x), 1))
 
     @property
     def names(self) -> list[str]:
@@ -83,7 +92,8 @@ def check_npz_members(path: Path) -> None:
 
 
 def read_npz(path: Path) -> ArrayImageSet:
-    """`x`: uint8 N×H×W[×C]; optional `y`: integer labels. Read without pickle, after check_npz_members."""
+    """`x`: uint8 N×H×W[×C]; optional `y`: integer labels, or `boxes`/`labels`/`image_index` (detection,
+    data/boxes.py). Read without pickle, after check_npz_members."""
     check_npz_members(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -91,6 +101,8 @@ def read_npz(path: Path) -> ArrayImageSet:
                 raise AdaptationError("invalid_dataset", f"npz has no 'x' array (found: {archive.files})")
             x = archive["x"]
             y = archive["y"] if "y" in archive.files else None
+            box_arrays = ({k: archive[k] for k in boxes.BOX_KEYS if k in archive.files}
+                          if "boxes" in archive.files else None)
     except AdaptationError:
         raise
     except ValueError as exc:  # object arrays need pickle: refused
@@ -103,7 +115,12 @@ def read_npz(path: Path) -> ArrayImageSet:
     if x.ndim not in (3, 4) or len(x) == 0 or (x.ndim == 4 and x.shape[-1] not in (1, 3, 4)):
         raise AdaptationError("invalid_dataset", f"'x' must be N×H×W or N×H×W×C (C in 1,3,4), got {x.shape}",
                               {"shape": list(x.shape)})
-    if y is not None:
+    if box_arrays:
+        if y is not None:
+            raise AdaptationError("invalid_dataset", "an npz holds either 'y' or box labels "
+                                  "('boxes', 'labels', 'image_index'), not both")
+        y = boxes.checked(box_arrays, np.tile(np.asarray(x.shape[1:3], np.int64), (len(x), 1)))
+    elif y is not None:
         if not np.issubdtype(y.dtype, np.integer):
             raise AdaptationError("invalid_dataset", f"'y' must hold integers, got {y.dtype}")
         if y.ndim == 3:  # segmentation masks, one per image (255 = ignore)

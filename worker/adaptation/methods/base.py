@@ -36,6 +36,9 @@ class MethodContext:
     # work in pixel space [0, 1]; None when unknown (augmentations then rescale each image's own range).
     input_mean: tuple[float, ...] | None = None
     input_std: tuple[float, ...] | None = None
+    task: str = "classification"  # the job's task (methods with a task-specific step branch on it)
+    # The labelled source pool of methods that declare needs_source_data: (x preprocessed on device, labels).
+    source_pool: tuple[torch.Tensor, torch.Tensor] | None = None
     # The local file of each param that names an upload (catalogue `upload_params`, e.g. prior_upload).
     files: dict[str, Path] = field(default_factory=dict)
     # The target images' names in stored order (data.names), to match a file's rows to images.
@@ -68,6 +71,11 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: f
     raise ValueError(f"unknown optimizer {kind!r}")
 
 
+def float_output(out: Any) -> Any:
+    """A model's output in fp32: a tensor cast; anything else (a detector's list of per-image dicts) as it is."""
+    return out.float() if isinstance(out, torch.Tensor) else out
+
+
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-sample entropy of softmax(logits), computed in fp32 for stability under autocast."""
     logits = logits.float()
@@ -87,6 +95,9 @@ class Method:
     # Whether some forward passes run on batches whose size changes from step to step (a filtered
     # subset): cuDNN autotuning is then turned off, or it would re-tune at every step.
     dynamic_shapes: ClassVar[bool] = False
+    # Whether the runner re-estimates the exported model's BatchNorm statistics on the target set after
+    # adapting (a one-shot method keeps those of its own training batches: one target image is too few).
+    recalibrate_on_target: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, params: MethodParams, ctx: MethodContext):
         self.model = model
@@ -146,7 +157,7 @@ class Method:
         model.eval()
         try:
             with self.ctx.autocast():
-                logits = model(x).float()
+                logits = float_output(model(x))
         finally:
             for m, t in modes.items():
                 m.train(t)
@@ -154,6 +165,11 @@ class Method:
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         raise NotImplementedError
+
+    def history(self) -> dict[str, Any]:
+        """Method-specific records for the job's history.json beside the per-step rows (e.g. per-image
+        values), read once after adaptation."""
+        return {}
 
     def report(self) -> dict[str, Any]:
         """Method-specific counters for the job's metrics (`metrics["method_report"]`), read once after

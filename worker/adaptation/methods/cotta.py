@@ -17,19 +17,30 @@ a time (at most `AUG_FORWARD_IMAGES` images per forward; one view per forward on
 instead runs 32 sequential torchvision pipelines. With BatchNorm, statistics are computed over each
 chunk of views rather than per view (both are batches of independently augmented images).
 
-One host sync per step: the branch on the anchor confidence (skipping 32 forwards is worth it)."""
+One host sync per step: the branch on the anchor confidence (skipping 32 forwards is worth it).
+
+Segmentation (the authors' Cityscapes -> ACDC variant, as in mariodoebler/test-time-adaptation's
+`segmentation/methods/cotta.py`): confidence and loss per pixel; the teacher's augmented prediction is its
+logits on the input plus on one view per `scales` entry (resized bilinearly to that fraction of the input,
+each image flipped with probability 0.5), each resized back and unflipped, averaged over 1 + len(scales);
+the optimizer gives the head (`_seg.head_parameters`) head_lr_scale x lr. Differences from the reference:
+the student learns on the whole batch (the reference adapts on two random 1024x512 crops of each image,
+batch size 1, and predicts after the update); view sizes are rounded to a multiple of 8 so strided
+encoder/decoder networks (a UNet's skips) line up."""
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from app.contract.catalog.tta import CoTTAParams
 
-from ._tta import ema_update_, frozen_copy, tta_optimizer
+from ._seg import head_parameters
+from ._tta import ema_update_, frozen_copy
 from .augment import COTTA_AUGMENT, BatchAugment
-from .base import Method, StepOutput
+from .base import Method, StepOutput, make_optimizer
 from .norm import use_batch_statistics
 from .registry import implements
 
@@ -61,7 +72,36 @@ class CoTTA(Method):
         return self.student_params
 
     def build_optimizer(self, params):
-        return tta_optimizer(params, self.params)
+        p = self.params
+        opt = make_optimizer(params, p.optimizer, p.lr, p.momentum, p.weight_decay, nesterov=p.nesterov)
+        if p.head_lr_scale != 1.0 and self.ctx.task == "segmentation":
+            head = {id(q) for q in head_parameters(self.model, self.ctx.num_classes)}
+            opt.param_groups[0]["params"] = [q for q in params if id(q) not in head]
+            opt.add_param_group({"params": [q for q in params if id(q) in head], "lr": p.head_lr_scale * p.lr})
+        return opt
+
+    @torch.no_grad()
+    def segmentation_teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher logits N×K×H×W, 1.0 if averaged over the scaled/flipped views else 0.0), fp32."""
+        p = self.params
+        with self.ctx.autocast():
+            anchor_conf = self.anchor(x).float().softmax(1).amax(1).mean()
+            standard = self.teacher(x).float()
+        if not bool(anchor_conf < p.ap):  # the step's one host sync
+            return standard, torch.zeros((), device=x.device)
+        h, w = x.shape[-2:]
+        total = standard.clone()
+        for ratio in p.scales:
+            flip = (torch.rand(len(x), device=x.device) < 0.5 if p.hflip
+                    else torch.zeros(len(x), dtype=torch.bool, device=x.device)).view(-1, 1, 1, 1)
+            view = torch.where(flip, x.flip(3), x)
+            size = (max(8, round(ratio * h / 8) * 8), max(8, round(ratio * w / 8) * 8))
+            view = F.interpolate(view, size=size, mode="bilinear", align_corners=True)
+            with self.ctx.autocast():
+                out = self.teacher(view).float()
+            out = torch.where(flip, out.flip(3), out)
+            total += F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)
+        return total / (len(p.scales) + 1), torch.ones((), device=x.device)
 
     @torch.no_grad()
     def teacher_prediction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +130,8 @@ class CoTTA(Method):
         with self.ctx.autocast():
             student = self.model(x)
         student = student.float()
-        teacher, augmented = self.teacher_prediction(x)
+        segmentation = self.ctx.task == "segmentation"
+        teacher, augmented = self.segmentation_teacher(x) if segmentation else self.teacher_prediction(x)
         target = teacher.softmax(1)
         loss = -(target * student.log_softmax(1)).sum(1)
         if p.loss == "symmetric":

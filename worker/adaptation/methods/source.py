@@ -5,7 +5,7 @@ import torch
 
 from app.contract.catalog.baselines import SourceParams
 
-from .base import Method, StepOutput
+from .base import Method, StepOutput, float_output
 from .registry import implements
 
 
@@ -16,4 +16,4 @@ class Source(Method):
     @torch.no_grad()
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         with self.ctx.autocast():
-            return StepOutput(self.model(x).float())
+            return StepOutput(float_output(self.model(x)))

@@ -15,7 +15,7 @@ from .registry import implements
 class Tent(NormAffineMethod):
     def build_optimizer(self, params):
         p = self.params  # TENT's own setup: no Nesterov momentum (unlike the reference library's)
-        return make_optimizer(params, p.optimizer, p.lr, p.momentum)
+        return make_optimizer(params, p.optimizer, p.lr, p.momentum, p.weight_decay)
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         for _ in range(self.params.steps):

@@ -222,7 +222,7 @@ def _align_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     """Harmless key differences tolerated (app/checks/checkpoints.py: the submit check uses the same)."""
     rename, absent_nbt, more = align_keys(set(expected), list(state))
     notes += more
-    state = {rename[k]: v for k, v in state.items()}
+    state = {rename[k]: v for k, v in state.items() if k in rename}
     for k in absent_nbt:
         state[k] = torch.tensor(0, dtype=torch.long)
     return state

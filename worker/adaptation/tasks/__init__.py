@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from .base import TaskEngine
 from .classification import Classification
+from .detection import Detection
 from .segmentation import Segmentation
 
 TASK_IMPLEMENTATIONS: dict[str, TaskEngine] = {
     "classification": Classification(),
     "segmentation": Segmentation(),
+    "detection": Detection(),
 }
 
 

@@ -11,6 +11,12 @@ from torch import nn
 class TaskEngine(Protocol):
     name: str
     masks: bool  # labels are per-pixel masks (an archive's images/ + masks/), not one class per image
+    # Archives of images of several sizes without a preprocess size: padded at the bottom and right to the
+    # largest (True: coordinates keep their pixels, as boxes need) or refused (False: set preprocess.size).
+    pad_mixed_sizes: bool
+
+    def check_preprocess(self, pre: dict) -> None:
+        """Raise AdaptationError for a resolved preprocess (size, channels, mean, std) this task cannot use."""
 
     def check_output(self, out: torch.Tensor, num_classes: int) -> None:
         """Input check: raise AdaptationError when the model's output on a preprocessed batch is not
@@ -19,12 +25,17 @@ class TaskEngine(Protocol):
     def check_labels(self, labels: np.ndarray, num_classes: int) -> None:
         """Raise AdaptationError for eval labels this task cannot score."""
 
-    def prediction(self, out: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    def prediction(self, out: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor] | list:
         """A model's raw output on a batch -> the per-sample prediction kept for scoring: a tensor or a dict
-        of tensors, each with the batch as its first dimension (the runner concatenates them)."""
+        of tensors, each with the batch as its first dimension, or a list with one item per sample (the
+        runner concatenates them)."""
 
-    def collapse_signal(self, out: torch.Tensor) -> torch.Tensor:
-        """A step's output -> what the collapse guard watches and online accuracy scores (hard labels)."""
+    def signal_classes(self, num_classes: int) -> int:
+        """How many bins the collapse guard's histogram of `collapse_signal` values has."""
+
+    def collapse_signal(self, out: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """A step's output -> what the collapse guard watches and online accuracy scores (hard labels in
+        0..signal_classes-1)."""
 
     def step_entropy(self, out: torch.Tensor) -> torch.Tensor:
         """A step's output -> the mean prediction entropy logged per step."""

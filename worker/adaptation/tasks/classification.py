@@ -14,6 +14,7 @@ from ..models.export import recalibrate_batch_norm
 class Classification:
     name = "classification"
     masks = False
+    pad_mixed_sizes = False
 
     def check_output(self, out: torch.Tensor, num_classes: int) -> None:
         if out.ndim != 2 or out.shape[1] != num_classes:
@@ -28,7 +29,13 @@ class Classification:
     def prediction(self, out: torch.Tensor) -> torch.Tensor:
         return out.float().softmax(1)
 
-    def collapse_signal(self, out: torch.Tensor) -> torch.Tensor:
+    def check_preprocess(self, pre: dict) -> None:
+        pass  # any size, channels and normalisation the model takes
+
+    def signal_classes(self, num_classes: int) -> int:
+        return num_classes
+
+    def collapse_signal(self, out: torch.Tensor, num_classes: int) -> torch.Tensor:
         return out.argmax(1)
 
     def step_entropy(self, out: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ..models.export import recalibrate_batch_norm
 class Segmentation:
     name = "segmentation"
     masks = True
+    pad_mixed_sizes = False
 
     def check_output(self, out: torch.Tensor, num_classes: int) -> None:
         if out.ndim != 4 or out.shape[1] != num_classes:
@@ -42,7 +43,13 @@ class Segmentation:
         return {"mask": mask.to(torch.uint8), "entropy": S.pixel_entropy(probs),
                 "confidence": conf.mean(dim=(1, 2)), "proportions": S.soft_proportions(probs)}
 
-    def collapse_signal(self, out: torch.Tensor) -> torch.Tensor:
+    def check_preprocess(self, pre: dict) -> None:
+        pass  # any size, channels and normalisation the model takes
+
+    def signal_classes(self, num_classes: int) -> int:
+        return num_classes
+
+    def collapse_signal(self, out: torch.Tensor, num_classes: int) -> torch.Tensor:
         return out.argmax(1).flatten()
 
     def step_entropy(self, out: torch.Tensor) -> torch.Tensor:

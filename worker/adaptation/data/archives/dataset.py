@@ -59,19 +59,22 @@ class ArchiveImageSet:
     or over a Hugging Face `datasets` export: `parquet`, or `hf_dataset` (a zipped save_to_disk folder).
 
     `preprocess_size`: the job's square input size; images of different sizes are resized to it on the
-    CPU (Pillow, bilinear with antialiasing) so batches stack. Without it, mixed sizes are refused.
+    CPU (Pillow, bilinear with antialiasing) so batches stack. Without it, mixed sizes are refused, or with
+    `pad_mixed_sizes` (detection) padded at the bottom and right to the largest (pixels keep their place).
     Same-size images are returned as stored (the device resizes batches).
 
     `masks` (segmentation jobs): a zip or tar holds `images/NAME.ext` and, optionally, `masks/NAME.png`
     (L or palette PNG, value = class, 255 = ignore); `labels` are then the N×H×W masks, decoded once
-    while opening (app/checks/archive_names.py: the layout)."""
+    while opening (app/checks/archive_names.py: the layout). Otherwise a COCO annotation file beside the
+    images makes `labels` the box labels (archives/coco.py) and `category_mapping` their mapping."""
 
     def __init__(self, path: Path | str, fmt: str | None = None, *, preprocess_size: int | None = None,
                  num_workers: int | None = None, prefetch_factor: int = 2, pin_memory: bool = False,
                  multiprocessing_context: str | None = None,
                  max_entries: int = 1_000_000, max_total_bytes: int = 64 << 30,
                  max_entry_bytes: int = 1 << 30, max_ratio: float = 200.0, ratio_min_bytes: int = 1 << 20,
-                 max_pixels: int | None = None, spill_dir: str | None = None, masks: bool = False):
+                 max_pixels: int | None = None, spill_dir: str | None = None, masks: bool = False,
+                 pad_mixed_sizes: bool = False):
         self.path = Path(path)
         self.format = fmt or detect_format(self.path)
         if self.format not in ARCHIVE_FORMATS:
@@ -103,9 +106,10 @@ class ArchiveImageSet:
             self.notes.extend(notes)
             kind, source = "raw", self._spill.path
         try:
-            index, self.labels, self.class_names = build_index(
+            index, self.labels, self.class_names, self.category_mapping = build_index(
                 entries, ignored, kind, source, max_pixels=self.max_pixels, preprocess_size=preprocess_size,
-                notes=self.notes, class_names=class_names, masks=masks and self.format in ("zip", "tar"))
+                notes=self.notes, class_names=class_names, masks=masks and self.format in ("zip", "tar"),
+                pad_mixed_sizes=pad_mixed_sizes)
         except BaseException:
             self.close_spill()
             raise
@@ -120,6 +124,16 @@ class ArchiveImageSet:
     def image_size(self) -> tuple[int, int]:
         """(height, width) of every decoded image."""
         return self._index.out_hw
+
+    @property
+    def image_sizes(self) -> np.ndarray:
+        """int64 N×2: the (height, width) each image's pixels take in the arrays `batches` yields, from their
+        top-left corner (the rest is padding, `pad_mixed_sizes`); resized images take the whole array."""
+        ix = self._index
+        if ix.resize.any():
+            return np.where(ix.resize[:, None], np.asarray(ix.out_hw, np.int64),
+                            np.stack([ix.heights, ix.widths], 1)).astype(np.int64)
+        return np.stack([ix.heights, ix.widths], 1).astype(np.int64)
 
     @property
     def channels(self) -> int:

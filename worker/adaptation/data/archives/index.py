@@ -21,6 +21,7 @@ from app.checks import CheckError
 from app.checks.archive_names import ignored, mask_layout
 
 from ...errors import AdaptationError
+from .coco import ANNOTATION_SUFFIX, check_annotation_size, find_annotation_file, parse_coco, resize_boxes
 from .decode import CHANNEL_MODE, decode_mask, probe_image, undecodable
 from .layout import (LABEL_SUFFIX, MAX_LABEL_BYTES, duplicates, folder_labels, is_sidecar, normalise,
                      sidecar_labels)
@@ -226,7 +227,8 @@ def _list_tar_gz(path: Path, limits: Limits, max_pixels: int, spill_dir: str | N
                     continue
                 limits.check_entry_size(m.name, m.size)
                 src = tf.extractfile(m)
-                if is_sidecar(name):
+                annotation = name.lower().endswith(ANNOTATION_SUFFIX)  # maybe COCO labels: kept in the spill
+                if is_sidecar(name) and not annotation:
                     entries.append(_sidecar(name, m, src))
                     limits.check_stream(m.offset_data + m.size, raw.count)
                     continue
@@ -242,6 +244,9 @@ def _list_tar_gz(path: Path, limits: Limits, max_pixels: int, spill_dir: str | N
                     done += len(chunk)
                     limits.check_stream(m.offset_data + done, raw.count)
                 limits.check_stream(m.offset_data + m.size, raw.count)
+                if annotation:
+                    entries.append(Entry(name, start, m.size, m.size, sidecar=True))
+                    continue
                 dims = probe_image(name, head, m.size, lambda: _read_back(out, spill.path, start, m.size),
                                    max_pixels)
                 entries.append(Entry(name, start, m.size, m.size, dims=dims))
@@ -277,11 +282,21 @@ def _read_back(out, path: str, start: int, size: int) -> bytes:
 
 def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *, max_pixels: int,
                 preprocess_size: int | None, notes: list[str], class_names: list[str] | None = None,
-                masks: bool = False) -> tuple[Index, np.ndarray | None, list[str] | None]:
-    """(index, labels, class_names) from the listed entries; every image header is probed. Labels come
-    from the entries' own `label` (tables; `class_names` names them), from `.cls` files (WebDataset)
-    or from the folders; with `masks` (segmentation), from `masks/NAME.png` beside `images/NAME.ext`:
-    N×H×W uint8 class indices, decoded here (within the same limits)."""
+                masks: bool = False, pad_mixed_sizes: bool = False
+                ) -> tuple[Index, np.ndarray | dict | None, list[str] | None, dict | None]:
+    """(index, labels, class_names, category mapping) from the listed entries; every image header is
+    probed. Labels come from a COCO annotation file (box labels, a dict: `coco`), the entries' own
+    `label` (tables; `class_names` names them), `.cls` files (WebDataset) or the folders; with `masks`
+    (segmentation), from `masks/NAME.png` beside `images/NAME.ext`: N×H×W uint8 class indices, decoded
+    here (within the same limits). `pad_mixed_sizes` (detection): images of several sizes, without a
+    preprocess size, are padded at the bottom and right to the largest height and width, so every pixel
+    (and box) keeps its coordinates."""
+    annotation_name = None if masks else find_annotation_file(
+        [e.name for e in entries], [e.name for e in entries if not is_sidecar(e.name)])
+    annotation = next((e for e in entries if e.name == annotation_name), None)
+    if annotation is not None:
+        check_annotation_size(annotation.name, annotation.usize)
+        entries = [e for e in entries if e is not annotation]
     sidecars = {e.name: e.text for e in entries if e.sidecar}
     if sidecars and not any(n.lower().endswith(LABEL_SUFFIX) for n in sidecars):
         raise undecodable(next(iter(sidecars)), b"", ValueError("a metadata file without .cls labels"))
@@ -298,8 +313,10 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
                               {"entries": dupes[:20]})
     entries.sort(key=lambda e: e.name)
     names = [e.name for e in entries]
-    mask_entries = None
-    if masks:
+    mask_entries, mapping = None, None
+    if annotation is not None:
+        labels = None  # read below, once the images' sizes are known
+    elif masks:
         try:
             layout = mask_layout(names)
         except CheckError as exc:
@@ -332,12 +349,23 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
             w, h, c = e.dims or probe_image(names[i], reader.read(i, limit=PEEK_BYTES), e.usize,
                                             lambda i=i: reader.read(i), max_pixels)
             index.widths[i], index.heights[i], channels[i] = w, h, c
+        if annotation is not None:
+            a = annotation
+            text = read_member(reader._file(), kind, a.offset, a.csize, a.usize, a.method, a.crc, a.name, None)
+            labels, class_names, mapping = parse_coco(a.name, text, names, index.widths, index.heights, notes)
+            notes.append(f"box labels from {a.name}: {len(labels['boxes'])} boxes on {n} images")
     finally:
         reader.close()
     sizes = set(zip(index.heights.tolist(), index.widths.tolist()))
     if len(sizes) == 1:
         index.out_hw = sizes.pop()
         index.resize = np.zeros(n, dtype=bool)
+    elif preprocess_size is None and pad_mixed_sizes and not masks:
+        index.out_hw = (int(index.heights.max()), int(index.widths.max()))
+        index.resize = np.zeros(n, dtype=bool)
+        index.pad = True
+        notes.append(f"{len(sizes)} image sizes: padded with black at the bottom and right to "
+                     f"{index.out_hw[1]}×{index.out_hw[0]} (pixels keep their coordinates)")
     elif preprocess_size is None:
         examples = {}
         for i in range(n):
@@ -353,6 +381,9 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
         index.resize = (index.heights != s) | (index.widths != s)
         notes.append(f"{len(sizes)} image sizes: {int(index.resize.sum())} images are resized to {s}×{s} "
                      "on the CPU while loading")
+    if isinstance(labels, dict) and index.resize.any():
+        labels = resize_boxes(labels, index.widths, index.heights, index.out_hw)
+        notes.append("box labels scaled with their resized images")
     if mask_entries is not None:
         labels = _decode_masks(mask_entries, index, kind, source)
     present = sorted(set(channels.tolist()))
@@ -360,7 +391,7 @@ def build_index(entries: list[Entry], n_ignored: int, kind: str, source: str, *,
     if len(present) > 1:
         notes.append(f"mixed channel counts {present}: every image is converted to "
                      f"{CHANNEL_MODE[index.channels]}")
-    return index, labels, class_names
+    return index, labels, class_names, mapping
 
 
 def _decode_masks(entries: list[Entry], index: Index, kind: str, source: str) -> np.ndarray:

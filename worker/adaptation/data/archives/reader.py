@@ -39,6 +39,7 @@ class Index:
     channels: int             # 1, 3 or 4
     max_pixels: int
     resize: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # per image
+    pad: bool = False         # images smaller than out_hw are padded with zeros at the bottom and right
 
 
 class Reader:
@@ -76,6 +77,8 @@ class Reader:
         out_h, out_w = ix.out_hw
         arr = decode_image(name, self.read(i), ix.channels, ix.max_pixels,
                            (out_w, out_h) if ix.resize[i] else None)
+        if ix.pad:  # decoded at its own size (its header's), padded by load_batch
+            out_h, out_w = int(ix.heights[i]), int(ix.widths[i])
         if arr.shape[:2] != (out_h, out_w):
             raise AdaptationError("mixed_image_sizes", f"{name} decodes to {arr.shape[1]}×{arr.shape[0]}, the "
                                   f"archive's images are {out_w}×{out_h}", {"entry": name})
@@ -83,9 +86,11 @@ class Reader:
 
     def load_batch(self, indices: np.ndarray) -> np.ndarray:
         h, w = self.index.out_hw
-        out = np.empty((len(indices), h, w, self.index.channels), dtype=np.uint8)
+        alloc = np.zeros if self.index.pad else np.empty
+        out = alloc((len(indices), h, w, self.index.channels), dtype=np.uint8)
         for j, i in enumerate(indices):
-            out[j] = self.decode(int(i))
+            arr = self.decode(int(i))
+            out[j, :arr.shape[0], :arr.shape[1]] = arr
         return out
 
 

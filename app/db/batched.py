@@ -1,0 +1,68 @@
+"""Reads shared by concurrent requests of one API process (and event loop).
+
+`Batched(url, fn).get(key)`: a request that finds no read in flight starts one; requests arriving
+meanwhile wait for the next, which reads all their keys with one `fn(connection, keys)` (one
+statement), and requests for the same key share its result. Every answer comes from a read that
+started after its request arrived, so a client reads its own writes (and a revoked key is refused by
+the next request, in every process), a process has at most one such read in flight per reader, and N
+concurrent requests cost a few statements per round trip instead of N."""
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Callable, Generic, Hashable, TypeVar
+
+from .session import read
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+T = TypeVar("T")
+
+
+class Batched(Generic[K, V]):
+    MAX_KEYS = 500  # per statement
+
+    def __init__(self, url: str, fn: Callable[..., dict[K, V]]):
+        self.url, self.fn = url, fn
+        self.pending: dict[K, list[asyncio.Future]] = {}
+        self.busy = False
+
+    async def get(self, key: K) -> V | None:
+        """fn's value for `key`, None when fn returned none for it."""
+        future = asyncio.get_running_loop().create_future()
+        self.pending.setdefault(key, []).append(future)
+        if not self.busy:
+            self.busy = True
+            asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                keys = list(self.pending)[:self.MAX_KEYS]
+                batch = {key: self.pending.pop(key) for key in keys}
+                try:
+                    values = await read(self.url, self.fn, keys)
+                except Exception as exc:  # noqa: BLE001 - every waiting request gets it (503 etc.)
+                    for futures in batch.values():
+                        for f in futures:
+                            if not f.done():
+                                f.set_exception(exc)
+                    continue
+                for key, futures in batch.items():
+                    for f in futures:
+                        if not f.done():
+                            f.set_result(values.get(key))
+        finally:
+            self.busy = False
+
+
+_per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
+
+
+def per_loop(key: tuple, make: Callable[[], T]) -> T:
+    """One object per event loop and key (its futures and tasks belong to that loop)."""
+    objects = _per_loop.setdefault(asyncio.get_running_loop(), {})
+    if key not in objects:
+        objects[key] = make()
+    return objects[key]
