@@ -19,6 +19,14 @@ def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
 
+def uci_digits_8x8() -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 1797×8×8, int64 labels): scikit-learn's UCI digits, 0..16 scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8), d.target.astype(np.int64)
+
+
 def uci_digits_in_mnist_framing() -> tuple[np.ndarray, np.ndarray]:
     """(uint8 1797×28×28, int64 labels): scikit-learn's 8×8 digits, 0..16 scaled to 0..255, resized to
     20×20 and padded 4 px like MNIST digits (white ink on black, as MNIST)."""

@@ -47,7 +47,7 @@ def make_service(private_pg, private_redis, tmp_path):
         log_dir.mkdir()
         settings = {"ADAPTD_DATABASE_URL": url, "ADAPTD_BROKER_URL": private_redis.url,
                     "ADAPTD_QUEUE": f"faults-{uuid.uuid4().hex[:8]}", "ADAPTD_HOME": str(log_dir / "home"),
-                    "ADAPTD_HEARTBEAT_INTERVAL_S": "0.5", "ADAPTD_STALE_AFTER_S": "3",
+                    "ADAPTD_HEARTBEAT_INTERVAL_S": "0.5", "ADAPTD_STALE_AFTER_S": "6",
                     "ADAPTD_REAPER_INTERVAL_S": "1", "ADAPTD_REAPER_QUEUED_AFTER_S": "3"}
         env = base_env(**{**settings, **{k: str(v) for k, v in env_overrides.items()}})
         subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True,

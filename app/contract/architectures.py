@@ -41,6 +41,7 @@ class ArchitectureInfo:
 
 
 _DIGITS = InputDefaults(channels=1, size=32, mean=(0.5,), std=(0.5,))
+_MNIST = InputDefaults(channels=1, size=28, mean=(0.5,), std=(0.5,))
 _CIFAR = InputDefaults(channels=3, size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
 _IMAGENET = InputDefaults(channels=3, size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 _DIGITS_RGB = InputDefaults(channels=3, size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -59,6 +60,9 @@ TORCHVISION_DETECTORS = (("fasterrcnn_resnet50_fpn", True), ("fasterrcnn_resnet5
 ARCHITECTURES: dict[str, ArchitectureInfo] = {a.name: a for a in (
     ArchitectureInfo("digit_cnn", "classification", "logits", _DIGITS,
                      "Small CNN with a SHOT-style bottleneck (backbone -> bottleneck -> classifier)."),
+    ArchitectureInfo("lenet", "classification", "logits", _MNIST,
+                     "SHOT's digit LeNet (28 px): two 5x5 convolutions, a BatchNorm bottleneck, a weight-normalised "
+                     "classifier."),
     ArchitectureInfo("resnet18", "classification", "logits", _IMAGENET, "torchvision ResNet-18 keys."),
     ArchitectureInfo("resnet34", "classification", "logits", _IMAGENET, "torchvision ResNet-34 keys."),
     ArchitectureInfo("resnet50", "classification", "logits", _IMAGENET, "torchvision ResNet-50 keys."),

