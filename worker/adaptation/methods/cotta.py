@@ -81,13 +81,20 @@ class CoTTA(Method):
         return opt
 
     @torch.no_grad()
-    def segmentation_teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(teacher logits N×K×H×W, 1.0 if averaged over the scaled/flipped views else 0.0), fp32."""
-        p = self.params
+    def _teacher_and_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(the teacher's logits on x, fp32; True when the anchor (source) model's mean confidence is below
+        `ap`, so the teacher's prediction is averaged over augmented views instead)."""
         with self.ctx.autocast():
             anchor_conf = self.anchor(x).float().softmax(1).amax(1).mean()
             standard = self.teacher(x).float()
-        if not bool(anchor_conf < p.ap):  # the step's one host sync
+        return standard, bool(anchor_conf < self.params.ap)  # the step's one host sync
+
+    @torch.no_grad()
+    def segmentation_teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher logits N×K×H×W, 1.0 if averaged over the scaled/flipped views else 0.0), fp32."""
+        p = self.params
+        standard, unsure = self._teacher_and_gate(x)
+        if not unsure:
             return standard, torch.zeros((), device=x.device)
         h, w = x.shape[-2:]
         total = standard.clone()
@@ -107,10 +114,8 @@ class CoTTA(Method):
     def teacher_prediction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(teacher logits, 1.0 if they are augmentation-averaged else 0.0), fp32."""
         p = self.params
-        with self.ctx.autocast():
-            anchor_conf = self.anchor(x).float().softmax(1).amax(1).mean()
-            standard = self.teacher(x).float()
-        if not bool(anchor_conf < p.ap):  # the step's one host sync
+        standard, unsure = self._teacher_and_gate(x)
+        if not unsure:
             return standard, torch.zeros((), device=x.device)
         n = x.shape[0]
         per_chunk = 1 if x.device.type == "cpu" else max(1, AUG_FORWARD_IMAGES // n)
