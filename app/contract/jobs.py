@@ -105,7 +105,7 @@ class Options(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile the adapted model: `auto` compiles on CUDA when the job has enough "
+        "auto", description="torch.compile the adapted model (single-model jobs): `auto` compiles on CUDA when the job has enough "
         "steps to repay the compilation (and the method's batch shapes are fixed); a compilation that fails "
         "falls back to eager, and `metrics.compile` says what happened")
 
