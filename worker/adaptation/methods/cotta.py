@@ -22,7 +22,9 @@ One host sync per step: the branch on the anchor confidence (skipping 32 forward
 Segmentation (the authors' Cityscapes -> ACDC variant, as in mariodoebler/test-time-adaptation's
 `segmentation/methods/cotta.py`): confidence and loss per pixel; the teacher's augmented prediction is its
 logits on the input plus on one view per `scales` entry (resized bilinearly to that fraction of the input,
-each image flipped with probability 0.5), each resized back and unflipped, averaged over 1 + len(scales);
+each image flipped with probability 0.5), each resized back and unflipped, averaged over 1 + len(scales). The
+views are 0.25-0.875 of the input, as the reference's (its ratios 0.5-1.75 times half its input crop: "2.0
+corresponds to the original test size"), so they cost about a quarter of the input's forward each;
 the optimizer gives the head (`_seg.head_parameters`) head_lr_scale x lr. Differences from the reference:
 the student learns on the whole batch (the reference adapts on two random 1024x512 crops of each image,
 batch size 1, and predicts after the update); view sizes are rounded to a multiple of 8 so strided
