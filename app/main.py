@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .api import admin, dashboard, docs, events, health, jobs, logs, methods, observability, session, uploads
+from .api.hotpath import JobPoll
 from .bodylimit import BodyLimit
 from .errors import install_error_handlers
 
@@ -30,6 +31,7 @@ def create_app() -> FastAPI:
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(JobPoll)  # added last: outside BodyLimit and the routing (app/api/hotpath.py)
     app.include_router(jobs.hot)  # first: the most requested route is matched first
     for module in (uploads, jobs, events, logs, methods, admin, session, health, observability, dashboard, docs):
         app.include_router(module.router)
