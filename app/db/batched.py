@@ -12,6 +12,8 @@ import asyncio
 import weakref
 from typing import Callable, Generic, Hashable, TypeVar
 
+from sqlalchemy.exc import DataError
+
 from .session import read
 
 K = TypeVar("K", bound=Hashable)
@@ -44,11 +46,11 @@ class Batched(Generic[K, V]):
                 try:
                     values = await read(self.url, self.fn, keys)
                 except Exception as exc:  # noqa: BLE001
-                    if len(keys) == 1:  # its requests get it (503, 422 ...)
+                    if len(keys) == 1 or not isinstance(exc, DataError):  # all get it (503 etc.)
                         self._settle(batch, exc=exc)
                         continue
-                    # One request's key may be what the database refuses (a NUL character in a string):
-                    # each key on its own, so an error reaches only the requests it belongs to.
+                    # A value the database refuses (a NUL character in a string) is one request's key:
+                    # each key on its own, so the error (422) reaches only the requests it belongs to.
                     for key in keys:
                         try:
                             self._settle({key: batch[key]}, await read(self.url, self.fn, [key]))
