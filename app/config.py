@@ -1,7 +1,7 @@
 """One typed settings object, read from ADAPTD_* environment variables and validated at start-up."""
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +44,10 @@ class Settings(BaseSettings):
                                       "live workers cannot run jobs (e.g. torch missing) fails with "
                                       "no_capable_worker")
 
+    api_workers: int = Field(1, ge=1, le=64, description="API processes that `adaptd api` and `adaptd up` "
+                             "serve one port with (uvicorn workers). Each has its own database pools and its own "
+                             "shared reads: one process batches concurrent polls best (BENCHMARKS.md)")
+
     # --- live progress (SSE) and notifications -------------------------------------------------
     events_poll_s: float = Field(0.5, gt=0, le=10, description="how often each API process polls the database "
                                  "for the jobs its SSE streams watch (one statement for all of them)")
@@ -82,7 +86,8 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         return self.database_url is None or self.broker_url is None
 
-    @property
+    # Read on every request: a path join and str() each time were 20 % of an embedded poll's CPU samples.
+    @cached_property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'adaptd.db'}"
 

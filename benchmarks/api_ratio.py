@@ -118,14 +118,27 @@ async def phase(host: str, port: int, paths: list[str], pollers: int, duration: 
         finally:
             conn.close()
 
+    lags: list[float] = []
+
+    async def lag_probe() -> None:
+        """How late this process's event loop wakes a 5 ms sleep: the delay the load generator itself
+        adds to a response that has already arrived (it shares the machine's cores with the server)."""
+        while time.monotonic() < stop_at:
+            t = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - t - 0.005)
+
     t0 = time.perf_counter()
-    await asyncio.gather(*(poller(k) for k in range(pollers)))
+    await asyncio.gather(lag_probe(), *(poller(k) for k in range(pollers)))
     elapsed = time.perf_counter() - t0
     lat = np.asarray(latencies) * 1000
     ok = sum(n for s, n in status.items() if s == 200)
     return {"n": len(latencies), "ok": ok, "errors": {s: n for s, n in status.items() if s != 200},
-            "rate": ok / elapsed, "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-            "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+            "rate": ok / elapsed, "elapsed": elapsed,
+            "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+            "lag_p50": float(np.percentile(lags, 50)) * 1000 if lags else float("nan"),
+            "lag_p99": float(np.percentile(lags, 99)) * 1000 if lags else float("nan")}
 
 
 async def open_streams(host: str, port: int, paths: list[str], n: int, counts: Counter, auth: str = "") -> list:
@@ -175,11 +188,13 @@ def queued_jobs(db_url: str, n: int, like: str) -> list[str]:
 
 
 class Stack:
-    def __init__(self, backend: str, work: Path, auth: str = "open"):
+    def __init__(self, backend: str, work: Path, auth: str = "open", api_workers: int | None = None):
         from tests.services import REDIS_URL, Service, base_env, create_pg_database
 
         self.backend, self.db_name = backend, None
         env = {"ADAPTD_HOME": str(work / "home"), "ADAPTD_REAPER_QUEUED_AFTER_S": "100000", "ADAPTD_AUTH": auth}
+        if api_workers is not None:
+            env["ADAPTD_API_WORKERS"] = str(api_workers)
         if auth == "keys":
             env["ADAPTD_ADMIN_KEY"] = ADMIN_KEY
         if backend == "postgres":
@@ -259,6 +274,9 @@ def top_frames(collapsed: Path, n: int = 15) -> str:
             incl[f] += c
     if not total:
         return "(no samples)"
+    # The chain from the interpreter's entry to the event loop is in (nearly) every sample: not informative.
+    roots = max(incl.values())
+    incl = Counter({f: c for f, c in incl.items() if c < 0.98 * roots})
     rows = ["| self % | frame | | inclusive % | frame |", "|---:|---|---|---:|---|"]
     for (fs, cs), (fi, ci) in zip(self_c.most_common(n), incl.most_common(n)):
         rows.append(f"| {100 * cs / total:.1f} | `{fs}` | | {100 * ci / total:.1f} | `{fi}` |")
@@ -273,83 +291,120 @@ PHASES = ("healthz", "job", "job+streams", "job ", "list", "job paced")
 
 
 def run_backend(backend: str, args) -> list[dict]:
-    work = Path(tempfile.mkdtemp(prefix=f"adaptd-ratio-{backend}-"))
-    stack, ok = Stack(backend, work, args.auth), False
+    """One stack per --api-workers count, all started before the first phase; every round runs all
+    phases on each stack in turn, so the counts are compared under the same background load."""
+    works, stacks, ok = [], {}, False
     try:
-        url = stack.start()
-        host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
-        key = tenant_key(url) if args.auth == "keys" else ""
-        done = create_jobs(url, 4, 180.0, {"Authorization": f"Bearer {key}"} if key else {})
-        queued = queued_jobs(stack.db_url, 4, done[0])
-        job_paths = [f"/v1/jobs/{j}" for j in done]
-        stream_paths = [f"/v1/jobs/{j}/events" for j in queued]
+        setups = {}
+        for n in args.api_workers:
+            work = Path(tempfile.mkdtemp(prefix=f"adaptd-ratio-{backend}-{n}-"))
+            works.append(work)
+            stack = stacks[n] = Stack(backend, work, args.auth, n)
+            url = stack.start()
+            key = tenant_key(url) if args.auth == "keys" else ""
+            done = create_jobs(url, 4, 180.0, {"Authorization": f"Bearer {key}"} if key else {})
+            queued = queued_jobs(stack.db_url, 4, done[0])
+            setups[n] = (int(url.rsplit(":", 1)[1]), key, [f"/v1/jobs/{j}" for j in done],
+                         [f"/v1/jobs/{j}/events" for j in queued])
         rows = []
-        groups = {"API": lambda: stack.pids("api"), "worker": lambda: stack.pids("worker"),
-                  "client": lambda: [os.getpid()]}
-        if backend == "postgres":
-            groups["PostgreSQL"] = postgres_pids
+        host = "127.0.0.1"
 
         async def rounds() -> None:
             for r in range(args.rounds):
-                for name in PHASES:
-                    held, counts = None, Counter()
-                    if name == "job+streams":
-                        held = await open_streams(host, port, stream_paths, args.streams, counts, key)
-                    paths = {"healthz": ["/healthz"], "list": ["/v1/jobs?limit=20"]}.get(name, job_paths)
-                    name = name.strip()
-                    spy = None
-                    if args.profile and r == 0 and name in ("job", "job+streams"):
-                        spy = pyspy(stack.pids("api"), args.duration,
-                                    args.profile / f"{backend}-{name.replace('+', '-')}.txt")
-                    with CpuSampler(groups) as cpu:
-                        res = await phase(host, port, paths, args.pollers, args.duration,
-                                          args.every if name == "job paced" else 0.0, key)
-                    if held is not None:
-                        res["streams_ok"] = counts.get(200, 0)
-                        close_streams(held)
-                    if spy is not None:
-                        spy.wait(timeout=args.duration + 30)
-                    res |= {"round": r + 1, "phase": name, "cpu": cpu.seconds()}
-                    rows.append(res)
-                    print(f"{backend} round {r + 1} {name}: {res['rate']:.0f} req/s p99 {res['p99']:.0f} ms "
-                          f"errors {res['errors']}", file=sys.stderr)
-                    await asyncio.sleep(1)
+                for n, stack in stacks.items():
+                    port, key, job_paths, stream_paths = setups[n]
+                    groups = {"API": lambda: stack.pids("api"), "worker": lambda: stack.pids("worker"),
+                              "client": lambda: [os.getpid()]}
+                    if backend == "postgres":
+                        groups["PostgreSQL"] = postgres_pids
+                    for name in PHASES:
+                        held, counts = None, Counter()
+                        if name == "job+streams":
+                            held = await open_streams(host, port, stream_paths, args.streams, counts, key)
+                        paths = {"healthz": ["/healthz"], "list": ["/v1/jobs?limit=20"]}.get(name, job_paths)
+                        name = name.strip()
+                        spy = None
+                        if args.profile and r == 0 and name in ("job", "job+streams", "list"):
+                            spy = pyspy(stack.pids("api"), args.duration,
+                                        args.profile / f"{backend}-w{n}-{name.replace('+', '-')}.txt")
+                        with CpuSampler(groups) as cpu:
+                            res = await phase(host, port, paths, args.pollers, args.duration,
+                                              args.every if name == "job paced" else 0.0, key)
+                        if held is not None:
+                            res["streams_ok"] = counts.get(200, 0)
+                            close_streams(held)
+                        if spy is not None:
+                            spy.wait(timeout=args.duration + 30)
+                        res |= {"round": r + 1, "workers": n, "phase": name, "cpu": cpu.seconds(),
+                                "load": os.getloadavg()[0]}
+                        rows.append(res)
+                        print(f"{backend} x{n} round {r + 1} {name}: {res['rate']:.0f} req/s p99 {res['p99']:.0f} "
+                              f"ms errors {res['errors']}", file=sys.stderr)
+                        await asyncio.sleep(1)
 
         asyncio.run(rounds())
         ok = True
         return rows
     finally:
-        stack.stop()
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"api_ratio: failed; logs in {work}", file=sys.stderr)
+        for stack in stacks.values():
+            stack.stop()
+        for work in works:
+            if ok:
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                print(f"api_ratio: failed; logs in {work}", file=sys.stderr)
+
+
+def _job(mine: list[dict]) -> dict:
+    """The two `job` phases around `job+streams`: their mean rate and the larger p99."""
+    jobs = [r for r in mine if r["phase"] == "job"]
+    return {"rate": statistics.mean(r["rate"] for r in jobs), "p99": max(r["p99"] for r in jobs)}
 
 
 def report(backend: str, rows: list[dict], args) -> str:
     out = [f"### {backend} ({args.auth} access): {args.pollers} pollers, {args.streams} streams, {args.duration:.0f} s per phase, "
-           f"{args.rounds} rounds", "",
-           "| round | phase | req/s | p50 ms | p99 ms | errors | CPU s: API / client / database / worker |",
-           "|---:|---|---:|---:|---:|---|---|"]
+           f"{args.rounds} rounds, API processes {'/'.join(map(str, args.api_workers))}", "",
+           "| round | API processes | phase | req/s | p50 ms | p99 ms | errors | CPU s: API / client / database / worker "
+           "| client loop lag p50 / p99 ms | load |",
+           "|---:|---:|---|---:|---:|---:|---|---|---|---:|"]
     for r in rows:
         cpu = r["cpu"]
         db = cpu.get("PostgreSQL")
         streams = f" ({r['streams_ok']} streams open)" if "streams_ok" in r else ""
-        out.append(f"| {r['round']} | {r['phase']}{streams} | {r['rate']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | "
-                   f"{r['errors'] or 'none'} | {cpu['API']:.1f} / {cpu['client']:.1f} / "
-                   f"{'—' if db is None else f'{db:.1f}'} / {cpu['worker']:.1f} |")
-    out += ["", "job: the mean rate and the larger p99 of the two `job` phases around `job+streams`.", "",
-            f"| round | job / healthz | (job+streams) / job | job p99 ms | job+streams p99 ms | list / job "
-                f"| paced ({args.pollers / args.every:.0f} req/s offered) p50 / p99 ms |",
-            "|---:|---:|---:|---:|---:|---:|---|"]
+        out.append(f"| {r['round']} | {r['workers']} | {r['phase']}{streams} | {r['rate']:.0f} | {r['p50']:.0f} | "
+                   f"{r['p99']:.0f} | {r['errors'] or 'none'} | {cpu['API']:.1f} / {cpu['client']:.1f} / "
+                   f"{'—' if db is None else f'{db:.1f}'} / {cpu['worker']:.1f} | "
+                   f"{r['lag_p50']:.1f} / {r['lag_p99']:.1f} | {r['load']:.1f} |")
+    out += ["", "job: the mean rate and the larger p99 of the two `job` phases around `job+streams`. "
+            "Client CPU %: the load generator's CPU seconds over the phase's duration.", "",
+            f"| round | API processes | job / healthz | (job+streams) / job | healthz p99 ms | job p99 ms "
+            f"| job+streams p99 ms | list / job | list p99 ms | paced ({args.pollers / args.every:.0f} req/s offered) "
+            f"p50 / p99 ms | client CPU % (job) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for k in range(1, args.rounds + 1):
-        mine = [r for r in rows if r["round"] == k]
-        by = {r["phase"]: r for r in mine}
-        h, s, li, pc = by["healthz"], by["job+streams"], by["list"], by["job paced"]
-        jobs = [r for r in mine if r["phase"] == "job"]
-        j = {"rate": statistics.mean(r["rate"] for r in jobs), "p99": max(r["p99"] for r in jobs)}
-        out.append(f"| {k} | {j['rate'] / h['rate']:.2f} | {s['rate'] / j['rate']:.2f} | {j['p99']:.0f} | "
-                   f"{s['p99']:.0f} | {li['rate'] / j['rate']:.2f} | {pc['p50']:.0f} / {pc['p99']:.0f} |")
+        for n in args.api_workers:
+            mine = [r for r in rows if r["round"] == k and r["workers"] == n]
+            by = {r["phase"]: r for r in mine}
+            h, s, li, pc = by["healthz"], by["job+streams"], by["list"], by["job paced"]
+            j = _job(mine)
+            client = statistics.mean(r["cpu"]["client"] / r["elapsed"] for r in mine if r["phase"] == "job")
+            out.append(f"| {k} | {n} | {j['rate'] / h['rate']:.2f} | {s['rate'] / j['rate']:.2f} | {h['p99']:.0f} | "
+                       f"{j['p99']:.0f} | {s['p99']:.0f} | {li['rate'] / j['rate']:.2f} | {li['p99']:.0f} | "
+                       f"{pc['p50']:.0f} / {pc['p99']:.0f} | {100 * client:.0f} |")
+    if len(args.api_workers) > 1:
+        base = args.api_workers[0]
+        out += ["", f"Rates against {base} API process(es), same round:", "",
+                "| round | API processes | healthz | job | job+streams | list |", "|---:|---:|---:|---:|---:|---:|"]
+        for k in range(1, args.rounds + 1):
+            ref = {r["phase"]: r for r in rows if r["round"] == k and r["workers"] == base}
+            ref_job = _job([r for r in rows if r["round"] == k and r["workers"] == base])
+            for n in args.api_workers[1:]:
+                mine = [r for r in rows if r["round"] == k and r["workers"] == n]
+                by = {r["phase"]: r for r in mine}
+                out.append(f"| {k} | {n} | {by['healthz']['rate'] / ref['healthz']['rate']:.2f} | "
+                           f"{_job(mine)['rate'] / ref_job['rate']:.2f} | "
+                           f"{by['job+streams']['rate'] / ref['job+streams']['rate']:.2f} | "
+                           f"{by['list']['rate'] / ref['list']['rate']:.2f} |")
     return "\n".join(out)
 
 
@@ -362,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--every", type=float, default=1.0, help="seconds between one paced client's polls")
     p.add_argument("--profile", type=Path, default=None)
+    p.add_argument("--api-workers", default=None, type=lambda v: [int(x) for x in v.split(",")],
+                   help="comma-separated API process counts to compare in one run (ADAPTD_API_WORKERS); "
+                        "default: the service's own default")
     p.add_argument("--auth", choices=("open", "keys"), default="open",
                    help="keys: every request carries a tenant's API key (ADAPTD_AUTH=keys)")
     args = p.parse_args(argv)
@@ -370,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("duration in (0, 120], rounds 1-5, pollers 1-1000, streams 0-1000")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
+    if args.api_workers is None:
+        from app.config import Settings
+
+        args.api_workers = [Settings().api_workers]
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} CPUs ({cpu_model()}); load average "
           f"{os.getloadavg()[0]:.1f} at the start")
     for backend in args.backend.split(","):
@@ -377,11 +439,13 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report(backend, rows, args))
         if args.profile:
-            for name in ("job", "job-streams"):
-                f = args.profile / f"{backend}-{name}.txt"
-                if f.exists():
-                    print(f"\nTop frames, {backend} `{name}` phase, one API process (py-spy --gil, 50 Hz: where its CPU goes):\n")
-                    print(top_frames(f))
+            for n in args.api_workers:
+                for name in ("job", "job-streams", "list"):
+                    f = args.profile / f"{backend}-w{n}-{name}.txt"
+                    if f.exists():
+                        print(f"\nTop frames, {backend}, {n} API process(es), `{name}` phase, one API process "
+                              "(py-spy --gil, 50 Hz: where its CPU goes):\n")
+                        print(top_frames(f))
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     return 0
 

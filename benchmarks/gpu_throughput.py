@@ -32,24 +32,36 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.contract.catalog import get_method_info  # noqa: E402
+from app.contract.catalog import get_method_info, validate_params  # noqa: E402
 from worker.adaptation.methods import get_method  # noqa: E402
 from worker.adaptation.methods.base import MethodContext  # noqa: E402
 from worker.adaptation.methods.registry import METHODS  # noqa: E402
-from worker.adaptation.models import build_model  # noqa: E402
+from worker.adaptation.models import build_model, classifier_of  # noqa: E402
 
-DEFAULT_METHODS = ["source", "bn_adapt", "tent", "eata", "sar", "cotta", "rmt", "roid", "shot", "nrc", "aad"]
+DEFAULT_METHODS = {
+    "classification": ["source", "bn_adapt", "tent", "eata", "sar", "cotta", "rmt", "roid", "shot", "nrc", "aad"],
+    "segmentation": ["source", "bn_adapt", "tent", "cotta", "sfda_prior"],
+}
 MEAN, STD = (0.5,), (0.25,)
 
-# name -> (architecture, kwargs, batch size, image size, classes)
+# name -> (architecture, kwargs, batch size, image size, classes, task)
 MODELS = {
-    "wrn28_10": ("wrn28_10", {}, 200, 32, 10),
-    "resnet50": ("resnet50", {}, 64, 224, 1000),
+    "wrn28_10": ("wrn28_10", {}, 200, 32, 10, "classification"),
+    "resnet50": ("resnet50", {}, 64, 224, 1000, "classification"),
+    # torchvision's segmenters (19 Cityscapes classes), 512×512 crops
+    "lraspp": ("lraspp_mobilenet_v3_large", {}, 16, 512, 19, "segmentation"),
+    "deeplabv3_mnv3": ("deeplabv3_mobilenet_v3_large", {}, 16, 512, 19, "segmentation"),
+    "deeplabv3_r50": ("deeplabv3_resnet50", {}, 8, 512, 19, "segmentation"),
 }
 QUICK_MODELS = {  # same block types and code paths, CPU-sized: WRN-10-1 and a one-block-per-stage
-    "wrn28_10": ("quick_wrn", {}, 4, 16, 10),  # bottleneck ResNet
-    "resnet50": ("quick_resnet", {}, 4, 32, 1000),
+    "wrn28_10": ("quick_wrn", {}, 4, 16, 10, "classification"),  # bottleneck ResNet
+    "resnet50": ("quick_resnet", {}, 4, 32, 1000, "classification"),
+    "lraspp": ("unet_small", {}, 4, 32, 19, "segmentation"),
+    "deeplabv3_mnv3": ("unet_small", {}, 4, 32, 19, "segmentation"),
+    "deeplabv3_r50": ("unet_small", {}, 4, 32, 19, "segmentation"),
 }
+# Params a method needs beyond its defaults for these random-input runs: a uniform class-ratio prior.
+EXTRA_PARAMS = {("sfda_prior", "segmentation"): lambda classes: {"class_ratio_prior": [1.0 / classes] * classes}}
 
 
 def build(arch: str, classes: int, **kwargs) -> torch.nn.Module:
@@ -70,15 +82,18 @@ REFERENCE = {
 # Reference: a plain TENT step in bf16 + channels_last (no torch.compile).
 REFERENCE_TENT_BF16 = {"wrn28_10": 14300, "resnet50": 4300}
 
-PRECISIONS = {"fp32": ("fp32", False), "fp32-cl": ("fp32", True), "bf16-cl": ("bf16", True)}
+# name -> (autocast precision, channels_last, torch.compile of the adapted model)
+PRECISIONS = {"fp32": ("fp32", False, False), "fp32-cl": ("fp32", True, False), "bf16-cl": ("bf16", True, False),
+              "bf16-cl-compile": ("bf16", True, True)}
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", default="wrn28_10,resnet50")
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help="comma-separated; unregistered names are reported and skipped")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated (default: every method the model's task has in DEFAULT_METHODS); "
+                    "unregistered names and methods of another task are skipped")
     ap.add_argument("--precisions", default=None,
                     help=f"comma-separated, from {','.join(PRECISIONS)} (default fp32,bf16-cl; with --quick: "
                     "fp32 on the first model, bf16-cl on the second)")
@@ -86,6 +101,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up batches (default 3; quick 1)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="start no new measurement after this")
     ap.add_argument("--quick", action="store_true", help="tiny batches and images (CPU smoke test)")
+    ap.add_argument("--confident", action="store_true",
+                    help="scale the classifier's weights ×50 so that predictions are confident (CoTTA then skips "
+                    "its augmented teacher views, as on a trained model's easy batches)")
+    ap.add_argument("--profile", default=None, metavar="METHOD",
+                    help="also print torch.profiler's top operators for this method's timed batches")
     return ap.parse_args()
 
 
@@ -104,9 +124,9 @@ def pool_of_batches(n: int, batch: int, size: int, device: torch.device, channel
     return out
 
 
-def measure(name: str, base: torch.nn.Module, spec: tuple, precision: str, channels_last: bool,
-            device: torch.device, warmup: int, timed: int) -> dict:
-    _, _, batch, size, classes = spec
+def measure(name: str, base: torch.nn.Module, spec: tuple, precision: str, channels_last: bool, compiled: bool,
+            device: torch.device, warmup: int, timed: int, profile: bool = False) -> dict:
+    _, _, batch, size, classes, task = spec
     pool = pool_of_batches(4, batch, size, device, channels_last)
     model = copy.deepcopy(base)
     if channels_last:
@@ -119,7 +139,7 @@ def measure(name: str, base: torch.nn.Module, spec: tuple, precision: str, chann
 
     ctx = MethodContext(num_classes=classes, device=device, batch_size=batch, epochs=1,
                         dataset_size=len(pool) * batch, seed=0, precision=precision, iterate_target=iterate,
-                        input_mean=MEAN, input_std=STD)
+                        input_mean=MEAN, input_std=STD, task=task)
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -127,13 +147,25 @@ def measure(name: str, base: torch.nn.Module, spec: tuple, precision: str, chann
     method_cls = get_method(name)
     if device.type == "cuda":  # as the runner does: no cuDNN autotuning for step-varying batch sizes
         torch.backends.cudnn.benchmark = not method_cls.dynamic_shapes
-    method = method_cls(model, info.params_model(), ctx)
+    extra = EXTRA_PARAMS.get((name, task), lambda c: {})(classes)
+    method = method_cls(model, validate_params(info, extra, task), ctx)
+    if compiled:
+        method.model.compile()  # as the runner does with options.compile (worker/adaptation/compiling.py)
     method.begin_epoch(0)
     batches = list(iterate())
+    sync(device)
+    t_warm = time.perf_counter()
     for i in range(warmup):
         x, idx = batches[i % len(batches)]
         method.adapt(x, idx)
     sync(device)
+    warm_seconds = time.perf_counter() - t_warm
+    prof = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        prof = torch.profiler.profile(activities=acts)
+        prof.__enter__()
     t0 = time.perf_counter()
     out = None
     for i in range(timed):
@@ -141,12 +173,20 @@ def measure(name: str, base: torch.nn.Module, spec: tuple, precision: str, chann
         out = method.adapt(x, idx)
     sync(device)
     seconds = time.perf_counter() - t0
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n<!-- profile of {name}, {timed} batches, {seconds:.3f} s wall -->\n```", flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48), flush=True)
+        print("```\n", flush=True)
     finite = bool(torch.isfinite(out.logits).all()) if out is not None else True
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     notes = []
     report = method.report()
     if "augmentation_averaged_batches" in report:
         notes.append(f"aug {report['augmentation_averaged_batches']}/{report['batches']}")
+    if compiled:
+        notes.append(f"warm-up incl. compile {warm_seconds:.0f} s")
     if not finite:
         notes.append("NON-FINITE OUTPUT")
     return {"images_per_s": batch * timed / seconds, "ms_per_batch": 1000 * seconds / timed,
@@ -173,9 +213,8 @@ def main() -> int:
         per_model = {m: chosen for m in models}
     precisions = sorted({p for ps in per_model.values() for p in ps})
     from worker.adaptation.methods import _load_all  # noqa: F401  (registers every method)
-    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    methods = [m for m in wanted if m in METHODS]
-    missing = [m for m in wanted if m not in METHODS]
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    missing = [m for m in wanted or [] if m not in METHODS]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if device.type == "cpu":
@@ -200,11 +239,16 @@ def main() -> int:
     start = time.perf_counter()
     for mname in models:
         spec = table[mname]
-        arch, kwargs, batch, size, classes = spec
+        arch, kwargs, batch, size, classes, task = spec
+        methods = [m for m in (wanted or DEFAULT_METHODS[task]) if m in METHODS and task in get_method_info(m).tasks]
         torch.manual_seed(0)
         base = build(arch, classes, **kwargs).to(device)
+        if args.confident:
+            with torch.no_grad():
+                for p in classifier_of(base).parameters():
+                    p.mul_(50.0)
         for precision in per_model[mname]:
-            prec, cl = PRECISIONS[precision]
+            prec, cl, compiled = PRECISIONS[precision]
             for name in methods:
                 ref = REFERENCE.get(mname, {}).get(name)
                 row = f"| {mname} | {batch}×{size} | {name} | {precision} |"
@@ -212,7 +256,8 @@ def main() -> int:
                     print(f"{row} — | — | — | {fmt_rate(ref)} | — | skipped (budget) |", flush=True)
                     continue
                 try:
-                    r = measure(name, base, spec, prec, cl, device, warmup, timed)
+                    r = measure(name, base, spec, prec, cl, compiled, device, warmup, timed,
+                                profile=name == args.profile)
                 except torch.cuda.OutOfMemoryError:
                     print(f"{row} — | — | — | {fmt_rate(ref)} | — | out of memory |", flush=True)
                     continue

@@ -14,7 +14,7 @@ named `seg_head` (their head/backbone split) and it accepts their `[x, interpola
 Protocol differences, kept as each side has them: the reference adapts each batch on two random crops
 (--crop px, here 32 of the 48 px canvases so that every one of its 6 view sizes fits the UNet) and then predicts
 the batch with the updated model (TENT reset after every batch, as its `EPISODIC: True`); ours predicts each
-batch first (online) and then adapts on the whole batch, never resets, and its CoTTA teacher views are 0.5-1.75 of
+batch first (online) and then adapts on the whole batch, never resets, and its CoTTA teacher views are 0.25-0.875 of
 the input. mIoU is over each side's stream of predictions (what the method returned per batch); img/s is target
 images per second of wall-clock time (adapting + predicting).
 

@@ -14,7 +14,7 @@ server's WAL writer, checkpointer and background writer; the server may be share
 machine the wall-clock rate mostly says how much CPU the run was given; CPU per GiB does not depend on
 that, and gives the rate the API and the database could sustain with a core each.
 
-    python benchmarks/upload_throughput.py [--backend postgres,sqlite] [--mib 256] [--repeat 2]
+    python benchmarks/upload_throughput.py [--backend postgres,sqlite] [--mib 256] [--repeat 2] [--profile DIR]
 """
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ import argparse
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,6 +77,49 @@ class PeakRss:
         self._t.join()
 
 
+def wall_profile(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy on every thread of `pid`, idle time included, for a few seconds (SIGINT ends it early)."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spy = subprocess.Popen([exe, "record", "-p", str(pid), "-d", "4", "-r", "200", "-f", "raw", "--idle",
+                            "--threads", "-o", str(out), "--nonblocking"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached before the upload starts
+    return spy
+
+
+# What a sample of an API thread was doing: the first activity whose frame is in its stack.
+ACTIVITIES = (("idle pool thread", "Queue.get"), ("waiting for the database", "Connection.wait"),
+              ("sending a chunk to the database", "_send_query"), ("storing a chunk (the insert call)", "_store"),
+              ("event loop: receiving (uvicorn, httptools)", "data_received"),
+              ("event loop: store_stream (joining chunks)", "store_stream"))
+
+
+def activity(frames: list[str]) -> str:
+    if "EpollSelector.select" in frames[-1]:
+        return "event loop: waiting for the client's bytes"
+    if frames[-1].startswith("WorkerThread.run"):  # a C call straight from the pool thread: hashlib
+        return "hashing"
+    stack = ";".join(frames)
+    return next((name for name, mark in ACTIVITIES if mark in stack), "other")
+
+
+def thread_breakdown(raw: Path) -> str:
+    """Per busy thread of a py-spy raw file (--threads: the thread is the first frame): the share of its
+    samples in each activity."""
+    threads: dict[str, Counter] = defaultdict(Counter)
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        threads[frames[0]][activity(frames[1:] or frames)] += int(count)
+    rows = ["| thread | samples | activities (% of the thread's samples) |", "|---|---:|---|"]
+    for name, c in threads.items():
+        total = sum(c.values())
+        if c["idle pool thread"] < 0.95 * total:
+            rows.append(f"| {name} | {total} | "
+                        + "; ".join(f"{k} {100 * v / total:.0f}" for k, v in c.most_common(5)) + " |")
+    return "\n".join(rows)
+
+
 def run_backend(backend: str, args, template: bytes) -> list[tuple]:
     import httpx
 
@@ -118,6 +163,12 @@ def run_backend(backend: str, args, template: bytes) -> list[tuple]:
                                                                      "content-length": str(mib * MiB)})
                 r.raise_for_status()
 
+        if args.profile:  # an extra 1-client upload, under py-spy
+            spy = wall_profile(stack.pids("api")[-1], args.profile / f"upload-{backend}.txt")
+            upload(n, f"profiled-{time.time()}")
+            spy.wait(timeout=60)
+            print(f"\nWhere the API's threads spent one 1-client upload ({backend}; py-spy --idle, wall clock):\n")
+            print(thread_breakdown(args.profile / f"upload-{backend}.txt"))
         for rep in range(args.repeat):
             with PeakRss(lambda: stack.pids("api")) as rss, CpuSampler(groups) as cpu:
                 t = time.perf_counter()
@@ -140,7 +191,11 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="postgres,sqlite")
     p.add_argument("--mib", type=int, default=256)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--profile", type=Path, default=None, help="folder: py-spy the API's threads during one "
+                   "extra 1-client upload and print where each spent its time")
     args = p.parse_args(argv)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     if not (4 <= args.mib <= 4096 and 1 <= args.repeat <= 5):
         p.error("--mib 4..4096, --repeat 1..5")
     template = np.random.default_rng(0).integers(0, 256, MiB, dtype=np.uint8).tobytes()

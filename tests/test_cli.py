@@ -40,7 +40,7 @@ def test_submit_watch_downloads_and_reports(embedded_service, assets, tmp_path):
     # Long enough (1000 batches) that the watcher sees the adapting phase, however fast the queue is.
     data = long_dataset(tmp_path / "long.npz")
     r = adaptd(*submit_args(assets, "--data", data, "--eval-data", assets["eval"], "--watch",
-                            "-o", out, "--url", url, "--batch-size", "4"))
+                            "-o", out, "--url", url, "--batch-size", "4", "--compile", "off"))
     assert r.returncode == 0, r.stderr + embedded_service.logs()
     err = r.stderr
     for text in ("upload model.safetensors", "upload long.npz", "100.0%", "adapting", "batches",
@@ -53,6 +53,9 @@ def test_submit_watch_downloads_and_reports(embedded_service, assets, tmp_path):
     assert job["status"] == "succeeded" and job["params"]["lr"] == 0.001
     assert job["spec"]["preprocess"]["mean"] == assets["preprocess"]["mean"]
     assert job["spec"]["model"]["arch_kwargs"] == assets["arch_kwargs"]
+    assert job["spec"]["options"]["compile"] == "off"
+    assert job["metrics"]["compile"] == {"option": "off", "compiled": False, "reason": "off in the job's options",
+                                         "fallback": None, "first_step_seconds": None}
     sha = {a["name"]: a["sha256"] for a in job["artifacts"]}
     assert hashlib.sha256(out.read_bytes()).hexdigest() == sha["model.safetensors"]
     m = job["metrics"]

@@ -25,17 +25,34 @@ def test_raw_and_multipart_upload_dedupe(service):
     assert got == body
     # identical bytes are stored once: one blob, two upload records
     assert _blob_count(service, digest) == 1
+    # the chunks (stored by concurrent inserts) read back in order
+    assert _stored_bytes(service, body["id"]) == payload
+
+
+def _db_url(service) -> str:
+    return service.env.get("ADAPTD_DATABASE_URL") or f"sqlite:///{service.env['ADAPTD_HOME']}/adaptd.db"
 
 
 def _blob_count(service, digest: str) -> int:
     from sqlalchemy import create_engine, text
 
-    url = service.env.get("ADAPTD_DATABASE_URL") or f"sqlite:///{service.env['ADAPTD_HOME']}/adaptd.db"
-    engine = create_engine(url)
+    engine = create_engine(_db_url(service))
     with engine.connect() as conn:
         n = conn.execute(text("select count(*) from blobs where sha256 = :d"), {"d": digest}).scalar()
     engine.dispose()
     return n
+
+
+def _stored_bytes(service, upload_id: str) -> bytes:
+    from sqlalchemy import create_engine, text
+
+    from app.storage import iter_blob
+
+    engine = create_engine(_db_url(service))
+    with engine.connect() as conn:
+        blob_id = conn.execute(text("select blob_id from uploads where id = :i"), {"i": upload_id}).scalar()
+    engine.dispose()
+    return b"".join(iter_blob(_db_url(service), blob_id))
 
 
 def test_size_limit_413(embedded_service):
@@ -63,13 +80,23 @@ def test_large_upload_streams_with_bounded_api_memory(pg_service):
     size = 384 * 1024 * 1024
     block = os.urandom(1024 * 1024)
     api = psutil.Process(pg_service.api.pid)
-    baseline = api.memory_info().rss
+
+    def rss() -> int:  # `adaptd api` and its uvicorn worker processes
+        total = 0
+        for p in [api, *api.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    baseline = rss()
     peak = [baseline]
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], api.memory_info().rss)
+            peak[0] = max(peak[0], rss())
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -5,7 +5,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
 
 from ..auth import Principal, principal_of
 from ..config import Settings, get_settings
@@ -24,12 +23,6 @@ async def _principal(request: Request, settings: SettingsDep) -> Principal:
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]
-
-
-def json_response(model: BaseModel, status_code: int = 200) -> Response:
-    """The model's JSON as the response, serialized once: returned as a Response, FastAPI skips
-    re-validating it against the route's response_model (which still documents it)."""
-    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
 class PlainRoute(APIRoute):

@@ -8,13 +8,13 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..db import repo
-from ..db.session import read, session_scope
+from ..db.session import session_scope
 from ..errors import ApiError
 from ..contract.jobs import JobList, JobOut, JobSpec, JobStatus
 from ..services import jobs as service
 from ..storage import iter_blob
 from ..config import get_settings
-from .deps import PlainRoute, PrincipalDep, SettingsDep, json_response
+from .deps import PlainRoute, PrincipalDep, SettingsDep
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 hot = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=PlainRoute)  # polled: no per-request DI
@@ -41,8 +41,8 @@ async def list_jobs(settings: SettingsDep, who: PrincipalDep,
                     name: str | None = Query(None, max_length=200, description="exactly this name"),
                     tag: list[str] = Query([], max_length=32, description="repeatable: jobs with all these tags")
                     ) -> Response:
-    return json_response(await read(settings.resolved_database_url, service.job_page, who.tenant_id, status,
-                                    limit, cursor, view == "full", name, tag))
+    query = service.page_query(who.tenant_id, status, limit, cursor, view == "full", name, tag)
+    return Response(await service.page_reader(settings).get(query), media_type="application/json")
 
 
 @hot.get("/{job_id}", response_model=JobOut)

@@ -130,6 +130,8 @@ def inline_prior(path: str) -> list | None:
 @click.option("--seed", type=int)
 @click.option("--device", help="auto, cpu, cuda, cuda:N")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]))
+@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]),
+              help="torch.compile the adapted model (auto: on CUDA, for jobs long enough to repay it)")
 @click.option("--name", help="a name to find the run again (adaptd jobs --name)")
 @click.option("--tag", "tags", multiple=True, help="a tag to find the run again; repeatable")
 @click.option("--notify-url", help="POST the final job here (signed webhook)")
@@ -143,7 +145,7 @@ def inline_prior(path: str) -> list | None:
 def submit(spec_file, method, task, prior_file, param, candidates, models, model_format, arch, num_classes,
            arch_kwarg, arch_kwargs, student_arch, student_num_classes, student_arch_kwarg, student_weights,
            labelled_data, labelled_format, data, data_format, eval_data, eval_format, size, channels, mean, std, batch_size, epochs, seed, device,
-           precision, name, tags, notify_url, idempotency_key, watch, output, no_download, url, api_key,
+           precision, compile_, name, tags, notify_url, idempotency_key, watch, output, no_download, url, api_key,
            as_json, quiet) -> int:
     """Upload the files, submit an adaptation job, and with --watch follow it to the end and download
     the adapted weights."""
@@ -175,7 +177,7 @@ def submit(spec_file, method, task, prior_file, param, candidates, models, model
                                     "mean": parse_floats(mean, "--mean"),
                                     "std": parse_floats(std, "--std")}.items() if v is not None}
     options = {k: v for k, v in {"batch_size": batch_size, "epochs": epochs, "seed": seed, "device": device,
-                                 "precision": precision}.items() if v is not None}
+                                 "precision": precision, "compile": compile_}.items() if v is not None}
     sources = [parse_source(v) for v in models]
     multisource = len(sources) > 1 or bool(student_arch or student_weights) or (base or {}).get("models") is not None
     student = None

@@ -29,9 +29,15 @@ def _migrate():
 
 
 def _serve(host: str, port: int, log_level: str) -> None:
+    """ADAPTD_API_WORKERS processes on one listening socket. Nothing a request needs lives in one
+    process's memory (job reads, keys, event streams and /metrics all read the database), so any process
+    may answer any request."""
     import uvicorn
 
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level=log_level)
+    from ..config import get_settings
+
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level=log_level,
+                workers=get_settings().api_workers)
 
 
 @click.command("up", short_help="embedded: API + one worker, nothing to configure")

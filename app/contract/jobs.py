@@ -104,6 +104,10 @@ class Options(_Strict):
     seed: StrictCount = Field(0, ge=0, le=2**31 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the adapted model (single-model jobs): `auto` compiles on CUDA when the job has enough "
+        "steps to repay the compilation (and the method's batch shapes are fixed); a compilation that fails "
+        "falls back to eager, and `metrics.compile` says what happened")
 
 
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:=+/-]{0,63}$"

@@ -12,6 +12,8 @@ import asyncio
 import weakref
 from typing import Callable, Generic, Hashable, TypeVar
 
+from sqlalchemy.exc import DataError
+
 from .session import read
 
 K = TypeVar("K", bound=Hashable)
@@ -43,18 +45,31 @@ class Batched(Generic[K, V]):
                 batch = {key: self.pending.pop(key) for key in keys}
                 try:
                     values = await read(self.url, self.fn, keys)
-                except Exception as exc:  # noqa: BLE001 - every waiting request gets it (503 etc.)
-                    for futures in batch.values():
-                        for f in futures:
-                            if not f.done():
-                                f.set_exception(exc)
+                except Exception as exc:  # noqa: BLE001
+                    if len(keys) == 1 or not isinstance(exc, DataError):  # all get it (503 etc.)
+                        self._settle(batch, exc=exc)
+                        continue
+                    # A value the database refuses (a NUL character in a string) is one request's key:
+                    # each key on its own, so the error (422) reaches only the requests it belongs to.
+                    for key in keys:
+                        try:
+                            self._settle({key: batch[key]}, await read(self.url, self.fn, [key]))
+                        except Exception as exc:  # noqa: BLE001
+                            self._settle({key: batch[key]}, exc=exc)
                     continue
-                for key, futures in batch.items():
-                    for f in futures:
-                        if not f.done():
-                            f.set_result(values.get(key))
+                self._settle(batch, values)
         finally:
             self.busy = False
+
+    @staticmethod
+    def _settle(batch: dict, values: dict | None = None, exc: BaseException | None = None) -> None:
+        for key, futures in batch.items():
+            for f in futures:
+                if not f.done():
+                    if exc is not None:
+                        f.set_exception(exc)
+                    else:
+                        f.set_result(values.get(key))
 
 
 _per_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()

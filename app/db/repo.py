@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..contract.catalog import CATALOG
 from ..contract.jobs import TERMINAL  # noqa: F401  (callers use repo.TERMINAL)
-from .models import ApiKey, Artifact, Job, JobLog, JobTag, Tenant, Upload, Worker, utcnow
+from .models import ApiKey, Artifact, Blob, BlobChunk, Job, JobLog, JobTag, Tenant, Upload, Worker, utcnow
 
 
 # --- uploads ---------------------------------------------------------------------------------------
@@ -24,6 +24,60 @@ def get_upload(s: Session, upload_id: str, tenant_id: str | None = None) -> Uplo
 def add_upload(s: Session, upload: Upload) -> Upload:
     s.add(upload)
     return upload
+
+
+# --- blobs (app/storage/blobs.py: content-addressed bytes in chunk rows) -----------------------------
+
+_INSERT_CHUNK = insert(BlobChunk)
+
+
+def add_blob(s: Session, blob_id: str) -> None:
+    s.add(Blob(id=blob_id, sha256=None, size=0))
+
+
+def add_blob_chunk(c: Connection, blob_id: str, seq: int, offset: int, data: bytes) -> None:
+    c.execute(_INSERT_CHUNK, {"blob_id": blob_id, "seq": seq, "offset": offset, "data": data})
+
+
+def set_blob_size(s: Session, blob_id: str, size: int) -> None:
+    s.execute(update(Blob).where(Blob.id == blob_id).values(size=size))
+
+
+def set_blob_sha256(s: Session, blob_id: str, sha256: str) -> None:
+    s.execute(update(Blob).where(Blob.id == blob_id).values(sha256=sha256))
+
+
+def blob_with_sha256(s: Session, sha256: str) -> str | None:
+    return s.scalar(select(Blob.id).where(Blob.sha256 == sha256))
+
+
+def lock_blob(s: Session, blob_id: str) -> bool:
+    """Row-lock a blob until the transaction ends (PostgreSQL; SQLite holds its database write lock);
+    False when it no longer exists."""
+    return s.execute(update(Blob).where(Blob.id == blob_id).values(size=Blob.size)).rowcount == 1
+
+
+def blob_is_referenced(s: Session, blob_id: str) -> bool:
+    """Some upload or artifact points at the blob."""
+    return (s.scalar(select(Upload.id).where(Upload.blob_id == blob_id).limit(1)) is not None
+            or s.scalar(select(Artifact.id).where(Artifact.blob_id == blob_id).limit(1)) is not None)
+
+
+def delete_blob(s: Session, blob_id: str) -> None:
+    s.execute(delete(BlobChunk).where(BlobChunk.blob_id == blob_id))
+    s.execute(delete(Blob).where(Blob.id == blob_id))
+
+
+def blob_chunk_at(s: Session, blob_id: str, offset: int) -> int | None:
+    """The seq of the chunk holding byte `offset`."""
+    return s.scalar(select(BlobChunk.seq).where(BlobChunk.blob_id == blob_id, BlobChunk.offset <= offset)
+                    .order_by(BlobChunk.offset.desc()).limit(1))
+
+
+def blob_chunk(s: Session, blob_id: str, seq: int) -> Row | None:
+    """(offset, data) of one chunk."""
+    return s.execute(select(BlobChunk.offset, BlobChunk.data)
+                     .where(BlobChunk.blob_id == blob_id, BlobChunk.seq == seq)).first()
 
 
 # --- jobs ------------------------------------------------------------------------------------------

@@ -275,15 +275,43 @@ def view_reader(settings: Settings) -> Batched[str, View]:
     return per_loop(("views", url), lambda: Batched(url, _read_views))
 
 
-def job_page(c, tenant_id: str, status: str | None, limit: int, cursor: str | None, full: bool = False,
-             name: str | None = None, tags: list[str] = ()) -> JobList:
+@dataclass(frozen=True)
+class PageQuery:
+    """What GET /v1/jobs asks for; requests that ask the same share one read (page_reader)."""
+    tenant_id: str
+    status: str | None
+    limit: int
+    before: tuple[datetime, str] | None  # the decoded cursor
+    full: bool
+    name: str | None
+    tags: tuple[str, ...]
+
+
+def page_query(tenant_id: str, status: str | None, limit: int, cursor: str | None, full: bool = False,
+               name: str | None = None, tags: list[str] = ()) -> PageQuery:
+    """A bad cursor fails its own request here, before any shared read."""
+    return PageQuery(tenant_id, status, limit, _decode_cursor(cursor) if cursor else None, full, name, tuple(tags))
+
+
+def job_page(c, q: PageQuery) -> JobList:
     """GET /v1/jobs on a read connection: one statement (two with `full`: the page's artifacts)."""
-    before = _decode_cursor(cursor) if cursor else None
-    jobs = repo.job_summaries(c, status, limit + 1, before, tenant_id, full=full, name=name, tags=tags)
-    artifacts = repo.artifacts_of_jobs(c, [j.id for j in jobs[:limit]]) if full else None
-    items = [to_out(j, artifacts[j.id]) if full else to_summary(j) for j in jobs[:limit]]
-    next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    jobs = repo.job_summaries(c, q.status, q.limit + 1, q.before, q.tenant_id, full=q.full, name=q.name,
+                              tags=q.tags)
+    artifacts = repo.artifacts_of_jobs(c, [j.id for j in jobs[:q.limit]]) if q.full else None
+    items = [to_out(j, artifacts[j.id]) if q.full else to_summary(j) for j in jobs[:q.limit]]
+    next_cursor = _encode_cursor(jobs[q.limit - 1]) if len(jobs) > q.limit else None
     return JobList(items=items, next_cursor=next_cursor)
+
+
+def _read_pages(c, queries: list[PageQuery]) -> dict[PageQuery, bytes]:
+    return {q: job_page(c, q).model_dump_json().encode() for q in queries}
+
+
+def page_reader(settings: Settings) -> Batched[PageQuery, bytes]:
+    """GET /v1/jobs: concurrent requests of a process that ask for the same page share its read and its
+    JSON (app.db.batched; a dashboard's or a CLI's poll asks for the same page again and again)."""
+    url = settings.resolved_database_url
+    return per_loop(("pages", url), lambda: Batched(url, _read_pages))
 
 
 def cancel_job(settings: Settings, tenant_id: str, job_id: str) -> JobOut:

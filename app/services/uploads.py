@@ -1,7 +1,6 @@
 """Uploads: stream bytes into the blob store, enforce the size limit, dedupe by content."""
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import AsyncIterator
 
@@ -47,10 +46,9 @@ async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: 
     url = settings.resolved_database_url
     writer = await run_in_threadpool(BlobWriter, url)
     pieces, buffered, received, chunk = [], 0, 0, settings.chunk_bytes
-    # The previous chunk's insert (and hash) runs in a thread while the next chunk arrives: receiving
-    # and storing overlap, and memory stays at two chunks per upload. A chunk is joined from the
+    # Chunks are stored while the next ones arrive (BlobWriter.write_async: a few inserts in flight, the
+    # hash in order beside them), so memory stays at a few chunks per upload. A chunk is joined from the
     # pieces the server received (one copy), not grown in a buffer.
-    writing: asyncio.Future | None = None
     try:
         async for piece in chunks:
             received += len(piece)
@@ -64,13 +62,9 @@ async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: 
                 joined = b"".join(pieces)
                 data, rest = (joined, b"") if buffered == chunk else (joined[:chunk], joined[chunk:])
                 pieces, buffered = ([rest] if rest else []), len(rest)
-                if writing is not None:
-                    await writing
-                writing = asyncio.ensure_future(run_in_threadpool(writer.write, data))
-        if writing is not None:
-            await writing
-        if pieces:
-            await run_in_threadpool(writer.write, b"".join(pieces))
+                await writer.write_async(data)
+        await writer.write_async(b"".join(pieces))
+        await writer.flush()
         if writer.size == 0:
             raise ApiError("empty_upload", "the upload has no bytes")
         size = writer.size
@@ -88,8 +82,7 @@ async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: 
 
         await run_in_threadpool(writer.finish, record, within_quota)
     except BaseException:
-        if writing is not None:
-            await asyncio.wait([writing])  # never two writers on one blob: let it end, then abort
+        await writer.flush(raise_errors=False)  # nothing may still write when the blob is dropped
         await run_in_threadpool(writer.abort)
         raise
     return writer.recorded

@@ -2,23 +2,28 @@
 neither side ever holds a whole file in memory); a blob becomes visible under its sha256 only when it is
 complete, and identical content is stored once. Each chunk is one autocommitted insert (one round
 trip) whose commit does not wait for the disk; the seal's commit does, and flushes the chunks before
-it (app.db.session.get_deferred_durability_engine): one disk flush per blob instead of one per chunk."""
+it (app.db.session.get_deferred_durability_engine): one disk flush per blob instead of one per chunk.
+The statements are in app/db/repo.py."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from ..db.models import Blob, BlobChunk
+from ..db import repo
 from ..db.session import get_deferred_durability_engine, session_scope
 
-
-_INSERT_CHUNK = insert(BlobChunk)
+# Chunk inserts in flight per upload (`write_async`). Each takes its own pooled connection, so
+# PostgreSQL stores them in several backends, on several cores: with one in flight, an upload went
+# at the speed of one backend storing (TOAST, WAL) while the API waited (BENCHMARKS.md, Uploads, third
+# pass). SQLite has one writer at a time: a second insert would only wait for the lock.
+INSERTS_IN_FLIGHT = {"postgresql": 3, "sqlite": 1}
 
 
 class BlobWriter:
@@ -28,18 +33,56 @@ class BlobWriter:
         self.size = 0
         self._seq = 0
         self._hash = hashlib.sha256()
+        self._depth = INSERTS_IN_FLIGHT[db_url.split(":", 1)[0].split("+", 1)[0]]
+        self._storing: set[asyncio.Future] = set()
+        self._hashing: asyncio.Future | None = None
         with session_scope(db_url) as s:
-            s.add(Blob(id=self.blob_id, sha256=None, size=0))
+            repo.add_blob(s, self.blob_id)
 
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        with get_deferred_durability_engine(self.db_url).connect() as conn:
-            conn.execute(_INSERT_CHUNK, {"blob_id": self.blob_id, "seq": self._seq, "offset": self.size,
-                                         "data": data})
-        self._hash.update(data)
+    def _claim(self, data: bytes) -> tuple[int, int]:
+        """The next chunk's (seq, offset)."""
+        seq, offset = self._seq, self.size
         self._seq += 1
         self.size += len(data)
+        return seq, offset
+
+    def _store(self, seq: int, offset: int, data: bytes) -> None:
+        with get_deferred_durability_engine(self.db_url).connect() as conn:
+            repo.add_blob_chunk(conn, self.blob_id, seq, offset, data)
+
+    def write(self, data: bytes) -> None:
+        """Store and hash the next chunk, here and now."""
+        if data:
+            self._store(*self._claim(data), data)
+            self._hash.update(data)
+
+    async def write_async(self, data: bytes) -> None:
+        """The next chunk, from the event loop: its insert runs in a thread alongside up to
+        INSERTS_IN_FLIGHT - 1 earlier ones, and the bytes are hashed in order in a thread of their own,
+        so receiving, hashing and storing overlap. Returns once the chunk is under way; memory: the
+        chunks in flight. `flush` waits for all of them and raises the first failure."""
+        if not data:
+            return
+        while len(self._storing) >= self._depth:
+            done, self._storing = await asyncio.wait(self._storing, return_when=asyncio.FIRST_COMPLETED)
+            for f in done:
+                f.result()
+        seq, offset = self._claim(data)
+        self._storing.add(asyncio.ensure_future(run_in_threadpool(self._store, seq, offset, data)))
+        if self._hashing is not None:
+            await self._hashing
+        self._hashing = asyncio.ensure_future(run_in_threadpool(self._hash.update, data))
+
+    async def flush(self, raise_errors: bool = True) -> None:
+        """Wait for every insert and the hash `write_async` started (all of them, even after a failure:
+        nothing may still write when the blob is aborted), then raise the first failure."""
+        pending = [*self._storing, *([self._hashing] if self._hashing is not None else [])]
+        self._storing, self._hashing = set(), None
+        if pending:
+            await asyncio.wait(pending)
+        if raise_errors:
+            for f in pending:
+                f.result()
 
     @property
     def sha256(self) -> str:
@@ -52,11 +95,11 @@ class BlobWriter:
         copy with abort() after committing when the returned id is not `self.blob_id`."""
         digest = self.sha256
         # A write first: SQLite then holds its write lock before it reads (no stale snapshot).
-        s.execute(update(Blob).where(Blob.id == self.blob_id).values(size=self.size))
-        existing = s.scalar(select(Blob.id).where(Blob.sha256 == digest))
-        if existing is not None and lock_blob(s, existing):
+        repo.set_blob_size(s, self.blob_id, self.size)
+        existing = repo.blob_with_sha256(s, digest)
+        if existing is not None and repo.lock_blob(s, existing):
             return existing
-        s.execute(update(Blob).where(Blob.id == self.blob_id).values(sha256=digest))
+        repo.set_blob_sha256(s, self.blob_id, digest)
         return self.blob_id
 
     def finish(self, record: Callable[[Session, str], object] | None = None,
@@ -82,20 +125,16 @@ class BlobWriter:
 
     def abort(self) -> None:
         with session_scope(self.db_url) as s:
-            s.execute(delete(BlobChunk).where(BlobChunk.blob_id == self.blob_id))
-            s.execute(delete(Blob).where(Blob.id == self.blob_id))
+            repo.delete_blob(s, self.blob_id)
 
 
 def iter_blob(db_url: str, blob_id: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
     """Yield the bytes [start, end) of a blob, one chunk row per query (bounded memory)."""
     with session_scope(db_url) as s:
-        first = s.scalar(select(BlobChunk.seq).where(BlobChunk.blob_id == blob_id, BlobChunk.offset <= start)
-                         .order_by(BlobChunk.offset.desc()).limit(1))
-    seq = first or 0
+        seq = repo.blob_chunk_at(s, blob_id, start) or 0
     while True:
         with session_scope(db_url) as s:
-            row = s.execute(select(BlobChunk.offset, BlobChunk.data)
-                            .where(BlobChunk.blob_id == blob_id, BlobChunk.seq == seq)).first()
+            row = repo.blob_chunk(s, blob_id, seq)
         if row is None:
             return
         offset, data = row
@@ -117,25 +156,12 @@ def copy_blob_to_file(db_url: str, blob_id: str, path: Path) -> int:
     return n
 
 
-def lock_blob(session, blob_id: str) -> bool:
-    """Row-lock a blob until the transaction ends (PostgreSQL; SQLite holds its database write lock);
-    False when it no longer exists."""
-    return session.execute(update(Blob).where(Blob.id == blob_id).values(size=Blob.size)).rowcount == 1
-
-
 def delete_blob_if_unreferenced(session, blob_id: str) -> bool:
     """Remove a blob and its chunks when no upload or artifact points at it any more (content is shared
     between identical uploads and artifacts). Runs in the caller's transaction, under the blob's lock, so
     an upload that reuses the blob concurrently either commits its reference first (the blob stays) or
     finds it gone (and keeps its own copy)."""
-    from ..db.models import Artifact, Upload
-
-    if not lock_blob(session, blob_id):
+    if not repo.lock_blob(session, blob_id) or repo.blob_is_referenced(session, blob_id):
         return False
-    if session.scalar(select(Upload.id).where(Upload.blob_id == blob_id).limit(1)) is not None:
-        return False
-    if session.scalar(select(Artifact.id).where(Artifact.blob_id == blob_id).limit(1)) is not None:
-        return False
-    session.execute(delete(BlobChunk).where(BlobChunk.blob_id == blob_id))
-    session.execute(delete(Blob).where(Blob.id == blob_id))
+    repo.delete_blob(session, blob_id)
     return True

@@ -115,8 +115,9 @@ def test_each_segmentation_method_updates_only_what_it_declares_and_repeats(seg_
 def test_a_forced_mask_collapse_is_rolled_back_and_recorded(seg_files, source_miou):
     root, _ = seg_files
     everything_background = [1.0] + [0.0] * (NUM_CLASSES - 1)
-    m = _run(root, "sfda_prior", {"class_ratio_prior": everything_background, "lr": 3e-3}, 2).metrics
-    assert m["collapse_detected"]
+    # lr 3e-2: at 3e-3 the run collapses on some CPUs and not on others (float order of the source training)
+    m = _run(root, "sfda_prior", {"class_ratio_prior": everything_background, "lr": 3e-2}, 2).metrics
+    assert m["collapse_detected"], m["collapse"]
     reasons = {e["reason"] for e in m["collapse"]["events"]}
     assert reasons & {"predicted_class_histogram_collapsed", "exported_model_collapsed"}
     assert m["miou_after"] >= source_miou - 0.02  # rolled back: not the all-background mask

@@ -24,6 +24,7 @@ from app.contract.jobs import JobSpec
 from . import estimation as E
 from .collapse import CollapseGuard
 from .data import ImageSet, Preprocess, open_image_set
+from .compiling import Compiling
 from .device import (peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision,
                      seed_everything, synchronize)
 from .errors import AdaptationError, JobCancelled
@@ -144,8 +145,11 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
     guard = CollapseGuard(task.signal_classes(num_classes), ratio, task.collapse_score(source_summary),
                           enabled=info.updates_weights and guarded and params.collapse_guard)
     reset_each = params.reset_each if isinstance(params, ProtocolParams) else 0  # 0: never reset
+    compiling = Compiling(opts.compile, device, method_cls.dynamic_shapes, total, opts.batch_size)
+    compiling.apply(method.model)
     loop = _adapt(method, data, prep, opts.batch_size, opts.seed, reset_each, ctx, guard, hooks, info.multi_epoch,
-                  task)
+                  task, compiling)
+    compiling.uncompile()
 
     hooks.progress(loop.done, loop.total, "recalibrating")
     method_report = method.report()
@@ -196,6 +200,7 @@ def run(req: RunRequest, hooks: Hooks | None = None) -> RunResult:
                                              recalibrated)] if n],
         "model_load": load_report,
         "timing": {"adapt_seconds": loop.seconds, "steps": loop.done, "epochs": ctx.epochs},
+        "compile": compiling.report(),
         "method_report": method_report,
     }
     if eval_data is not None:
@@ -275,7 +280,8 @@ class _LoopResult:
 
 
 def _adapt(method, data: ImageSet, prep: _Prep, batch_size: int, seed: int, reset_each: int, ctx: MethodContext,
-           guard: CollapseGuard, hooks: Hooks, multi_epoch: bool, task: TaskEngine) -> _LoopResult:
+           guard: CollapseGuard, hooks: Hooks, multi_epoch: bool, task: TaskEngine,
+           compiling: Compiling) -> _LoopResult:
     n_batches = math.ceil(len(data) / batch_size)
     total = n_batches * ctx.epochs
     rng = np.random.default_rng(seed)
@@ -322,7 +328,7 @@ def _adapt(method, data: ImageSet, prep: _Prep, batch_size: int, seed: int, rese
             if hooks.should_cancel():
                 raise JobCancelled()
             x = prep(xb)
-            out = method.adapt(x, idx.to(ctx.device))
+            out = compiling.adapt(method, x, idx.to(ctx.device))
             preds = task.collapse_signal(out.logits, ctx.num_classes)
             if guard.enabled:
                 guard.observe(preds)

@@ -110,9 +110,10 @@ class CoTTAParams(CollapseGuardParams):
     n_augmentations: int = Field(32, ge=1, le=128, description="Augmented views averaged by the teacher "
                                  "(classification; segmentation uses one view per scale).")
     scales: list[float] = Field(
-        [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1, max_length=16,
-        description="Segmentation: the teacher's view sizes as fractions of the input size (CoTTA's "
-        "multi-scale ratios; the reference library applies them to half its 1024x512 crops).")
+        [0.25, 0.375, 0.5, 0.625, 0.75, 0.875], min_length=1, max_length=16,
+        description="Segmentation: the teacher's view sizes as fractions of the input size. CoTTA's "
+        "multi-scale ratios 0.5-1.75 are relative to half the test size (2.0 is the input itself), so the "
+        "reference library's views are ratio x 0.5 x its input crop: 0.25-0.875 of the input.")
     loss: Literal["ce", "symmetric"] = Field(
         "ce", description="ce: cross-entropy student ← teacher (CIFAR, segmentation); symmetric: the mean of "
         "both directions (the reference's ImageNet variant).")

@@ -9,7 +9,8 @@ frozen anchor (the source model). Per batch:
    ImageNet variant); one optimizer step;
 4. teacher ← EMA of the student; each weight element of the student is reset to its source value with
    probability `restore_prob` (stochastic restore).
-The returned prediction, and the exported model, are the teacher's.
+The returned prediction (for segmentation without the averaging, below), and the exported model, are
+the teacher's.
 
 The augmented views are made in one batched call per chunk (`augment.BatchAugment`: per-image random
 colour, affine, blur, flip and noise on the device) and forwarded through the teacher a chunk of views at
@@ -22,8 +23,12 @@ One host sync per step: the branch on the anchor confidence (skipping 32 forward
 Segmentation (the authors' Cityscapes -> ACDC variant, as in mariodoebler/test-time-adaptation's
 `segmentation/methods/cotta.py`): confidence and loss per pixel; the teacher's augmented prediction is its
 logits on the input plus on one view per `scales` entry (resized bilinearly to that fraction of the input,
-each image flipped with probability 0.5), each resized back and unflipped, averaged over 1 + len(scales);
-the optimizer gives the head (`_seg.head_parameters`) head_lr_scale x lr. Differences from the reference:
+each image flipped with probability 0.5), each resized back and unflipped, averaged over 1 + len(scales). The
+views are 0.25-0.875 of the input, as the reference's (its ratios 0.5-1.75 times half its input crop: "2.0
+corresponds to the original test size"), so they cost about a quarter of the input's forward each; the
+averaged logits are the student's target only: the returned prediction is the teacher's plain logits on the
+input, as the reference returns `model_ema(x)`. The optimizer gives the head (`_seg.head_parameters`)
+head_lr_scale x lr. Differences from the reference:
 the student learns on the whole batch (the reference adapts on two random 1024x512 crops of each image,
 batch size 1, and predicts after the update); view sizes are rounded to a multiple of 8 so strided
 encoder/decoder networks (a UNet's skips) line up."""
@@ -90,12 +95,14 @@ class CoTTA(Method):
         return standard, bool(anchor_conf < self.params.ap)  # the step's one host sync
 
     @torch.no_grad()
-    def segmentation_teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(teacher logits N×K×H×W, 1.0 if averaged over the scaled/flipped views else 0.0), fp32."""
+    def segmentation_teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the student's target: teacher logits N×K×H×W, averaged over the scaled/flipped views when the anchor
+        is unsure; the teacher's plain logits, the prediction returned, as the reference returns
+        `model_ema(x)`; 1.0 if averaged else 0.0), fp32."""
         p = self.params
         standard, unsure = self._teacher_and_gate(x)
         if not unsure:
-            return standard, torch.zeros((), device=x.device)
+            return standard, standard, torch.zeros((), device=x.device)
         h, w = x.shape[-2:]
         total = standard.clone()
         for ratio in p.scales:
@@ -108,7 +115,7 @@ class CoTTA(Method):
                 out = self.teacher(view).float()
             out = torch.where(flip, out.flip(3), out)
             total += F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)
-        return total / (len(p.scales) + 1), torch.ones((), device=x.device)
+        return total / (len(p.scales) + 1), standard, torch.ones((), device=x.device)
 
     @torch.no_grad()
     def teacher_prediction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +143,11 @@ class CoTTA(Method):
             student = self.model(x)
         student = student.float()
         segmentation = self.ctx.task == "segmentation"
-        teacher, augmented = self.segmentation_teacher(x) if segmentation else self.teacher_prediction(x)
+        if segmentation:
+            teacher, returned, augmented = self.segmentation_teacher(x)
+        else:
+            teacher, augmented = self.teacher_prediction(x)
+            returned = teacher
         target = teacher.softmax(1)
         loss = -(target * student.log_softmax(1)).sum(1)
         if p.loss == "symmetric":
@@ -152,7 +163,7 @@ class CoTTA(Method):
                     q.copy_(torch.where(torch.rand_like(q) < p.restore_prob, src, q))
         self.augmented_batches += augmented
         self.batches += 1
-        return StepOutput(teacher, loss.detach(), {"augmented": augmented})
+        return StepOutput(returned, loss.detach(), {"augmented": augmented})
 
     def export_model(self) -> torch.nn.Module:
         return self.teacher
