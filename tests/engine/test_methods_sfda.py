@@ -178,7 +178,7 @@ def test_only_the_classifier_is_frozen(shift):
     frozen = {n for n, p in method.model.named_parameters() if not p.requires_grad}
     assert frozen == {"classifier.weight", "classifier.bias"}
     groups = method.optimizer.param_groups
-    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-3])  # backbone × 0.1, bottleneck
+    assert [g["lr"] for g in groups] == pytest.approx([3e-4, 3e-3])  # backbone × 0.1, bottleneck
 
 
 def test_lr_follows_the_reference_schedule(shift):
@@ -199,7 +199,7 @@ def test_params_refuse_unknown_keys_and_give_reference_defaults():
     nrc = get_method_info("nrc").params_model()
     assert (nrc.K, nrc.KK, nrc.r) == (5, 5, 0.1)
     aad = get_method_info("aad").params_model()
-    assert (aad.K, aad.alpha, aad.beta) == (5, 1.0, 5.0)
+    assert (aad.K, aad.alpha, aad.beta, aad.lr) == (3, 1.0, 2.0, 0.003)  # Office K, beta and lr measured on digits
     for name in SFDA_METHODS:
         assert get_method_info(name).kind == "sfda"
         with pytest.raises(Exception):

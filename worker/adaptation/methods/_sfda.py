@@ -77,8 +77,8 @@ class SFDAMethod(Method):
             if id(q) in keep:
                 head = name == bottleneck or name.startswith(bottleneck + ".")
                 groups["bottleneck" if head else "backbone"].append(q)
-        # No bottleneck: every weight is backbone. At AaD's lr × 0.1 a ResNet-18 barely moves (BN-1's
-        # accuracy), at the full lr AaD collapsed it (BENCHMARKS.md): the authors' ratio stays.
+        # No bottleneck: every weight is backbone, at lr × backbone_lr_mult (on a ResNet-18 at 1e-3 × 0.1
+        # the weights barely moved, BN-1's accuracy; BENCHMARKS.md, issue 16).
         param_groups = [{"params": groups["backbone"], "lr": p.lr * p.backbone_lr_mult},
                         {"params": groups["bottleneck"], "lr": p.lr}]
         param_groups = [g for g in param_groups if g["params"] and g["lr"] > 0]
