@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.contract.catalog import get_method_info, validate_params  # noqa: E402
+from worker.adaptation.compiling import Compiling  # noqa: E402
 from worker.adaptation.methods import get_method  # noqa: E402
 from worker.adaptation.methods.base import MethodContext  # noqa: E402
 from worker.adaptation.methods.registry import METHODS  # noqa: E402
@@ -149,8 +150,8 @@ def measure(name: str, base: torch.nn.Module, spec: tuple, precision: str, chann
         torch.backends.cudnn.benchmark = not method_cls.dynamic_shapes
     extra = EXTRA_PARAMS.get((name, task), lambda c: {})(classes)
     method = method_cls(model, validate_params(info, extra, task), ctx)
-    if compiled:
-        method.model.compile()  # as the runner does with options.compile (worker/adaptation/compiling.py)
+    if compiled:  # what the runner does for options.compile "on"
+        Compiling("on", device, method_cls.dynamic_shapes, timed + warmup, batch).apply(method.model)
     method.begin_epoch(0)
     batches = list(iterate())
     sync(device)
