@@ -23,7 +23,7 @@ def _run(run_files, out, compile_choice: str):
 
 def test_compiled_tent_matches_eager(run_files, tmp_path, monkeypatch):
     # dynamo's tracing and AOT autograd as inductor gets them, without its C++ code generation (a minute
-    # on two cores); benchmarks/gpu_throughput.py --compile measures inductor itself
+    # on two cores); benchmarks/gpu_throughput.py --precisions bf16-cl-compile measures inductor itself
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
     eager = _run(run_files, tmp_path / "eager", "off")
     compiled = _run(run_files, tmp_path / "compiled", "on")
