@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from worker.adaptation.source_augment import photometric  # noqa: E402
 from worker.adaptation.canvases import (NUM_CLASSES, make_canvases, noise_contrast, photo_blend,  # noqa: E402
                                         skimage_photos, to_rgb)
 from worker.adaptation.data import Preprocess  # noqa: E402
@@ -55,9 +56,11 @@ def methods(sizes: np.ndarray, masks: np.ndarray) -> list[tuple[str, str, dict, 
             ("idm (1 target image + source pool)", "idm", {}, 100)]
 
 
-def setup(data: Path, n_source: int, n_target: int, epochs: int, width: int = 16):
+def setup(data: Path, n_source: int, n_target: int, epochs: int, width: int = 16, augment: bool = False):
     """(source UNet, source canvases, {shift: (target images, masks)}); the UNet cached in benchmarks/.cache.
-    Shared with benchmarks/segmentation_vs_reference.py."""
+    `augment`: the source model trained with generic photometric augmentation (worker/adaptation/
+    source_augment.py: inversion, colour jitter, blur, noise; nothing from the target shifts). Shared with
+    benchmarks/segmentation_vs_reference.py."""
     mnist = np.load(data / "mnist_train5k.npz")
     test = np.load(data / "mnist_test.npz")
     usps = np.load(data / "usps_test.npz")
@@ -69,7 +72,7 @@ def setup(data: Path, n_source: int, n_target: int, epochs: int, width: int = 16
               "USPS": (to_rgb(usps_c.x), usps_c.masks),
               "photo backgrounds": (photo_blend(same.x, skimage_photos(), seed=3), same.masks),
               "sensor noise": (noise_contrast(to_rgb(same.x), seed=4), same.masks)}
-    tag = "" if width == 16 else f"_w{width}"
+    tag = ("" if width == 16 else f"_w{width}") + ("_aug" if augment else "")
     cache = Path(__file__).resolve().parent / ".cache" / f"unet_mnist_{n_source}_{epochs}{tag}.safetensors"
     t0 = time.perf_counter()
     if cache.exists():
@@ -77,15 +80,19 @@ def setup(data: Path, n_source: int, n_target: int, epochs: int, width: int = 16
     else:
         seed_everything(0)
         model = train_segmenter(build_model("unet_small", NUM_CLASSES, width=width), to_rgb(src.x), src.masks,
-                                Preprocess(**PRE), epochs=epochs, lr=3e-3)
+                                Preprocess(**PRE), epochs=epochs, lr=3e-3, photometric=augment)
         cache.parent.mkdir(exist_ok=True)
         save_safetensors(model, cache)
     # Adam at a constant lr leaves BatchNorm's running statistics an EMA over the last ~10 batches of moving
     # weights; they change from one training run to the next (in-domain mIoU 77.5 on one, 87.6 on another).
-    # The source model is published as its trainer would: statistics of its final weights over its training set.
-    recalibrate_batch_norm(model, (Preprocess(**PRE)(torch.from_numpy(to_rgb(src.x[i:i + 100])), torch.device("cpu"))
-                                   for i in range(0, len(src.x), 100)))
-    print(f"source UNet (width {width}): {n_source} canvases, {epochs} epochs, {time.perf_counter() - t0:.0f} s")
+    # The source model is published as its trainer would: statistics of its final weights over its training set
+    # (augmented as in training when it was).
+    rng = np.random.default_rng(0)
+    batches = (torch.from_numpy(to_rgb(src.x[i:i + 100])) for i in range(0, len(src.x), 100))
+    recalibrate_batch_norm(model, (Preprocess(**PRE)(photometric(b, rng) if augment else b, torch.device("cpu"))
+                                   for b in batches))
+    print(f"source UNet (width {width}{', photometric augmentation' if augment else ''}): {n_source} canvases, "
+          f"{epochs} epochs, {time.perf_counter() - t0:.0f} s")
     return model, src, shifts
 
 
@@ -99,9 +106,12 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated method names (default: all)")
     ap.add_argument("--width", type=int, default=16, help="UNet width (16: 0.12 M parameters; 8: 4x cheaper)")
     ap.add_argument("--shifts", default="", help="comma-separated shift names, in this order (default: all)")
+    ap.add_argument("--source-augment", choices=("photometric", "none"), default="photometric",
+                    help="the source model's training augmentation (default: generic photometric, source_augment.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, src, shifts = setup(args.data, args.n_source, args.n_target, args.epochs, args.width)
+    model, src, shifts = setup(args.data, args.n_source, args.n_target, args.epochs, args.width,
+                               args.source_augment == "photometric")
     spec_model = {**MODEL, "arch_kwargs": {"width": args.width}}
     # a digit's typical share of a canvas where it occurs; the background's mean share
     sizes = np.array([(src.masks == c).sum((1, 2))[(src.masks == c).any((1, 2))].mean() / src.masks[0].size

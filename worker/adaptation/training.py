@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .source_augment import photometric as photometric_augment
 from .data.images import ArrayImageSet
 from .data.preprocess import Preprocess
 from .device import seed_everything
@@ -14,9 +15,10 @@ from .device import seed_everything
 
 def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preprocess, epochs: int = 5,
                      batch_size: int = 64, lr: float = 1e-3, seed: int = 0, augment_shift: int = 0,
-                     device: str = "cpu", ignore_index: int = -100) -> nn.Module:
+                     device: str = "cpu", ignore_index: int = -100, photometric: bool = False) -> nn.Module:
     """Adam + cross-entropy, shuffled mini-batches; optional random translation by up to
-    `augment_shift` pixels (batched roll) for a more robust source model. `y` may hold per-pixel masks
+    `augment_shift` pixels (batched roll) and optional generic photometric augmentation (source_augment.py:
+    inversion, colour jitter, blur, noise) for a more robust source model. `y` may hold per-pixel masks
     (train_segmenter), whose `ignore_index` pixels do not count."""
     if augment_shift and y.ndim > 1:
         raise ValueError("augment_shift would move the images but not their masks")
@@ -31,7 +33,7 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess:
         for xb, idx in data.batches(batch_size, rng.permutation(len(data))):
             if len(idx) < 2:
                 continue
-            xt = preprocess(xb, dev)
+            xt = preprocess(photometric_augment(xb, rng) if photometric else xb, dev)
             if augment_shift:
                 dx, dy = (int(v) for v in rng.integers(-augment_shift, augment_shift + 1, size=2))
                 xt = torch.roll(xt, shifts=(dy, dx), dims=(2, 3))
@@ -43,11 +45,12 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess:
 
 
 def train_segmenter(model: nn.Module, x: np.ndarray, masks: np.ndarray, preprocess: Preprocess, epochs: int = 5,
-                    batch_size: int = 32, lr: float = 3e-3, seed: int = 0, device: str = "cpu") -> nn.Module:
+                    batch_size: int = 32, lr: float = 3e-3, seed: int = 0, device: str = "cpu",
+                    photometric: bool = False) -> nn.Module:
     """Adam + per-pixel cross-entropy (mask value 255 ignored), shuffled mini-batches: the classifier's
-    loop with masks as the targets."""
+    loop with masks as the targets (photometric augmentation leaves the masks as they are)."""
     return train_classifier(model, x, masks, preprocess, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                            device=device, ignore_index=255)
+                            device=device, ignore_index=255, photometric=photometric)
 
 
 def train_detector(model: nn.Module, x: np.ndarray, boxes: np.ndarray, labels: np.ndarray, image_index: np.ndarray,
