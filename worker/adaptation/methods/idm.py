@@ -16,8 +16,8 @@ Per step (the runner calls `step` once per pass over the one-shot target set; `e
    image (entropy of the mean);
 4. SGD step (head at head_lr_scale x lr); prototypes updated.
 The step returns the model's predictions (before the update) on the mixed images and the target, the
-collapse guard's window. The exported model is the
-trained network with the BatchNorm statistics of its training batches (not re-estimated on the one image)."""
+collapse guard's window. BatchNorm is frozen by default (`freeze_batch_norm`): every batch is normalised with
+the source model's running statistics, which are exported unchanged (not re-estimated on the one image)."""
 from __future__ import annotations
 
 import math
@@ -33,6 +33,7 @@ from .. import segmentation as S
 from ..errors import AdaptationError
 from ._seg import classifier_layer, head_parameters
 from .base import Method, StepOutput, make_optimizer
+from .norm import BATCH_NORMS
 from .registry import implements
 
 MINE_CHUNK = 256  # source images per forward while mining
@@ -74,10 +75,9 @@ class _Features:
 class IDM(Method):
     # Its batches come from the source pool (source_batch mixed images + the target), not the target set.
     uses_batch_statistics = False
-    # BatchNorm keeps the running statistics of its training batches (mixed images in the target's style and
-    # the target): re-estimating them on one target image would replace them with one image's, which measured
-    # far worse (BENCHMARKS.md, segmentation: USPS 43.5 vs 55.6 mIoU), as did the source statistics on the
-    # sensor shift (frozen BatchNorm: 8.6 vs 51.6).
+    # BatchNorm is not re-estimated on the one target image: one image's statistics measured far worse than
+    # any other choice (BENCHMARKS.md, segmentation, "Why the losing cells lose": USPS 43.5 vs 55.6 mIoU). By
+    # default it stays frozen at the source statistics while training (see IDMParams.freeze_batch_norm).
     recalibrate_on_target = False
     state_attrs = ("prototypes", "have_prototype")
 
@@ -93,8 +93,17 @@ class IDM(Method):
         if y.ndim != 3:
             raise AdaptationError("invalid_masks", "idm's source_data needs one mask per image (N×H×W)")
 
-    def configure(self) -> None:
+    def train_mode(self) -> None:
+        """Train mode; with `freeze_batch_norm`, BatchNorm stays in eval mode (the running statistics it came
+        with normalise every batch and are not updated)."""
         self.model.train()
+        if self.params.freeze_batch_norm:
+            for m in self.model.modules():
+                if isinstance(m, BATCH_NORMS):
+                    m.eval()
+
+    def configure(self) -> None:
+        self.train_mode()
         for q in self.model.parameters():
             q.requires_grad_(True)
         first_conv = next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -142,7 +151,6 @@ class IDM(Method):
     def mine(self, x: torch.Tensor) -> None:
         """Informative source images (highest uncertainty in the target's style) and the target's pseudo-labels."""
         p = self.params
-        was = self.model.training
         self.model.eval()
         try:
             self.target_style(x)
@@ -164,7 +172,7 @@ class IDM(Method):
             scores = torch.cat(scores)
         finally:
             self.swap.n_styled = 0
-            self.model.train(was)
+            self.train_mode()
         keep = max(p.source_batch, math.ceil(p.select_ratio * len(scores)))
         self.informative = scores.topk(min(keep, len(scores))).indices
         self.mined.append(len(self.informative))
