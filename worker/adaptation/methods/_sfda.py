@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AdaptationError
 from ..models.registry import classifier_of, forward_features
-from .base import Method
+from .base import Method, make_optimizer
 from .norm import use_batch_statistics
 
 BOTTLENECK_NAME = "bottleneck"  # built-in digit models: backbone -> bottleneck -> classifier
@@ -86,8 +86,7 @@ class SFDAMethod(Method):
             g["lr0"] = g["lr"]
         if not param_groups:
             raise AdaptationError("nothing_to_adapt", f"{self.name}: no weight gets a non-zero learning rate")
-        return torch.optim.SGD(param_groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
-                               nesterov=p.nesterov and p.momentum > 0)
+        return make_optimizer(param_groups, "sgd", p.lr, p.momentum, p.weight_decay, p.nesterov)
 
     # --- schedule ----------------------------------------------------------------------------------
     @property
