@@ -207,8 +207,7 @@ class Stack:
 
     def start(self) -> str:
         if self.backend == "postgres":
-            subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=self.service.env,
-                           check=True, stdout=subprocess.DEVNULL)
+            self.service.migrate()
             self.service.start_api()
             self.service.start_worker()
         else:

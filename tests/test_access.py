@@ -16,26 +16,15 @@ from sqlalchemy import create_engine, text
 
 from app.client import ApiError, Client
 from tests.helpers import random_npz, tent_spec, upload_assets
-from tests.services import REDIS_URL, REPO, Service, base_env, create_pg_database, drop_pg_database
+from tests.services import REPO, base_env, pg_service
 
 ADMIN = "admin-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
 def keyed_service(tmp_path_factory):
-    name, url = create_pg_database()
-    log_dir = tmp_path_factory.mktemp("keyed")
-    env = base_env(ADAPTD_DATABASE_URL=url, ADAPTD_BROKER_URL=REDIS_URL, ADAPTD_AUTH="keys",
-                   ADAPTD_ADMIN_KEY=ADMIN, ADAPTD_QUEUE=f"keyed-{uuid.uuid4().hex[:8]}",
-                   ADAPTD_HOME=str(log_dir / "home"))
-    subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True,
-                   capture_output=True)
-    service = Service(env=env, log_dir=log_dir)
-    service.start_api()
-    service.start_worker()
-    yield service
-    service.stop()
-    drop_pg_database(name)
+    with pg_service(tmp_path_factory.mktemp("keyed"), ADAPTD_AUTH="keys", ADAPTD_ADMIN_KEY=ADMIN) as service:
+        yield service
 
 
 def admin(service) -> httpx.Client:
