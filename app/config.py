@@ -30,6 +30,10 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = 20 * GiB
     chunk_bytes: int = 1024 * 1024    # blob chunk size in the database, and the streaming unit
+    blob_dir: Path | None = Field(None, description="blob bytes go to content files in this folder (one the API "
+                                  "and every worker share) instead of chunk rows in the database, which keeps "
+                                  "each blob's id, sha256 and size; blobs stored before stay readable. Unset: "
+                                  "chunk rows")
     job_time_limit_s: int = 24 * 3600
     heartbeat_interval_s: float = 2.0
     worker_memory_limit_bytes: int | None = Field(None, ge=0, description="data-segment cap (RLIMIT_DATA) "

@@ -26,13 +26,18 @@ def add_upload(s: Session, upload: Upload) -> Upload:
     return upload
 
 
-# --- blobs (app/storage/blobs.py: content-addressed bytes in chunk rows) -----------------------------
+# --- blobs (app/storage/blobs.py: content-addressed bytes in chunk rows or files) ---------------------
 
 _INSERT_CHUNK = insert(BlobChunk)
 
 
-def add_blob(s: Session, blob_id: str) -> None:
-    s.add(Blob(id=blob_id, sha256=None, size=0))
+def add_blob(s: Session, blob_id: str, in_file: bool) -> None:
+    s.add(Blob(id=blob_id, sha256=None, size=0, in_file=in_file))
+
+
+def blob_in_file(s: Session, blob_id: str) -> bool | None:
+    """Whether the blob's bytes are a file (else chunk rows); None when there is no such blob."""
+    return s.scalar(select(Blob.in_file).where(Blob.id == blob_id))
 
 
 def add_blob_chunk(c: Connection, blob_id: str, seq: int, offset: int, data: bytes) -> None:

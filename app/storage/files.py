@@ -1,0 +1,114 @@
+"""Blob bytes as content files in ADAPTD_BLOB_DIR, a folder the API and every worker share (app/storage/
+blobs.py decides which blobs; their rows stay in the database). A file is written under `tmp/`, flushed
+to disk and renamed to its final name before the seal commits, so a committed blob never points at a
+missing file; it is removed only after the transaction that deletes its row has committed, so a crash
+leaves at most an orphan file, never a row without its bytes. File names are the blob's server-made
+uuid in hex (`<2 hex>/<32 hex>`), never anything a client sent."""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from ..config import get_settings
+
+log = logging.getLogger(__name__)
+
+_DOOMED = "adaptd.blob_files_after_commit"  # session.info key: files to remove once the session commits
+
+
+def root() -> Path | None:
+    """The blob folder new blobs are written to; None: chunk rows."""
+    return get_settings().blob_dir
+
+
+def path_of(blob_id: str) -> Path:
+    """The final file of a blob stored as a file (uuid.UUID refuses anything but a uuid: no traversal)."""
+    folder = root()
+    if folder is None:
+        raise RuntimeError(f"blob {blob_id} is stored as a file but ADAPTD_BLOB_DIR is not set")
+    name = uuid.UUID(blob_id).hex
+    return folder / name[:2] / name
+
+
+class ContentFile:
+    """One blob's file while it is written: each chunk lands at its offset (pwrite), so several writes
+    may be in flight at once."""
+
+    def __init__(self, blob_id: str):
+        self.final = path_of(blob_id)
+        self.tmp = self.final.parent.parent / "tmp" / self.final.name
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+
+    def store(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def seal(self) -> None:
+        """Flush the bytes to disk and give the file its final name (again: a no-op)."""
+        if self._fd is None:
+            return
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        self.final.parent.mkdir(exist_ok=True)
+        os.replace(self.tmp, self.final)
+        _fsync_folder(self.final.parent)
+
+    def discard(self) -> None:
+        """Remove the file, written or sealed (after its row's deletion has committed)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.tmp.unlink(missing_ok=True)
+        self.final.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(path: Path, start: int, end: int | None, piece: int) -> Iterator[bytes]:
+    """The bytes [start, end) of a file, `piece` bytes at a time."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        left = None if end is None else end - start
+        while left is None or left > 0:
+            data = f.read(piece if left is None else min(piece, left))
+            if not data:
+                return
+            if left is not None:
+                left -= len(data)
+            yield data
+
+
+def remove_after_commit(session: Session, blob_id: str) -> None:
+    """Remove the blob's file once `session` commits (kept if it rolls back)."""
+    if not event.contains(session, "after_commit", _remove_doomed):
+        event.listen(session, "after_commit", _remove_doomed)
+        event.listen(session, "after_rollback", _forget_doomed)
+    session.info.setdefault(_DOOMED, []).append(path_of(blob_id))
+
+
+def _remove_doomed(session: Session) -> None:
+    for path in session.info.pop(_DOOMED, ()):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # the row is gone already: an orphan file, not an error for the caller
+            log.exception("could not remove blob file %s", path)
+
+
+def _forget_doomed(session: Session) -> None:
+    session.info.pop(_DOOMED, None)
