@@ -1,6 +1,8 @@
-"""Upload throughput over HTTP on loopback, and where its time goes, for both backends, in one run.
+"""Upload throughput over HTTP on loopback, and where its time goes, for both backends and both blob stores,
+in one run.
 
-For each backend (PostgreSQL as `adaptd api`; SQLite as `adaptd up`) on a fresh database:
+For each backend (PostgreSQL as `adaptd api`; SQLite as `adaptd up`) and blob store (`rows`: chunk rows in
+the database; `files`: ADAPTD_BLOB_DIR, a folder in the run's temporary directory) on a fresh database:
 
     sha256            hashing the bytes alone (hashlib, this process): the floor of the server's work
     blob store        app.storage.BlobWriter in this process, no HTTP: chunk inserts + commits + hashing
@@ -14,7 +16,8 @@ server's WAL writer, checkpointer and background writer; the server may be share
 machine the wall-clock rate mostly says how much CPU the run was given; CPU per GiB does not depend on
 that, and gives the rate the API and the database could sustain with a core each.
 
-    python benchmarks/upload_throughput.py [--backend postgres,sqlite] [--mib 256] [--repeat 2] [--profile DIR]
+    python benchmarks/upload_throughput.py [--backend postgres,sqlite] [--store rows,files] [--mib 256]
+        [--repeat 2] [--profile DIR]
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -120,14 +124,16 @@ def thread_breakdown(raw: Path) -> str:
     return "\n".join(rows)
 
 
-def run_backend(backend: str, args, template: bytes) -> list[tuple]:
+def run_backend(backend: str, store: str, args, template: bytes) -> list[tuple]:
     import httpx
 
-    from app.config import Settings
+    from app.config import get_settings
     from app.storage.blobs import BlobWriter
 
-    work = Path(tempfile.mkdtemp(prefix=f"adaptd-upload-{backend}-"))
-    stack, rows = Stack(backend, work), []
+    work = Path(tempfile.mkdtemp(prefix=f"adaptd-upload-{backend}-{store}-"))
+    blob_dir = work / "blobs" if store == "files" else None
+    get_settings().blob_dir = blob_dir  # the "blob store alone" row, in this process
+    stack, rows = Stack(backend, work, blob_dir=blob_dir), []
     try:
         url = stack.start()
         n = args.mib
@@ -144,7 +150,7 @@ def run_backend(backend: str, args, template: bytes) -> list[tuple]:
                          None, None))
         rows[-1] = rows[-1][:4] + (cpu.seconds(),)
 
-        chunk = Settings().chunk_bytes
+        chunk = get_settings().chunk_bytes
         with CpuSampler(here) as cpu:
             t = time.perf_counter()
             w = BlobWriter(stack.db_url)
@@ -153,8 +159,9 @@ def run_backend(backend: str, args, template: bytes) -> list[tuple]:
                     w.write(piece[i:i + chunk])
             w.finish()
             wall = time.perf_counter() - t
-        rows.append((f"blob store alone, no HTTP ({chunk // 1024} KiB chunk inserts + commits + sha256; CPU "
-                     "of this process in the API column)", n, wall, None, cpu.seconds()))
+        writes = f"{chunk // 1024} KiB chunk inserts + commits" if blob_dir is None else "file writes + fsync"
+        rows.append((f"blob store alone, no HTTP ({writes} + sha256; CPU of this process in the API column)", n,
+                     wall, None, cpu.seconds()))
 
         def upload(mib: int, tag: str) -> None:
             with httpx.Client(base_url=url, timeout=600) as c:
@@ -189,6 +196,7 @@ def run_backend(backend: str, args, template: bytes) -> list[tuple]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="postgres,sqlite")
+    p.add_argument("--store", default="rows,files", help="rows: chunk rows in the database; files: ADAPTD_BLOB_DIR")
     p.add_argument("--mib", type=int, default=256)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--profile", type=Path, default=None, help="folder: py-spy the API's threads during one "
@@ -201,9 +209,10 @@ def main(argv=None) -> int:
     template = np.random.default_rng(0).integers(0, 256, MiB, dtype=np.uint8).tobytes()
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} CPUs ({cpu_model()}); load average "
           f"{os.getloadavg()[0]:.1f} at the start")
-    for backend in args.backend.split(","):
-        rows = run_backend(backend, args, template)
-        print(f"\n### {backend}\n")
+    for backend, store in product(args.backend.split(","), args.store.split(",")):
+        rows = run_backend(backend, store, args, template)
+        print(f"\n### {backend}, {'chunk rows' if store == 'rows' else 'files (ADAPTD_BLOB_DIR)'}; load average "
+              f"{os.getloadavg()[0]:.1f}\n")
         print("| what | MiB | s | MiB/s | MB/s | API peak RSS MiB | CPU s per GiB: API / database / client "
               "| MB/s if the API and the database each had a core |")
         print("|---|---:|---:|---:|---:|---:|---|---:|")

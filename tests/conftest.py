@@ -72,7 +72,8 @@ def detection_assets(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def pg_service(tmp_path_factory):
-    """API + one worker on a fresh PostgreSQL database and Redis, migrated with `adaptd migrate`."""
+    """API + one worker on a fresh PostgreSQL database and Redis, migrated with `adaptd migrate`, blob bytes
+    in files (ADAPTD_BLOB_DIR, as docker-compose.yml runs it; the embedded service keeps chunk rows)."""
     import subprocess
     import sys
 
@@ -80,7 +81,7 @@ def pg_service(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("pg-service-logs")
     env = base_env(ADAPTD_DATABASE_URL=url, ADAPTD_BROKER_URL=REDIS_URL,
                    ADAPTD_QUEUE=f"adaptd-test-{uuid.uuid4().hex[:8]}", ADAPTD_HOME=str(log_dir / "home"),
-                   ADAPTD_MAX_UPLOAD_BYTES=str(1024**3),
+                   ADAPTD_MAX_UPLOAD_BYTES=str(1024**3), ADAPTD_BLOB_DIR=str(log_dir / "blobs"),
                    ADAPTD_WEBHOOK_SECRET="adaptd-test-webhook-secret",  # tests/test_webhook.py checks signatures
                    ADAPTD_WEBHOOK_ALLOWED_HOSTS="127.0.0.1/32")  # ... with a loopback receiver
     subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True)

@@ -126,6 +126,8 @@ class BlobWriter:
         it (`before(session)` runs first: e.g. a tenant lock and quota check). Returns (blob_id, sha256,
         size); when the content already exists, the new copy is dropped and the existing blob's id
         returned. `self.recorded` holds what `record` returned."""
+        if self._file:  # to disk before the transaction: `before`'s locks are not held while it flushes
+            self._file.sync()
         for attempt in range(2):
             try:
                 with session_scope(self.db_url) as s:

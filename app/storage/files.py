@@ -28,10 +28,15 @@ def root() -> Path | None:
 
 
 def path_of(blob_id: str) -> Path:
-    """The final file of a blob stored as a file (uuid.UUID refuses anything but a uuid: no traversal)."""
+    """The final file of a blob stored as a file."""
     folder = root()
     if folder is None:
         raise RuntimeError(f"blob {blob_id} is stored as a file but ADAPTD_BLOB_DIR is not set")
+    return path_in(folder, blob_id)
+
+
+def path_in(folder: Path, blob_id: str) -> Path:
+    """`<2 hex>/<32 hex>` under `folder` (uuid.UUID refuses anything but a uuid: no traversal)."""
     name = uuid.UUID(blob_id).hex
     return folder / name[:2] / name
 
@@ -45,6 +50,7 @@ class ContentFile:
         self.tmp = self.final.parent.parent / "tmp" / self.final.name
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        self._synced = False
 
     def store(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
@@ -52,11 +58,17 @@ class ContentFile:
             n = os.pwrite(self._fd, view, offset)
             view, offset = view[n:], offset + n
 
+    def sync(self) -> None:
+        """Flush the bytes to disk (once)."""
+        if self._fd is not None and not self._synced:
+            os.fsync(self._fd)
+            self._synced = True
+
     def seal(self) -> None:
         """Flush the bytes to disk and give the file its final name (again: a no-op)."""
         if self._fd is None:
             return
-        os.fsync(self._fd)
+        self.sync()
         os.close(self._fd)
         self._fd = None
         self.final.parent.mkdir(exist_ok=True)
