@@ -189,7 +189,7 @@ def queued_jobs(db_url: str, n: int, like: str) -> list[str]:
 
 class Stack:
     def __init__(self, backend: str, work: Path, auth: str = "open", api_workers: int | None = None,
-                 blob_dir: Path | None = None):
+                 blob_dir: Path | str | None = None):
         from tests.services import REDIS_URL, Service, base_env, create_pg_database
 
         self.backend, self.db_name = backend, None

@@ -2,7 +2,8 @@
 in one run.
 
 For each backend (PostgreSQL as `adaptd api`; SQLite as `adaptd up`) and blob store (`rows`: chunk rows in
-the database; `files`: ADAPTD_BLOB_DIR, a folder in the run's temporary directory) on a fresh database:
+the database, ADAPTD_BLOB_DIR=off; `files`: ADAPTD_BLOB_DIR, a folder in the run's temporary directory) on a
+fresh database:
 
     sha256            hashing the bytes alone (hashlib, this process): the floor of the server's work
     blob store        app.storage.BlobWriter in this process, no HTTP: chunk inserts + commits + hashing
@@ -135,7 +136,7 @@ def run_backend(backend: str, store: str, args, template: bytes) -> list[tuple]:
     from app.storage.blobs import BlobWriter, delete_blob_if_unreferenced
 
     work = Path(tempfile.mkdtemp(prefix=f"adaptd-upload-{backend}-{store}-"))
-    blob_dir = work / "blobs" if store == "files" else None
+    blob_dir = work / "blobs" if store == "files" else "off"
     get_settings().blob_dir = blob_dir  # the "blob store alone" row, in this process
     stack, rows = Stack(backend, work, blob_dir=blob_dir), []
     try:
@@ -166,7 +167,7 @@ def run_backend(backend: str, store: str, args, template: bytes) -> list[tuple]:
         if args.delete:
             with session_scope(stack.db_url) as s:
                 delete_blob_if_unreferenced(s, w.blob_id)
-        writes = f"{chunk // 1024} KiB chunk inserts + commits" if blob_dir is None else "file writes + fsync"
+        writes = f"{chunk // 1024} KiB chunk inserts + commits" if store == "rows" else "file writes + fsync"
         rows.append((f"blob store alone, no HTTP ({writes} + sha256; CPU of this process in the API column)", n,
                      wall, None, cpu.seconds()))
 

@@ -73,7 +73,8 @@ def detection_assets(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def pg_service(tmp_path_factory):
     """API + one worker on a fresh PostgreSQL database and Redis, migrated with `adaptd migrate`, blob bytes
-    in files (ADAPTD_BLOB_DIR, as docker-compose.yml runs it; the embedded service keeps chunk rows)."""
+    in files (ADAPTD_BLOB_DIR, as docker-compose.yml runs it; tests/security's PostgreSQL services keep
+    the default, chunk rows)."""
     import subprocess
     import sys
 

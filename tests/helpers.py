@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import text
 
+from app.config import Settings
 from app.db.models import Job, utcnow
 from app.db.session import session_scope
 from app.storage.files import path_in
@@ -62,9 +63,10 @@ def db_url(service) -> str:
 
 
 def blob_dir(service) -> Path | None:
-    """The service's ADAPTD_BLOB_DIR (None: chunk rows)."""
-    folder = service.env.get("ADAPTD_BLOB_DIR")
-    return Path(folder) if folder else None
+    """The service's blob folder (None: chunk rows), as its settings resolve it."""
+    env = service.env
+    return Settings(home=env["ADAPTD_HOME"], database_url=env.get("ADAPTD_DATABASE_URL"),
+                    blob_dir=env.get("ADAPTD_BLOB_DIR")).resolved_blob_dir
 
 
 def blob_files(service) -> list[Path]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
 from app.checks.blobfile import open_blob
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.db.migrate import upgrade_head
 from app.db.session import get_engine, session_scope
 from app.storage import BlobWriter, blob_file, copy_blob_to_file, delete_blob_if_unreferenced, iter_blob
@@ -124,7 +125,7 @@ def test_aborted_writer_leaves_nothing(db_url, blob_dir):
 
 
 def test_chunk_blobs_still_read_after_the_setting_is_turned_on(db_url, blob_dir, monkeypatch, tmp_path):
-    monkeypatch.setattr(get_settings(), "blob_dir", None)
+    monkeypatch.setattr(get_settings(), "blob_dir", "off")
     data = os.urandom(2 * MiB + 99)
     old = write(db_url, data)
     assert not in_file(db_url, old.blob_id) and chunk_rows(db_url, old.blob_id) > 1
@@ -137,9 +138,22 @@ def test_chunk_blobs_still_read_after_the_setting_is_turned_on(db_url, blob_dir,
     with session_scope(db_url) as s:
         assert delete_blob_if_unreferenced(s, old.blob_id)
     assert chunk_rows(db_url, old.blob_id) == 0 and stored_files(blob_dir) == [path_of(new.blob_id)]
-    monkeypatch.setattr(get_settings(), "blob_dir", None)
-    with pytest.raises(RuntimeError, match="ADAPTD_BLOB_DIR"):  # a file blob needs its folder
+    monkeypatch.setattr(get_settings(), "blob_dir", "off")
+    with pytest.raises(RuntimeError, match="ADAPTD_BLOB_DIR is off"):  # a file blob needs its folder
         b"".join(iter_blob(db_url, new.blob_id))
+
+
+def test_blob_dir_setting():
+    """Embedded mode (no database URL) keeps blobs in `home`/blobs; a configured database, chunk rows unless
+    ADAPTD_BLOB_DIR names a folder; `off` is chunk rows everywhere; an empty value is unset."""
+    home = Path("/srv/adaptd-home")
+    assert Settings(home=home).resolved_blob_dir == home / "blobs"
+    assert Settings(home=home, database_url="postgresql://h/db").resolved_blob_dir is None
+    assert Settings(home=home, database_url="postgresql://h/db", blob_dir="/b").resolved_blob_dir == Path("/b")
+    assert Settings(home=home, blob_dir="off").resolved_blob_dir is None
+    assert Settings(home=home, blob_dir="").resolved_blob_dir == home / "blobs"
+    with pytest.raises(ValueError, match="absolute"):
+        Settings(blob_dir="blobs")
 
 
 def test_file_names_come_from_uuids_only(blob_dir):

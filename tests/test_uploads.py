@@ -1,5 +1,6 @@
-"""Uploads: streamed raw body and multipart, sha256, dedupe, size limit, bounded API memory; in chunk rows
-(embedded) and in files (PostgreSQL service: ADAPTD_BLOB_DIR)."""
+"""Uploads: streamed raw body and multipart, sha256, dedupe, size limit, bounded API memory. Both services
+keep blob bytes in files (ADAPTD_BLOB_DIR; embedded: its default); chunk rows: tests/test_blob_files.py
+and tests/security."""
 from __future__ import annotations
 
 import hashlib

@@ -1,9 +1,9 @@
-"""Blob bytes as content files in ADAPTD_BLOB_DIR, a folder the API and every worker share (app/storage/
-blobs.py decides which blobs; their rows stay in the database). A file is written under `tmp/`, flushed
-to disk and renamed to its final name before the seal commits, so a committed blob never points at a
-missing file; it is removed only after the transaction that deletes its row has committed, so a crash
-leaves at most an orphan file, never a row without its bytes. File names are the blob's server-made
-uuid in hex (`<2 hex>/<32 hex>`), never anything a client sent."""
+"""Blob bytes as content files in ADAPTD_BLOB_DIR (embedded mode: `home`/blobs), a folder the API and
+every worker share (app/storage/blobs.py decides which blobs; their rows stay in the database). A file
+is written under `tmp/`, flushed to disk and renamed to its final name before the seal commits, so a
+committed blob never points at a missing file; it is removed only after the transaction that deletes
+its row has committed, so a crash leaves at most an orphan file, never a row without its bytes. File
+names are the blob's server-made uuid in hex (`<2 hex>/<32 hex>`), never anything a client sent."""
 from __future__ import annotations
 
 import logging
@@ -24,14 +24,14 @@ _DOOMED = "adaptd.blob_files_after_commit"  # session.info key: files to remove 
 
 def root() -> Path | None:
     """The blob folder new blobs are written to; None: chunk rows."""
-    return get_settings().blob_dir
+    return get_settings().resolved_blob_dir
 
 
 def path_of(blob_id: str) -> Path:
     """The final file of a blob stored as a file."""
     folder = root()
     if folder is None:
-        raise RuntimeError(f"blob {blob_id} is stored as a file but ADAPTD_BLOB_DIR is not set")
+        raise RuntimeError(f"blob {blob_id} is stored as a file but ADAPTD_BLOB_DIR is off")
     return path_in(folder, blob_id)
 
 

@@ -18,13 +18,10 @@ ADMIN = "admin-" + uuid.uuid4().hex
 BACKENDS = ["postgres", "sqlite"]
 
 
-def start(tmp: Path, backend: str, worker: bool = True, blob_files: bool = False,
-          **env_overrides) -> tuple[Service, str | None]:
-    """(service, PostgreSQL database name or None); `blob_files`: blob bytes in files (ADAPTD_BLOB_DIR)."""
+def start(tmp: Path, backend: str, worker: bool = True, **env_overrides) -> tuple[Service, str | None]:
+    """(service, PostgreSQL database name or None)."""
     env = {"ADAPTD_AUTH": "keys", "ADAPTD_ADMIN_KEY": ADMIN, "ADAPTD_HOME": str(tmp / "home"),
            "ADAPTD_QUEUE": f"sec-{uuid.uuid4().hex[:8]}", **env_overrides}
-    if blob_files:
-        env["ADAPTD_BLOB_DIR"] = str(tmp / "blobs")
     name = None
     if backend == "postgres":
         name, url = create_pg_database()
@@ -75,10 +72,10 @@ def tenant(service: Service, name: str | None = None, **limits) -> httpx.Client:
     return httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {r.json()['key']}"}, timeout=120)
 
 
-def _fixture(backend: str, worker: bool, blob_files: bool = False, **env):
+def _fixture(backend: str, worker: bool, **env):
     @pytest.fixture(scope="session")
     def fixture(tmp_path_factory):
-        service, name = start(tmp_path_factory.mktemp(f"sec-{backend}"), backend, worker, blob_files, **env)
+        service, name = start(tmp_path_factory.mktemp(f"sec-{backend}"), backend, worker, **env)
         yield service
         service.stop()
         if name:
@@ -89,7 +86,7 @@ def _fixture(backend: str, worker: bool, blob_files: bool = False, **env):
 # tests.security.boom: an allow-listed user architecture whose forward fails unclassified (test_error_details)
 sec_postgres = _fixture("postgres", True, ADAPTD_ARCHITECTURE_MODULES="tests.security.boom")
 sec_sqlite = _fixture("sqlite", True)
-sec_postgres_api = _fixture("postgres", False, blob_files=True)  # the dedupe/delete race on files too
+sec_postgres_api = _fixture("postgres", False)
 sec_sqlite_api = _fixture("sqlite", False)
 
 
