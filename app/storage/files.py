@@ -31,7 +31,8 @@ def path_of(blob_id: str) -> Path:
     """The final file of a blob stored as a file."""
     folder = root()
     if folder is None:
-        raise RuntimeError(f"blob {blob_id} is stored as a file but ADAPTD_BLOB_DIR is off")
+        raise RuntimeError(f"blob {blob_id} is stored as a file but this process has no blob folder "
+                           "(ADAPTD_BLOB_DIR)")
     return path_in(folder, blob_id)
 
 
