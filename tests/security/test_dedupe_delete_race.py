@@ -1,6 +1,8 @@
 """Row 7: content dedupe is safe under deletion, on both databases. DELETE an upload while identical
 bytes are being uploaded again, 200 times: no 500, the new upload is never lost (its blob is sealed and
-complete) and no blob, chunk or file is left behind (PostgreSQL: chunk rows; SQLite, embedded: blob files). (The new upload used to point at the blob the DELETE was removing: FK violation, 500, upload lost.)"""
+complete) and no blob, chunk or file is left behind (PostgreSQL: chunk rows; SQLite, embedded: blob
+files). (The new upload used to point at the blob the DELETE was removing: FK violation, 500, upload
+lost.)"""
 from __future__ import annotations
 
 import os
