@@ -45,7 +45,8 @@ def main(argv=None) -> int:
             (folder / "tmp").mkdir()
             (folder / "ab").mkdir()
             times = sorted(one(folder, i, data, sync_file, sync_folder) for i in range(args.files))
-        print(f"{label}: median {1000 * times[len(times) // 2]:.1f} ms, p90 {1000 * times[int(len(times) * 0.9)]:.1f} ms")
+        median, p90 = times[len(times) // 2], times[int(len(times) * 0.9)]
+        print(f"{label}: median {1000 * median:.1f} ms, p90 {1000 * p90:.1f} ms")
     return 0
 
 
