@@ -35,6 +35,15 @@ class Settings(BaseSettings):
         "API and every worker share, instead of chunk rows in the database (which keeps each blob's id, sha256 "
         "and size; blobs stored before stay readable). Unset: `home`/blobs in embedded mode (no "
         "ADAPTD_DATABASE_URL), chunk rows otherwise; `off`: chunk rows")
+    # Leftovers of a crash (an unsealed blob row, a file under tmp/, a file whose row is gone) are swept
+    # once older than this. It must exceed the longest legitimate write, or a live one would be swept
+    # (it then fails at its seal, never leaves a dangling reference): an upload of the default
+    # ADAPTD_MAX_UPLOAD_BYTES (20 GiB) from a 256 KiB/s client takes 23 h; artifacts are written in the
+    # minutes after a job ends. Leftovers are rare, so waiting a day costs little space.
+    blob_sweep_after_s: float = Field(24 * 3600, ge=60, description="age after which abandoned blob bytes "
+                                      "(unsealed rows, temporary files, files without a row) are removed")
+    blob_sweep_interval_s: float = Field(3600, gt=0, description="how often each worker sweeps abandoned blob "
+                                         "bytes (it lists the blob folder: not every reaper round)")
     job_time_limit_s: int = 24 * 3600
     heartbeat_interval_s: float = 2.0
     worker_memory_limit_bytes: int | None = Field(None, ge=0, description="data-segment cap (RLIMIT_DATA) "

@@ -32,6 +32,10 @@ from . import files
 WRITES_IN_FLIGHT = {"postgresql": 3, "sqlite": 1, "file": 2}
 
 
+class BlobSwept(RuntimeError):
+    """The writer's unsealed row is gone: app/storage/sweep.py took it for abandoned."""
+
+
 class BlobWriter:
     def __init__(self, db_url: str):
         self.db_url = db_url
@@ -111,7 +115,9 @@ class BlobWriter:
         final name here, before the caller commits."""
         digest = self.sha256
         # A write first: SQLite then holds its write lock before it reads (no stale snapshot).
-        repo.set_blob_size(s, self.blob_id, self.size)
+        if not repo.set_blob_size(s, self.blob_id, self.size):
+            raise BlobSwept(f"blob {self.blob_id} was swept before its seal: its write took longer than "
+                            "ADAPTD_BLOB_SWEEP_AFTER_S")
         existing = repo.blob_with_sha256(s, digest)
         if existing is not None and repo.lock_blob(s, existing):
             return existing

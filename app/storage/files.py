@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +21,7 @@ from ..config import get_settings
 log = logging.getLogger(__name__)
 
 _DOOMED = "adaptd.blob_files_after_commit"  # session.info key: files to remove once the session commits
+TMP = "tmp"  # files being written (and /readyz's probe) live in this subfolder
 
 
 def root() -> Path | None:
@@ -42,13 +44,18 @@ def path_in(folder: Path, blob_id: str) -> Path:
     return folder / name[:2] / name
 
 
+def temp_of(final: Path) -> Path:
+    """The name a blob's file is written under until its seal: `tmp/<32 hex>`."""
+    return final.parent.parent / TMP / final.name
+
+
 class ContentFile:
     """One blob's file while it is written: each chunk lands at its offset (pwrite), so several writes
     may be in flight at once."""
 
     def __init__(self, blob_id: str):
         self.final = path_of(blob_id)
-        self.tmp = self.final.parent.parent / "tmp" / self.final.name
+        self.tmp = temp_of(self.final)
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         self._synced = False
@@ -108,11 +115,12 @@ def read(path: Path, start: int, end: int | None, piece: int) -> Iterator[bytes]
 
 
 def remove_after_commit(session: Session, blob_id: str) -> None:
-    """Remove the blob's file once `session` commits (kept if it rolls back)."""
+    """Remove the blob's file, sealed or still under tmp/, once `session` commits (kept if it rolls back)."""
     if not event.contains(session, "after_commit", _remove_doomed):
         event.listen(session, "after_commit", _remove_doomed)
         event.listen(session, "after_rollback", _forget_doomed)
-    session.info.setdefault(_DOOMED, []).append(path_of(blob_id))
+    final = path_of(blob_id)
+    session.info.setdefault(_DOOMED, []).extend((final, temp_of(final)))
 
 
 def _remove_doomed(session: Session) -> None:
@@ -125,3 +133,62 @@ def _remove_doomed(session: Session) -> None:
 
 def _forget_doomed(session: Session) -> None:
     session.info.pop(_DOOMED, None)
+
+
+def old_temp_files(folder: Path, older_than_s: float) -> list[Path]:
+    """Files under `tmp/` not written to for `older_than_s` (a live writer's file is younger: each write
+    moves its mtime)."""
+    return _old_files(folder / TMP, time.time() - older_than_s)
+
+
+def old_final_files(folder: Path, older_than_s: float, batch: int) -> Iterator[dict[str, Path]]:
+    """{blob id: path} of the final files older than `older_than_s`, at most `batch` at a time, one
+    `<2 hex>` subfolder listed at a time (names that are not a blob's are left alone)."""
+    cutoff, found = time.time() - older_than_s, {}
+    for sub in sorted(os.scandir(folder), key=lambda e: e.name):
+        if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+            continue
+        for path in _old_files(Path(sub.path), cutoff):
+            try:
+                blob_id = str(uuid.UUID(hex=path.name))
+            except ValueError:
+                continue
+            if path == path_in(folder, blob_id):  # the canonical name, in its own subfolder
+                found[blob_id] = path
+            if len(found) == batch:
+                yield found
+                found = {}
+    if found:
+        yield found
+
+
+def _old_files(folder: Path, cutoff: float) -> list[Path]:
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    old = []
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                old.append(Path(entry.path))
+        except FileNotFoundError:  # removed meanwhile (a seal's rename, a deletion)
+            continue
+    return old
+
+
+def check_writable(folder: Path) -> str:
+    """/readyz: "ok" when a file can be created and removed under `folder`/tmp (created as a writer
+    would create it), else "error: <why>". The reason names no path (the probe is unauthenticated)."""
+    try:
+        (folder / TMP).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "is not a folder" if folder.exists() and not folder.is_dir() else "is missing and cannot be created"
+        return f"error: the blob folder (ADAPTD_BLOB_DIR) {what} ({type(exc).__name__})"
+    probe = folder / TMP / f"readyz-{uuid.uuid4().hex}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640))
+        probe.unlink()
+    except OSError as exc:
+        return f"error: the blob folder (ADAPTD_BLOB_DIR) is not writable ({type(exc).__name__}: {exc.strerror})"
+    return "ok"
