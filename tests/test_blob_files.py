@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -263,6 +264,32 @@ def test_a_write_outliving_the_grace_period_fails_at_its_seal(db_url, blob_dir):
         w.finish(record=lambda s, blob_id: pytest.fail("recorded a swept blob"))
     w.abort()
     assert stored_files(blob_dir) == [] and in_file(db_url, w.blob_id) is None
+
+
+def lock_waiters(url: str) -> int:
+    """PostgreSQL backends of this database waiting for a lock (a fresh transaction: pg_stat_activity is
+    read once per transaction)."""
+    with session_scope(url) as s:
+        return s.execute(text("select count(*) from pg_stat_activity where datname = current_database() "
+                              "and wait_event_type = 'Lock'")).scalar()
+
+
+def test_a_seal_in_progress_wins_over_the_sweep(db_url, blob_dir):
+    """An old unsealed blob whose seal is under way: the sweep waits for the blob's lock (PostgreSQL: seen
+    waiting; SQLite: the write lock), then finds it sealed and leaves it, file and all."""
+    w = unfinished(db_url, os.urandom(3000))
+    age(db_url, w.blob_id)
+    with session_scope(db_url) as s:
+        assert w.seal(s) == w.blob_id  # row locked, sha256 set, file renamed: not committed yet
+        result = {}
+        sweeper = threading.Thread(target=lambda: result.update(sweep_now(db_url, blob_dir)))
+        sweeper.start()
+        if db_url.startswith("postgresql"):
+            wait_for(lambda: lock_waiters(db_url) == 1, 30, message="the sweep waiting for the blob's lock")
+    sweeper.join()
+    assert result["unsealed_blobs"] == 0
+    assert stored_files(blob_dir) == [path_of(w.blob_id)]
+    assert b"".join(iter_blob(db_url, w.blob_id)) == path_of(w.blob_id).read_bytes()
 
 
 def test_the_reaper_sweeps(db_url, blob_dir):
