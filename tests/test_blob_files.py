@@ -335,3 +335,22 @@ def test_readyz_reports_an_unusable_blob_folder(tmp_path):
         assert list((volume / "blobs" / "tmp").iterdir()) == []  # the probe file is gone
     finally:
         service.stop()
+
+
+def test_an_upload_outliving_the_grace_period_is_refused_precisely(db_url, blob_dir):
+    """The HTTP side of the above: a 408 `upload_expired` telling the client to send again, nothing left."""
+    from app.errors import ApiError
+    from app.services.uploads import store_stream
+
+    async def slow_client():
+        yield os.urandom(1000)
+        with session_scope(db_url) as s:  # the rest arrives after the grace period: the sweep ran meanwhile
+            s.execute(update(Blob).where(Blob.sha256.is_(None)).values(created_at=utcnow() - timedelta(days=2)))
+        assert sweep_now(db_url, blob_dir)["unsealed_blobs"] == 1
+        yield os.urandom(1000)
+
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(store_stream(Settings(database_url=db_url, blob_dir=blob_dir), "tenant-slow", "data", None,
+                                 slow_client()))
+    assert (refused.value.code, refused.value.status) == ("upload_expired", 408)
+    assert stored_files(blob_dir) == []
