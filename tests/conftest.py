@@ -72,8 +72,11 @@ def detection_assets(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def pg_service(tmp_path_factory):
-    """API + one worker on a fresh PostgreSQL database and Redis, migrated."""
-    with services.pg_service(tmp_path_factory.mktemp("pg-service-logs"), ADAPTD_MAX_UPLOAD_BYTES=str(1024**3),
+    """API + one worker on a fresh PostgreSQL database and Redis, migrated, blob bytes in files
+    (ADAPTD_BLOB_DIR, as docker-compose.yml runs it; tests/security's PostgreSQL services keep the default,
+    chunk rows)."""
+    log_dir = tmp_path_factory.mktemp("pg-service-logs")
+    with services.pg_service(log_dir, ADAPTD_MAX_UPLOAD_BYTES=str(1024**3), ADAPTD_BLOB_DIR=str(log_dir / "blobs"),
                              # tests/test_webhook.py checks signatures, with a loopback receiver
                              ADAPTD_WEBHOOK_SECRET="adaptd-test-webhook-secret",
                              ADAPTD_WEBHOOK_ALLOWED_HOSTS="127.0.0.1/32") as service:
