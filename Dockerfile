@@ -9,7 +9,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     ALEMBIC_CONFIG=/srv/adaptd/pyproject.toml
 WORKDIR /srv/adaptd
-RUN useradd --create-home --uid 10001 adaptd
+RUN useradd --create-home --uid 10001 adaptd \
+ && mkdir -p /var/lib/adaptd/blobs && chown adaptd:adaptd /var/lib/adaptd/blobs
+# ADAPTD_BLOB_DIR in docker-compose.yml: a new named volume mounted here copies this folder's owner
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY migrations ./migrations

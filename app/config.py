@@ -5,7 +5,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1024**3
@@ -30,6 +30,20 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = 20 * GiB
     chunk_bytes: int = 1024 * 1024    # blob chunk size in the database, and the streaming unit
+    blob_dir: Literal["off"] | Path | None = Field(
+        None, description="blob bytes (uploads, artifacts) go to content files in this absolute folder, which the "
+        "API and every worker share, instead of chunk rows in the database (which keeps each blob's id, sha256 "
+        "and size; blobs stored before stay readable). Unset: `home`/blobs in embedded mode (no "
+        "ADAPTD_DATABASE_URL), chunk rows otherwise; `off`: chunk rows")
+    # Leftovers of a crash (an unsealed blob row, a file under tmp/, a file whose row is gone) are swept
+    # once older than this. It must exceed the longest legitimate write, or a live one would be swept
+    # (it then fails at its seal, never leaves a dangling reference): an upload of the default
+    # ADAPTD_MAX_UPLOAD_BYTES (20 GiB) from a 256 KiB/s client takes 23 h; artifacts are written in the
+    # minutes after a job ends. Leftovers are rare, so waiting a day costs little space.
+    blob_sweep_after_s: float = Field(24 * 3600, ge=60, description="age after which abandoned blob bytes "
+                                      "(unsealed rows, temporary files, files without a row) are removed")
+    blob_sweep_interval_s: float = Field(3600, gt=0, description="how often each worker sweeps abandoned blob "
+                                         "bytes (it lists the blob folder: not every reaper round)")
     job_time_limit_s: int = 24 * 3600
     heartbeat_interval_s: float = 2.0
     worker_memory_limit_bytes: int | None = Field(None, ge=0, description="data-segment cap (RLIMIT_DATA) "
@@ -74,12 +88,19 @@ class Settings(BaseSettings):
                                             "(the admin key works too)")
     session_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="dashboard sign-in cookie lifetime")
 
+    @field_validator("blob_dir", mode="before")
+    @classmethod
+    def _blob_dir_unset(cls, value):
+        return None if value == "" else value  # ADAPTD_BLOB_DIR= (empty) is unset, not the current folder
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.chunk_bytes < 64 * 1024 or self.chunk_bytes > 64 * 1024 * 1024:
             raise ValueError("ADAPTD_CHUNK_BYTES must lie between 64 KiB and 64 MiB")
         if self.max_upload_bytes <= 0:
             raise ValueError("ADAPTD_MAX_UPLOAD_BYTES must be positive")
+        if isinstance(self.blob_dir, Path) and not self.blob_dir.is_absolute():
+            raise ValueError("ADAPTD_BLOB_DIR must be an absolute path (or off)")
         return self
 
     @property
@@ -90,6 +111,13 @@ class Settings(BaseSettings):
     @cached_property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'adaptd.db'}"
+
+    @property
+    def resolved_blob_dir(self) -> Path | None:
+        """Where new blobs' bytes go; None: chunk rows (app/storage)."""
+        if self.blob_dir is None:
+            return self.home / "blobs" if self.database_url is None else None
+        return None if self.blob_dir == "off" else self.blob_dir
 
     @property
     def resolved_broker_url(self) -> str:

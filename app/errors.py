@@ -64,6 +64,7 @@ STATUS = {
     "upload_in_use": 409,
     "key_not_found": 404,
     "empty_upload": 422,
+    "upload_expired": 408,
     "unsupported_media_type": 415,
     "idempotency_conflict": 409,
     "job_not_cancellable": 409,

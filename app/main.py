@@ -32,7 +32,6 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(JobPoll)  # added last: outside BodyLimit and the routing (app/api/hotpath.py)
-    app.include_router(jobs.hot)  # first: the most requested route is matched first
     for module in (uploads, jobs, events, logs, methods, admin, session, health, observability, dashboard, docs):
         app.include_router(module.router)
     return app

@@ -188,11 +188,14 @@ def queued_jobs(db_url: str, n: int, like: str) -> list[str]:
 
 
 class Stack:
-    def __init__(self, backend: str, work: Path, auth: str = "open", api_workers: int | None = None):
+    def __init__(self, backend: str, work: Path, auth: str = "open", api_workers: int | None = None,
+                 blob_dir: Path | str | None = None):
         from tests.services import REDIS_URL, Service, base_env, create_pg_database
 
         self.backend, self.db_name = backend, None
         env = {"ADAPTD_HOME": str(work / "home"), "ADAPTD_REAPER_QUEUED_AFTER_S": "100000", "ADAPTD_AUTH": auth}
+        if blob_dir is not None:
+            env["ADAPTD_BLOB_DIR"] = str(blob_dir)
         if api_workers is not None:
             env["ADAPTD_API_WORKERS"] = str(api_workers)
         if auth == "keys":
@@ -207,8 +210,7 @@ class Stack:
 
     def start(self) -> str:
         if self.backend == "postgres":
-            subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=self.service.env,
-                           check=True, stdout=subprocess.DEVNULL)
+            self.service.migrate()
             self.service.start_api()
             self.service.start_worker()
         else:

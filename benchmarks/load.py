@@ -70,9 +70,8 @@ class LocalStack:
         self.api_workers = api_workers
 
     def start(self) -> str:
-        subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=self.env, check=True,
-                       stdout=subprocess.DEVNULL)
         svc = self.service
+        svc.migrate()
         if self.api_workers > 1:
             log = open(svc.log_dir / "api.log", "ab")
             svc.api = subprocess.Popen(

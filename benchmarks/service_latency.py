@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,9 +82,8 @@ def main() -> int:
         name, url = create_pg_database()
         env = base_env(ADAPTD_DATABASE_URL=url, ADAPTD_BROKER_URL=REDIS_URL, ADAPTD_HOME=str(work / "pg"),
                        ADAPTD_QUEUE=f"bench-{uuid.uuid4().hex[:8]}", ADAPTD_HEARTBEAT_INTERVAL_S="2")
-        subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True,
-                       capture_output=True)
         pg = Service(env=env, log_dir=work)
+        pg.migrate()
         pg.start_api()
         pg.start_worker()
         try:

@@ -1,20 +1,27 @@
-"""Upload throughput over HTTP on loopback, and where its time goes, for both backends, in one run.
+"""Upload throughput over HTTP on loopback, and where its time goes, for both backends and both blob stores,
+in one run.
 
-For each backend (PostgreSQL as `adaptd api`; SQLite as `adaptd up`) on a fresh database:
+For each backend (PostgreSQL as `adaptd api`; SQLite as `adaptd up`) and blob store (`rows`: chunk rows in
+the database, ADAPTD_BLOB_DIR=off; `files`: ADAPTD_BLOB_DIR, a folder in the run's temporary directory) on a
+fresh database:
 
     sha256            hashing the bytes alone (hashlib, this process): the floor of the server's work
     blob store        app.storage.BlobWriter in this process, no HTTP: chunk inserts + commits + hashing
     HTTP x1           one client uploading --mib MiB (octet-stream, streamed), --repeat times
     HTTP x4           four clients uploading --mib / 4 MiB each at once
 
-Every upload has distinct bytes (no deduplication). Prints MiB/s and MB/s per row, the API's peak RSS
+Every upload has distinct bytes (no deduplication). `--delete` deletes each upload once it is measured, so
+later uploads reuse the memory its pages had: on this VM, writing into memory the guest has never touched
+costs the kernel ~3 CPU s/GiB instead of ~0.3 (BENCHMARKS.md, Uploads, file store), as on a fresh machine
+and unlike one whose memory is already in use as page cache. Prints MiB/s and MB/s per row, the API's peak RSS
 during the HTTP rows (memory must stay bounded: it may not grow with the upload size), and the CPU
 seconds per GiB of the API, the database server (the PostgreSQL backends of this run's database and the
 server's WAL writer, checkpointer and background writer; the server may be shared) and the client. On a shared
 machine the wall-clock rate mostly says how much CPU the run was given; CPU per GiB does not depend on
 that, and gives the rate the API and the database could sustain with a core each.
 
-    python benchmarks/upload_throughput.py [--backend postgres,sqlite] [--mib 256] [--repeat 2] [--profile DIR]
+    python benchmarks/upload_throughput.py [--backend postgres,sqlite] [--store rows,files] [--mib 256]
+        [--repeat 2] [--delete] [--profile DIR]
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -120,14 +128,17 @@ def thread_breakdown(raw: Path) -> str:
     return "\n".join(rows)
 
 
-def run_backend(backend: str, args, template: bytes) -> list[tuple]:
+def run_backend(backend: str, store: str, args, template: bytes) -> list[tuple]:
     import httpx
 
-    from app.config import Settings
-    from app.storage.blobs import BlobWriter
+    from app.config import get_settings
+    from app.db.session import session_scope
+    from app.storage.blobs import BlobWriter, delete_blob_if_unreferenced
 
-    work = Path(tempfile.mkdtemp(prefix=f"adaptd-upload-{backend}-"))
-    stack, rows = Stack(backend, work), []
+    work = Path(tempfile.mkdtemp(prefix=f"adaptd-upload-{backend}-{store}-"))
+    blob_dir = work / "blobs" if store == "files" else "off"
+    get_settings().blob_dir = blob_dir  # the "blob store alone" row, in this process
+    stack, rows = Stack(backend, work, blob_dir=blob_dir), []
     try:
         url = stack.start()
         n = args.mib
@@ -144,7 +155,7 @@ def run_backend(backend: str, args, template: bytes) -> list[tuple]:
                          None, None))
         rows[-1] = rows[-1][:4] + (cpu.seconds(),)
 
-        chunk = Settings().chunk_bytes
+        chunk = get_settings().chunk_bytes
         with CpuSampler(here) as cpu:
             t = time.perf_counter()
             w = BlobWriter(stack.db_url)
@@ -153,8 +164,14 @@ def run_backend(backend: str, args, template: bytes) -> list[tuple]:
                     w.write(piece[i:i + chunk])
             w.finish()
             wall = time.perf_counter() - t
-        rows.append((f"blob store alone, no HTTP ({chunk // 1024} KiB chunk inserts + commits + sha256; CPU "
-                     "of this process in the API column)", n, wall, None, cpu.seconds()))
+        if args.delete:
+            with session_scope(stack.db_url) as s:
+                delete_blob_if_unreferenced(s, w.blob_id)
+        writes = f"{chunk // 1024} KiB chunk inserts + commits" if store == "rows" else "file writes + fsync"
+        rows.append((f"blob store alone, no HTTP ({writes} + sha256; CPU of this process in the API column)", n,
+                     wall, None, cpu.seconds()))
+
+        uploaded: list[str] = []
 
         def upload(mib: int, tag: str) -> None:
             with httpx.Client(base_url=url, timeout=600) as c:
@@ -162,11 +179,19 @@ def run_backend(backend: str, args, template: bytes) -> list[tuple]:
                            content=body(template, mib, tag), headers={"content-type": "application/octet-stream",
                                                                      "content-length": str(mib * MiB)})
                 r.raise_for_status()
+                uploaded.append(r.json()["id"])
+
+        def measured() -> None:
+            """With --delete: drop the uploads measured so far (outside the timed part)."""
+            with httpx.Client(base_url=url, timeout=600) as c:
+                while args.delete and uploaded:
+                    c.delete(f"/v1/uploads/{uploaded.pop()}").raise_for_status()
 
         if args.profile:  # an extra 1-client upload, under py-spy
             spy = wall_profile(stack.pids("api")[-1], args.profile / f"upload-{backend}.txt")
             upload(n, f"profiled-{time.time()}")
             spy.wait(timeout=60)
+            measured()
             print(f"\nWhere the API's threads spent one 1-client upload ({backend}; py-spy --idle, wall clock):\n")
             print(thread_breakdown(args.profile / f"upload-{backend}.txt"))
         for rep in range(args.repeat):
@@ -174,12 +199,14 @@ def run_backend(backend: str, args, template: bytes) -> list[tuple]:
                 t = time.perf_counter()
                 upload(n, f"x1-{rep}-{time.time()}")
                 rows.append((f"HTTP, 1 client (run {rep + 1})", n, time.perf_counter() - t, rss, cpu.seconds()))
+            measured()
             with PeakRss(lambda: stack.pids("api")) as rss, CpuSampler(groups) as cpu:
                 t = time.perf_counter()
                 with ThreadPoolExecutor(4) as pool:
                     list(pool.map(lambda k: upload(n // 4, f"x4-{rep}-{k}-{time.time()}"), range(4)))
                 rows.append((f"HTTP, 4 clients (run {rep + 1})", n // 4 * 4, time.perf_counter() - t, rss,
                              cpu.seconds()))
+            measured()
         return rows
     finally:
         stack.stop()
@@ -189,7 +216,9 @@ def run_backend(backend: str, args, template: bytes) -> list[tuple]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="postgres,sqlite")
+    p.add_argument("--store", default="rows,files", help="rows: chunk rows in the database; files: ADAPTD_BLOB_DIR")
     p.add_argument("--mib", type=int, default=256)
+    p.add_argument("--delete", action="store_true", help="delete each upload once measured (steady-state memory)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--profile", type=Path, default=None, help="folder: py-spy the API's threads during one "
                    "extra 1-client upload and print where each spent its time")
@@ -201,9 +230,10 @@ def main(argv=None) -> int:
     template = np.random.default_rng(0).integers(0, 256, MiB, dtype=np.uint8).tobytes()
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} CPUs ({cpu_model()}); load average "
           f"{os.getloadavg()[0]:.1f} at the start")
-    for backend in args.backend.split(","):
-        rows = run_backend(backend, args, template)
-        print(f"\n### {backend}\n")
+    for backend, store in product(args.backend.split(","), args.store.split(",")):
+        rows = run_backend(backend, store, args, template)
+        print(f"\n### {backend}, {'chunk rows' if store == 'rows' else 'files (ADAPTD_BLOB_DIR)'}; load average "
+              f"{os.getloadavg()[0]:.1f}\n")
         print("| what | MiB | s | MiB/s | MB/s | API peak RSS MiB | CPU s per GiB: API / database / client "
               "| MB/s if the API and the database each had a core |")
         print("|---|---:|---:|---:|---:|---:|---|---:|")

@@ -3,12 +3,12 @@ small real assets (a digit CNN trained on sklearn's digits, a shifted target set
 from __future__ import annotations
 
 import os
-import uuid
 
 import numpy as np
 import pytest
 
-from tests.services import REDIS_URL, REPO, Service, base_env, create_pg_database, drop_pg_database
+from tests import services
+from tests.services import Service, base_env
 
 
 @pytest.fixture(scope="session")
@@ -72,24 +72,15 @@ def detection_assets(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def pg_service(tmp_path_factory):
-    """API + one worker on a fresh PostgreSQL database and Redis, migrated with `adaptd migrate`."""
-    import subprocess
-    import sys
-
-    name, url = create_pg_database()
+    """API + one worker on a fresh PostgreSQL database and Redis, migrated, blob bytes in files
+    (ADAPTD_BLOB_DIR, as docker-compose.yml runs it; tests/security's PostgreSQL services keep the default,
+    chunk rows)."""
     log_dir = tmp_path_factory.mktemp("pg-service-logs")
-    env = base_env(ADAPTD_DATABASE_URL=url, ADAPTD_BROKER_URL=REDIS_URL,
-                   ADAPTD_QUEUE=f"adaptd-test-{uuid.uuid4().hex[:8]}", ADAPTD_HOME=str(log_dir / "home"),
-                   ADAPTD_MAX_UPLOAD_BYTES=str(1024**3),
-                   ADAPTD_WEBHOOK_SECRET="adaptd-test-webhook-secret",  # tests/test_webhook.py checks signatures
-                   ADAPTD_WEBHOOK_ALLOWED_HOSTS="127.0.0.1/32")  # ... with a loopback receiver
-    subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True)
-    service = Service(env=env, log_dir=log_dir)
-    service.start_api()
-    service.start_worker()
-    yield service
-    service.stop()
-    drop_pg_database(name)
+    with services.pg_service(log_dir, ADAPTD_MAX_UPLOAD_BYTES=str(1024**3), ADAPTD_BLOB_DIR=str(log_dir / "blobs"),
+                             # tests/test_webhook.py checks signatures, with a loopback receiver
+                             ADAPTD_WEBHOOK_SECRET="adaptd-test-webhook-secret",
+                             ADAPTD_WEBHOOK_ALLOWED_HOSTS="127.0.0.1/32") as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,15 @@ from __future__ import annotations
 import copy
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
+from sqlalchemy import text
 
+from app.config import Settings
 from app.db.models import Job, utcnow
 from app.db.session import session_scope
+from app.storage.files import path_in
 
 
 def tent_spec(uploads: dict, assets: dict, method: str = "tent", params: dict | None = None,
@@ -56,6 +60,27 @@ def random_npz(path, n: int, size: int = 16, seed: int = 0) -> None:
 
 def db_url(service) -> str:
     return service.env.get("ADAPTD_DATABASE_URL") or f"sqlite:///{service.env['ADAPTD_HOME']}/adaptd.db"
+
+
+def blob_dir(service) -> Path | None:
+    """The service's blob folder (None: chunk rows), as its settings resolve it."""
+    env = service.env
+    return Settings(home=env["ADAPTD_HOME"], database_url=env.get("ADAPTD_DATABASE_URL"),
+                    blob_dir=env.get("ADAPTD_BLOB_DIR")).resolved_blob_dir
+
+
+def blob_files(service) -> list[Path]:
+    """The content files in the service's blob folder, temporary ones (tmp/) included."""
+    folder = blob_dir(service)
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder else []
+
+
+def blob_path(service, job_id: str, artifact: str) -> Path | None:
+    """The file holding an artifact's bytes; None when they are chunk rows."""
+    with session_scope(db_url(service)) as s:
+        blob_id, in_file = s.execute(text("select b.id, b.in_file from artifacts a join blobs b on b.id = a.blob_id "
+                                          "where a.job_id = :j and a.name = :n"), {"j": job_id, "n": artifact}).one()
+    return path_in(blob_dir(service), blob_id) if in_file else None
 
 
 def add_jobs(service, ids_by_tenant: dict[str, list[str]]) -> None:

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -62,6 +64,13 @@ class Service:
         log = open(self.log_dir / f"{name}.log", "ab")
         return subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=REPO, env=self.env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def migrate(self) -> None:
+        """Upgrade the service's database to head (alembic), before its processes start."""
+        done = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=self.env,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"alembic upgrade failed:\n{done.stderr[-4000:]}")
 
     def start_api(self) -> None:
         self.api = self._spawn(["api", "--port", str(self.api_port), "--log-level", self.log_level], "api")
@@ -117,6 +126,24 @@ class Service:
         for proc in [*self.workers, self.api]:
             if proc is not None:
                 self.stop_process(proc)
+
+
+@contextmanager
+def pg_service(log_dir: Path, **env: str) -> Iterator[Service]:
+    """The API and one worker on a fresh, migrated PostgreSQL database and Redis (a queue of their own),
+    `env` over the defaults; stopped and the database dropped after."""
+    name, url = create_pg_database()
+    service = Service(env=base_env(**{"ADAPTD_DATABASE_URL": url, "ADAPTD_BROKER_URL": REDIS_URL,
+                                      "ADAPTD_QUEUE": f"adaptd-test-{uuid.uuid4().hex[:8]}",
+                                      "ADAPTD_HOME": str(log_dir / "home"), **env}), log_dir=log_dir)
+    try:
+        service.migrate()
+        service.start_api()
+        service.start_worker()
+        yield service
+    finally:
+        service.stop()
+        drop_pg_database(name)
 
 
 def base_env(**overrides: str) -> dict:

@@ -15,27 +15,18 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from app.client import ApiError, Client
-from tests.helpers import random_npz, tent_spec, upload_assets
-from tests.services import REDIS_URL, REPO, Service, base_env, create_pg_database, drop_pg_database
+from tests.helpers import blob_files, random_npz, tent_spec, upload_assets
+from tests.services import REPO, base_env, pg_service
 
 ADMIN = "admin-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
 def keyed_service(tmp_path_factory):
-    name, url = create_pg_database()
     log_dir = tmp_path_factory.mktemp("keyed")
-    env = base_env(ADAPTD_DATABASE_URL=url, ADAPTD_BROKER_URL=REDIS_URL, ADAPTD_AUTH="keys",
-                   ADAPTD_ADMIN_KEY=ADMIN, ADAPTD_QUEUE=f"keyed-{uuid.uuid4().hex[:8]}",
-                   ADAPTD_HOME=str(log_dir / "home"))
-    subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True,
-                   capture_output=True)
-    service = Service(env=env, log_dir=log_dir)
-    service.start_api()
-    service.start_worker()
-    yield service
-    service.stop()
-    drop_pg_database(name)
+    with pg_service(log_dir, ADAPTD_AUTH="keys", ADAPTD_ADMIN_KEY=ADMIN,
+                    ADAPTD_BLOB_DIR=str(log_dir / "blobs")) as service:
+        yield service
 
 
 def admin(service) -> httpx.Client:
@@ -222,13 +213,17 @@ def test_per_tenant_limits(keyed_service, assets, tmp_path):
 
 
 def test_deleting_a_job_removes_its_artifact_bytes(keyed_service, assets):
+    """Here in files (ADAPTD_BLOB_DIR): each artifact's file goes with its row."""
     key = make_key(keyed_service, "cleaner")
     with Client(keyed_service.url, api_key=key["key"]) as c:
         uploads = upload_assets(c, assets)
         job = c.wait(c.submit(tent_spec(uploads, assets))["id"], timeout=300)
         assert job["status"] == "succeeded"
         digests = [a["sha256"] for a in job["artifacts"]]
+        files = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in blob_files(keyed_service)}
+        assert set(digests) <= set(files)
         assert c.http.delete(f"/v1/jobs/{job['id']}").status_code == 204
+        assert not any(files[d].exists() for d in digests)
         assert c.http.get(f"/v1/jobs/{job['id']}").status_code == 404
         for digest in digests:
             assert sql(keyed_service, "select count(*) from blobs where sha256 = :h", h=digest)[0][0] == 0

@@ -101,7 +101,7 @@ def test_methods_and_health(pg_service):
     assert httpx.get(f"{pg_service.url}/healthz").json() == {"status": "ok"}
     pg_service.wait_ready()  # its worker registers once started
     ready = httpx.get(f"{pg_service.url}/readyz").json()
-    assert ready["checks"] == {"database": "ok", "broker": "ok", "workers": "ok"}
+    assert ready["checks"] == {"database": "ok", "broker": "ok", "blob_folder": "ok", "workers": "ok"}
     assert [w["can_run"] for w in ready["workers"]] == [True] and ready["workers"][0]["device"] == "cpu"
 
 

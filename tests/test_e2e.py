@@ -7,7 +7,7 @@ import json
 
 import httpx
 
-from tests.helpers import eval_accuracy, tent_spec, upload_assets
+from tests.helpers import blob_dir, blob_path, eval_accuracy, tent_spec, upload_assets
 
 STABLE_KEYS = {"accuracy_before", "accuracy_after", "entropy_before", "entropy_after",
                "predicted_class_entropy_after", "agreement_with_source", "estimated_accuracy_after",
@@ -64,6 +64,10 @@ def test_artifact_etag_and_range(client, service, assets, tmp_path):
     etag = full.headers["etag"]
     assert etag == f'"{hashlib.sha256(full.content).hexdigest()}"'
     assert httpx.get(url, headers={"If-None-Match": etag}).status_code == 304
+
+    stored = blob_path(service, job["id"], "model.safetensors")
+    assert (stored is not None) == (blob_dir(service) is not None)  # PostgreSQL service: a file in ADAPTD_BLOB_DIR
+    assert stored is None or stored.read_bytes() == full.content
 
     part = httpx.get(url, headers={"Range": "bytes=10-99"})
     assert part.status_code == 206

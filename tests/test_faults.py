@@ -14,7 +14,7 @@ import pytest
 from app.client import Client
 from tests.helpers import random_npz
 from tests.private_services import PrivatePostgres, PrivateRedis, wait_for
-from tests.services import REPO, Service, base_env
+from tests.services import Service, base_env
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,6 @@ def private_redis():
 @pytest.fixture
 def make_service(private_pg, private_redis, tmp_path):
     """A fresh database + queue on the private servers, migrated, with fast heartbeats and reaper."""
-    import subprocess
-    import sys
-
     started: list[Service] = []
 
     def make(workers: int = 1, **env_overrides) -> Service:
@@ -50,9 +47,8 @@ def make_service(private_pg, private_redis, tmp_path):
                     "ADAPTD_HEARTBEAT_INTERVAL_S": "0.5", "ADAPTD_STALE_AFTER_S": "6",
                     "ADAPTD_REAPER_INTERVAL_S": "1", "ADAPTD_REAPER_QUEUED_AFTER_S": "3"}
         env = base_env(**{**settings, **{k: str(v) for k, v in env_overrides.items()}})
-        subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True,
-                       capture_output=True)
         service = Service(env=env, log_dir=log_dir)
+        service.migrate()
         started.append(service)
         service.start_api()
         for _ in range(workers):

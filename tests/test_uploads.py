@@ -1,4 +1,6 @@
-"""Uploads: streamed raw body and multipart, sha256, dedupe, size limit, bounded API memory."""
+"""Uploads: streamed raw body and multipart, sha256, dedupe, size limit, bounded API memory. Both services
+keep blob bytes in files (ADAPTD_BLOB_DIR; embedded: its default); chunk rows: tests/test_blob_files.py
+and tests/security."""
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +11,11 @@ import time
 import httpx
 import psutil
 
+from app.config import get_settings
+from tests.helpers import blob_dir, blob_files
 
-def test_raw_and_multipart_upload_dedupe(service):
+
+def test_raw_and_multipart_upload_dedupe(service, monkeypatch):
     payload = os.urandom(3 * 1024 * 1024 + 17)  # spans several 1 MiB chunks
     digest = hashlib.sha256(payload).hexdigest()
     raw = httpx.post(f"{service.url}/v1/uploads", params={"kind": "dataset", "filename": "a.npz"}, content=payload)
@@ -23,9 +28,14 @@ def test_raw_and_multipart_upload_dedupe(service):
     assert multi.json()["sha256"] == digest and multi.json()["filename"] == "b.npz"
     got = httpx.get(f"{service.url}/v1/uploads/{body['id']}").json()
     assert got == body
-    # identical bytes are stored once: one blob, two upload records
+    # identical bytes are stored once: one blob, two upload records (and one file, none left in tmp/)
     assert _blob_count(service, digest) == 1
-    # the chunks (stored by concurrent inserts) read back in order
+    if blob_dir(service) is not None:
+        same = [p for p in blob_files(service) if p.stat().st_size == len(payload) and p.read_bytes() == payload]
+        assert len(same) == 1, same
+        assert not (blob_dir(service) / "tmp").exists() or not any((blob_dir(service) / "tmp").iterdir())
+    # the chunks (stored by concurrent writes) read back in order
+    monkeypatch.setattr(get_settings(), "blob_dir", blob_dir(service))
     assert _stored_bytes(service, body["id"]) == payload
 
 

@@ -1,16 +1,19 @@
 """Repairs what a crash can leave behind: a job committed but never enqueued (API died between the
 two), or a running job whose heartbeat stopped (worker frozen or killed with no redelivery). Both are
 re-enqueued; the task's atomic claim makes duplicates harmless, and its attempt count turns a job that
-keeps killing workers into `worker_lost`."""
+keeps killing workers into `worker_lost`. Every ADAPTD_BLOB_SWEEP_INTERVAL_S it also sweeps abandoned blob
+bytes (app/storage/sweep.py)."""
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from app.config import Settings
 from app.db import repo
 from app.db.session import session_scope
 from app.queue import enqueue_job
+from app.storage.sweep import sweep
 
 log = logging.getLogger("adaptd.reaper")
 
@@ -35,9 +38,13 @@ class Reaper(threading.Thread):
         self._halt = threading.Event()  # not `_stop`: threading.Thread has a method of that name
 
     def run(self) -> None:
+        next_sweep = time.monotonic()  # the first round sweeps too: what the last crash left
         while not self._halt.wait(self.settings.reaper_interval_s):
             try:
                 reap_once(self.settings, self.celery)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.settings.blob_sweep_interval_s
+                    sweep(self.settings)
             except Exception:  # noqa: BLE001 - database down: next round
                 log.warning("reaper round failed", exc_info=True)
 

@@ -8,6 +8,7 @@ from ..db import repo
 from ..db.session import session_scope
 from ..errors import error_body
 from ..queue import get_celery
+from ..storage.files import check_writable
 from ..db.fleet import fleet
 from .deps import SettingsDep
 
@@ -21,10 +22,13 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(settings: SettingsDep):
-    """Ready when the database and the broker answer and some live worker can run jobs; otherwise 503
-    with each check's reason (a job submitted meanwhile waits, queued, with the same reason)."""
+    """Ready when the database and the broker answer, the blob folder (if any) takes a file, and some
+    live worker can run jobs; otherwise 503 with each check's reason (a job submitted meanwhile waits,
+    queued, with the same reason)."""
     database = await run_in_threadpool(_check_database, settings.resolved_database_url)
     checks = {"database": database, "broker": await run_in_threadpool(_check_broker)}
+    if settings.resolved_blob_dir is not None:
+        checks["blob_folder"] = await run_in_threadpool(check_writable, settings.resolved_blob_dir)
     workers: list[dict] = []
     if database == "ok":
         current = await run_in_threadpool(fleet, settings)

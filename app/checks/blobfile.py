@@ -1,10 +1,11 @@
 """A read-only, seekable file over a stored blob, so `zipfile` and the checkpoint sniffers read only the
-bytes they need (a zip's central directory, one member's first bytes), one range query at a time."""
+bytes they need (a zip's central directory, one member's first bytes), one range query at a time; a blob
+stored as a file (ADAPTD_BLOB_DIR) is that file, opened."""
 from __future__ import annotations
 
 import io
 
-from ..storage import iter_blob
+from ..storage import blob_file, iter_blob
 
 
 class BlobFile(io.RawIOBase):
@@ -36,4 +37,7 @@ class BlobFile(io.RawIOBase):
 
 
 def open_blob(db_url: str, blob_id: str, size: int) -> io.BufferedReader:
+    path = blob_file(db_url, blob_id)
+    if path is not None:
+        return open(path, "rb", buffering=256 * 1024)
     return io.BufferedReader(BlobFile(db_url, blob_id, size), buffer_size=256 * 1024)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
-                        String, Text, UniqueConstraint)
+                        String, Text, UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -35,14 +35,15 @@ class Base(DeclarativeBase):
 
 
 class Blob(Base):
-    """Content-addressed bytes, stored as ordered chunks. `sha256` is set once the bytes are complete;
-    identical content is stored once."""
+    """Content-addressed bytes, stored as ordered chunks or, `in_file`, as one file in ADAPTD_BLOB_DIR
+    (app/storage). `sha256` is set once the bytes are complete; identical content is stored once."""
 
     __tablename__ = "blobs"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    in_file: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class BlobChunk(Base):

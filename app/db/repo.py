@@ -26,21 +26,27 @@ def add_upload(s: Session, upload: Upload) -> Upload:
     return upload
 
 
-# --- blobs (app/storage/blobs.py: content-addressed bytes in chunk rows) -----------------------------
+# --- blobs (app/storage/blobs.py: content-addressed bytes in chunk rows or files) ---------------------
 
 _INSERT_CHUNK = insert(BlobChunk)
 
 
-def add_blob(s: Session, blob_id: str) -> None:
-    s.add(Blob(id=blob_id, sha256=None, size=0))
+def add_blob(s: Session, blob_id: str, in_file: bool) -> None:
+    s.add(Blob(id=blob_id, sha256=None, size=0, in_file=in_file))
+
+
+def blob_in_file(s: Session, blob_id: str) -> bool | None:
+    """Whether the blob's bytes are a file (else chunk rows); None when there is no such blob."""
+    return s.scalar(select(Blob.in_file).where(Blob.id == blob_id))
 
 
 def add_blob_chunk(c: Connection, blob_id: str, seq: int, offset: int, data: bytes) -> None:
     c.execute(_INSERT_CHUNK, {"blob_id": blob_id, "seq": seq, "offset": offset, "data": data})
 
 
-def set_blob_size(s: Session, blob_id: str, size: int) -> None:
-    s.execute(update(Blob).where(Blob.id == blob_id).values(size=size))
+def set_blob_size(s: Session, blob_id: str, size: int) -> bool:
+    """Also row-locks the blob (as lock_blob); False when it no longer exists (swept)."""
+    return s.execute(update(Blob).where(Blob.id == blob_id).values(size=size)).rowcount == 1
 
 
 def set_blob_sha256(s: Session, blob_id: str, sha256: str) -> None:
@@ -66,6 +72,31 @@ def blob_is_referenced(s: Session, blob_id: str) -> bool:
 def delete_blob(s: Session, blob_id: str) -> None:
     s.execute(delete(BlobChunk).where(BlobChunk.blob_id == blob_id))
     s.execute(delete(Blob).where(Blob.id == blob_id))
+
+
+def unsealed_blobs(s: Session, older_than_s: float, limit: int) -> list[str]:
+    """Candidates for the sweep (app/storage/sweep.py): blobs still without a sha256, created more than
+    `older_than_s` ago. A snapshot: each is re-checked under its lock (abandoned_blob) before it goes."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return list(s.scalars(select(Blob.id).where(Blob.sha256.is_(None), Blob.created_at < cutoff).limit(limit)))
+
+
+def abandoned_blob(s: Session, blob_id: str, older_than_s: float) -> bool:
+    """The blob is unsealed, older than `older_than_s` and referenced by nothing. Call it after
+    lock_blob in the same transaction: a seal that commits meanwhile made the lock wait, and this
+    statement then sees its sha256 (PostgreSQL, read committed: a fresh snapshot per statement;
+    SQLite: the write lock is held), so a blob being sealed is never taken for abandoned."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return s.scalar(select(Blob.id).where(
+        Blob.id == blob_id, Blob.sha256.is_(None), Blob.created_at < cutoff,
+        ~select(Upload.id).where(Upload.blob_id == blob_id).exists(),
+        ~select(Artifact.id).where(Artifact.blob_id == blob_id).exists())) is not None
+
+
+def existing_blob_ids(s: Session, blob_ids: list[str]) -> set[str]:
+    """Which of `blob_ids` have a row. A row precedes its final file and ids are never reused, so a file
+    whose id is missing here belongs to a deletion that committed (its removal was cut short)."""
+    return set(s.scalars(select(Blob.id).where(Blob.id.in_(blob_ids))))
 
 
 def blob_chunk_at(s: Session, blob_id: str, offset: int) -> int | None:

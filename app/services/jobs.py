@@ -275,6 +275,13 @@ def view_reader(settings: Settings) -> Batched[str, View]:
     return per_loop(("views", url), lambda: Batched(url, _read_views))
 
 
+async def job_json(settings: Settings, tenant_id: str | None, job_id: str) -> bytes | None:
+    """The body of `GET /v1/jobs/{id}` for a full job id, None when the tenant has no such job (one read
+    shared with concurrent requests: view_reader). Both ways in call it: app/api/hotpath and the route."""
+    view = await view_reader(settings).get(job_id)
+    return view.json if view is not None and view.tenant_id == tenant_id else None
+
+
 @dataclass(frozen=True)
 class PageQuery:
     """What GET /v1/jobs asks for; requests that ask the same share one read (page_reader)."""

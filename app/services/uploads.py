@@ -11,7 +11,7 @@ from ..db import repo
 from ..db.models import Upload
 from ..db.session import session_scope
 from ..errors import ApiError
-from ..storage import BlobWriter, delete_blob_if_unreferenced
+from ..storage import BlobSwept, BlobWriter, delete_blob_if_unreferenced
 
 
 def _too_large(limit: int) -> ApiError:
@@ -80,7 +80,11 @@ async def store_stream(settings: Settings, tenant_id: str, kind: str, filename: 
             return repo.add_upload(s, Upload(id=str(uuid.uuid4()), tenant_id=tenant_id, kind=kind,
                                              filename=filename, blob_id=blob_id, size=size, sha256=writer.sha256))
 
-        await run_in_threadpool(writer.finish, record, within_quota)
+        try:
+            await run_in_threadpool(writer.finish, record, within_quota)
+        except BlobSwept:
+            raise ApiError("upload_expired", f"the upload took longer than {settings.blob_sweep_after_s} s "
+                           "(ADAPTD_BLOB_SWEEP_AFTER_S) and its bytes were swept; send it again") from None
     except BaseException:
         await writer.flush(raise_errors=False)  # nothing may still write when the blob is dropped
         await run_in_threadpool(writer.abort)

@@ -1,4 +1,5 @@
-"""Blob store: content-addressed bytes in the database, streamed in chunks both ways."""
-from .blobs import BlobWriter, copy_blob_to_file, delete_blob_if_unreferenced, iter_blob
+"""Blob store: content-addressed bytes in the database or in files of ADAPTD_BLOB_DIR, streamed in chunks
+both ways."""
+from .blobs import BlobSwept, BlobWriter, blob_file, copy_blob_to_file, delete_blob_if_unreferenced, iter_blob
 
-__all__ = ["BlobWriter", "copy_blob_to_file", "delete_blob_if_unreferenced", "iter_blob"]
+__all__ = ["BlobSwept", "BlobWriter", "blob_file", "copy_blob_to_file", "delete_blob_if_unreferenced", "iter_blob"]

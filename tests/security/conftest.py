@@ -3,8 +3,6 @@ SQLite default, each with an admin key and uvicorn's access log on. `*_api` serv
 so submitted jobs stay queued (the limit races count queued jobs)."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.services import REDIS_URL, REPO, Service, base_env, create_pg_database, drop_pg_database
+from tests.services import REDIS_URL, Service, base_env, create_pg_database, drop_pg_database
 
 ADMIN = "admin-" + uuid.uuid4().hex
 BACKENDS = ["postgres", "sqlite"]
@@ -26,12 +24,9 @@ def start(tmp: Path, backend: str, worker: bool = True, **env_overrides) -> tupl
     if backend == "postgres":
         name, url = create_pg_database()
         env.update(ADAPTD_DATABASE_URL=url, ADAPTD_BROKER_URL=REDIS_URL)
-        env = base_env(**env)
-        subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True,
-                       capture_output=True)
-    else:
-        env = base_env(**env)
-    service = Service(env=env, log_dir=tmp, log_level="info")
+    service = Service(env=base_env(**env), log_dir=tmp, log_level="info")
+    if backend == "postgres":
+        service.migrate()
     if backend == "sqlite" and worker:
         service.start_embedded()  # `adaptd up`: API + worker, SQLite, filesystem broker
     else:

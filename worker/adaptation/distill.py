@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .methods.base import make_optimizer
 from .models.registry import forward_features
 
 Batches = Callable[[np.ndarray | None], Iterator[tuple[torch.Tensor, torch.Tensor]]]
@@ -159,7 +160,7 @@ def train_student(student: nn.Module, batches: Batches, sources: list[SourceOutp
                           if cfg.pseudo_label_weight > 0 and src.logits is not None else nn.Identity()
                           for src in sources).to(device)
     params = list(student.parameters()) + list(projections.parameters()) + list(heads.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, "adam", cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
     step = 0
     for epoch in range(cfg.epochs):

@@ -11,7 +11,7 @@ file (docs/ARCHITECTURE.md).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +49,14 @@ class CollapseGuard(MethodParams):
 
 class CollapseGuardParams(CollapseGuard, ProtocolParams):
     """What every updating test-time method takes: the protocol options and the collapse guard."""
+
+
+# The optimizer's fields, typed and bounded once; each params class gives its own default and description
+# (the authors' values differ by method): `lr: LearningRate = Field(1e-3, description=...)`.
+Optimizer = Literal["adam", "sgd"]
+LearningRate = Annotated[float, Field(gt=0)]
+Momentum = Annotated[float, Field(ge=0, lt=1)]
+WeightDecay = Annotated[float, Field(ge=0)]
 
 
 # What a method may change in the network it adapts (its student); the method contract tests check it.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from . import CollapseGuard, describe
+from . import CollapseGuard, LearningRate, Momentum, WeightDecay, describe
 
 SIMPLE_SFOD = ("Hao, Forest, Fink, 'Simplifying Source-Free Domain Adaptation for Object Detection: Effective "
                "Self-Training Strategies and Performance Insights', ECCV 2024; Faster R-CNN, Cityscapes→Foggy "
@@ -28,9 +28,9 @@ class _SelfTraining(CollapseGuard):
 
     score_threshold: float = Field(0.8, ge=0, le=1, description="A teacher detection with at least this score "
                                    "becomes a pseudo-label (simple-SFOD: 0.8).")
-    lr: float = Field(0.0025, gt=0, le=1.0, description="SGD learning rate, momentum 0.9 (simple-SFOD: 0.0025).")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0, le=1.0, description="detectron2's default 1e-4.")
+    lr: LearningRate = Field(0.0025, le=1.0, description="SGD learning rate, momentum 0.9 (simple-SFOD: 0.0025).")
+    momentum: Momentum = 0.9
+    weight_decay: WeightDecay = Field(1e-4, le=1.0, description="detectron2's default 1e-4.")
     flip: bool = Field(True, description="Weak augmentation: flip each image and its pseudo-boxes horizontally "
                        "with p = 0.5 (the authors'; turn off where a flip changes the class, e.g. digits).")
     strong_augment: bool = Field(True, description="The student sees the strong view (colour jitter, grayscale, "

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from . import CATALOG, MethodParams, describe
+from . import CATALOG, LearningRate, MethodParams, WeightDecay, describe
 
 # The runner trains the student for the job's `options.epochs` passes over the unlabelled target set
 # (as for the SFDA methods); the method has no epoch param of its own.
@@ -24,8 +24,8 @@ class DistillParams(MethodParams):
     distillation into the student's classifier (`kd_weight`, sources whose classes are the student's), both
     at temperature τ."""
 
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate (student and projections).")
-    weight_decay: float = Field(5e-4, ge=0)
+    lr: LearningRate = Field(1e-3, description="Adam learning rate (student and projections).")
+    weight_decay: WeightDecay = 5e-4
     feature_weight: float = Field(1.0, ge=0, description="Weight of the feature-distillation loss.")
     kd_weight: float = Field(0.0, ge=0, description="Weight of a logit-distillation loss (sources with the "
                              "student's classes only). 0: the paper distils features only; on the digit "

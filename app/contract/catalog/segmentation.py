@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from . import CollapseGuard, describe
+from . import CollapseGuard, LearningRate, Momentum, WeightDecay, describe
 
 
 @describe("sfda_prior", "sfda", "Source-free segmentation with a class-ratio prior (Bateson, Kervadec, Dolz, "
@@ -31,9 +31,9 @@ class SFDAPriorParams(CollapseGuard):
         "and 0.9 split evenly over the others (the authors' [0.1, 0.9] for two classes).")
     lambda_entropy: float = Field(1.0, ge=0, le=1e3, description="Weight of the entropy term.")
     lambda_prior: float = Field(1.0, ge=0, le=1e3, description="Weight of the KL-to-prior term.")
-    lr: float = Field(1e-6, gt=0, le=1.0, description="Adam learning rate (the authors' 1e-6 on MRI; digit "
-                      "canvases from a small UNet take 1e-4).")
-    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    lr: LearningRate = Field(1e-6, le=1.0, description="Adam learning rate (the authors' 1e-6 on MRI; digit "
+                             "canvases from a small UNet take 1e-4).")
+    weight_decay: WeightDecay = Field(0.0, le=1.0)
 
     @property
     def prior_rows(self) -> list[list[float]] | None:
@@ -109,9 +109,9 @@ class IDMParams(CollapseGuard):
                                     "measurement, not the paper's (it does not say): on the digit-canvas "
                                     "benchmark (BENCHMARKS.md, segmentation, augmented source) the mixed-batch "
                                     "statistics lost 16-19 mIoU in-domain and on USPS, frozen ones 0.3-1.6.")
-    lr: float = Field(2.5e-4, gt=0, le=1.0, description="SGD learning rate (the DeepLab-v2 line's 2.5e-4).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(5e-4, ge=0, le=1.0, description="SGD weight decay.")
+    lr: LearningRate = Field(2.5e-4, le=1.0, description="SGD learning rate (the DeepLab-v2 line's 2.5e-4).")
+    momentum: Momentum = Field(0.9, description="SGD momentum.")
+    weight_decay: WeightDecay = Field(5e-4, le=1.0, description="SGD weight decay.")
     head_lr_scale: float = Field(10.0, gt=0, le=1e3, description="lr multiplier of the segmentation head.")
     collapse_entropy_ratio: float = Field(
         0.1, gt=0, lt=1, description="The collapse guard's threshold (see the other methods; 0.25 there): lower "

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from . import CollapseGuard, CollapseGuardParams, MethodParams, ProtocolParams, describe  # noqa: F401
+from . import CollapseGuard, LearningRate, Momentum, WeightDecay, describe
 
 
 
@@ -22,14 +22,14 @@ class SFDAParams(CollapseGuard):
     into a backbone and a bottleneck (the layers between backbone and classifier, `bottleneck` in the
     built-in digit models); the backbone's lr is `lr * backbone_lr_mult`. The classifier is frozen."""
 
-    lr: float = Field(0.01, gt=0, description="Base learning rate (bottleneck layers).")
+    lr: LearningRate = Field(0.01, description="Base learning rate (bottleneck layers).")
     backbone_lr_mult: float = Field(
         1.0, ge=0, le=1,
         description="Backbone lr = lr × this. The authors use 1.0 on digits (LeNet trained from scratch) and "
         "0.1 on ImageNet-pretrained backbones (Office, VisDA). Models without a `bottleneck` module have "
         "every feature-extractor weight in the backbone.")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-3, ge=0, description="1e-3: what the reference scripts' lr scheduler sets.")
+    momentum: Momentum = 0.9
+    weight_decay: WeightDecay = Field(1e-3, description="1e-3: what the reference scripts' lr scheduler sets.")
     nesterov: bool = True
     lr_decay: bool = Field(True, description="Polynomial decay lr·(1 + 10·t/T)^-0.75 over the whole run "
                            "(T = epochs × batches per epoch), as the reference; False keeps lr constant.")
@@ -75,10 +75,10 @@ class ShotParams(_InformationMaximisation):
           epochs=15, forward_passes_once=1,
           updates="all_but_classifier")
 class NRCParams(SFDAParams):
-    lr: float = Field(0.003, gt=0, description="Base learning rate (bottleneck layers). With backbone × 1, over the "
-                      "default 15 epochs on MNIST-C fog (digit CNN): 0.003 → 15.7 % error, the authors' VisDA "
-                      "1e-3 × 0.1 → BN-1's 61.2 %, 0.01 → 82.2 % (BENCHMARKS.md, issue 16 second pass); use 1e-3 "
-                      "and backbone_lr_mult 0.1 for an ImageNet-pretrained backbone.")
+    lr: LearningRate = Field(0.003, description="Base learning rate (bottleneck layers). With backbone × 1, over the "
+                             "default 15 epochs on MNIST-C fog (digit CNN): 0.003 → 15.7 % error, the authors' "
+                             "VisDA 1e-3 × 0.1 → BN-1's 61.2 %, 0.01 → 82.2 % (BENCHMARKS.md, issue 16 second pass); "
+                             "use 1e-3 and backbone_lr_mult 0.1 for an ImageNet-pretrained backbone.")
     backbone_lr_mult: float = Field(1.0, ge=0, le=1, description="Backbone lr = lr × this (VisDA reference: 0.1).")
     K: int = Field(5, ge=1, le=100, description="Nearest neighbours per sample.")
     KK: int = Field(5, ge=0, le=100, description="Expanded neighbours: nearest neighbours of each neighbour "
@@ -100,9 +100,9 @@ class NRCParams(SFDAParams):
           "the banks.", epochs=15, forward_passes_once=1,
           updates="all_but_classifier")
 class AaDParams(SFDAParams):
-    lr: float = Field(0.003, gt=0, description="Base learning rate (bottleneck layers). The authors' 1e-3 "
-                      "(with K 5, beta 5) leaves a digit CNN on MNIST-C fog at BN-1's error (57.7 against 58.8 %); "
-                      "0.01 with backbone × 1 and constant dispersion ends at 78.3 %.")
+    lr: LearningRate = Field(0.003, description="Base learning rate (bottleneck layers). The authors' 1e-3 "
+                             "(with K 5, beta 5) leaves a digit CNN on MNIST-C fog at BN-1's error (57.7 against "
+                             "58.8 %); 0.01 with backbone × 1 and constant dispersion ends at 78.3 %.")
     backbone_lr_mult: float = Field(0.1, ge=0, le=1, description="Backbone lr = lr × this (the authors' 0.1; "
                                     "on MNIST→USPS a backbone at the full lr cost 6–8 points).")
     K: int = Field(3, ge=1, le=100, description="Nearest neighbours attracted per sample (authors: 3 on "

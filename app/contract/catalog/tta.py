@@ -1,11 +1,17 @@
 """Test-time adaptation methods (online: each batch once, predict then adapt)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from . import CollapseGuardParams, MethodParams, ProtocolParams, describe  # noqa: F401
+from . import CollapseGuardParams, LearningRate, Momentum, Optimizer, WeightDecay, describe
+
+AdamOrSGDMomentum = Annotated[Momentum, Field(description="SGD momentum (ignored by Adam).")]
+TeacherMomentum = Annotated[Momentum, Field(description="EMA momentum of the teacher.")]
+HorizontalFlips = Annotated[bool, Field(description="Random horizontal flips among the augmentations (the "
+                                        "reference's, made for natural images); turn off where a mirror image "
+                                        "changes the class (digits, text).")]
 
 
 @describe("tent", "tta", "TENT (Wang et al., ICLR 2021): minimise the mean softmax entropy (per pixel for "
@@ -15,13 +21,13 @@ from . import CollapseGuardParams, MethodParams, ProtocolParams, describe  # noq
           updates="norm_affine", tasks=("classification", "segmentation"),
           task_defaults={"segmentation": {"optimizer": "sgd", "lr": 2.5e-4, "weight_decay": 5e-4}})
 class TentParams(CollapseGuardParams):
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam for CIFAR-scale, SGD for ImageNet and "
-                                              "segmentation (task default).")
-    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64; "
-                      "segmentation, task default).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
-    weight_decay: float = Field(0.0, ge=0, le=1.0, description="0 for classification; 5e-4 for segmentation "
-                                "(task default).")
+    optimizer: Optimizer = Field("adam", description="Adam for CIFAR-scale, SGD for ImageNet and "
+                                 "segmentation (task default).")
+    lr: LearningRate = Field(1e-3, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64; "
+                             "segmentation, task default).")
+    momentum: AdamOrSGDMomentum = 0.9
+    weight_decay: WeightDecay = Field(0.0, le=1.0, description="0 for classification; 5e-4 for segmentation "
+                                      "(task default).")
     steps: int = Field(1, ge=1, le=10, description="Gradient steps per batch.")
 
 
@@ -38,10 +44,10 @@ class TentParams(CollapseGuardParams):
           "source images, which this service never has, so it is not offered.",
           updates="norm_affine")
 class EATAParams(CollapseGuardParams):
-    optimizer: Literal["adam", "sgd"] = Field(
+    optimizer: Optimizer = Field(
         "adam", description="Adam for CIFAR (reference library); SGD with Nesterov momentum 0.9 for ImageNet.")
-    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
+    lr: LearningRate = Field(1e-3, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64).")
+    momentum: AdamOrSGDMomentum = 0.9
     e_margin: float = Field(0.4, gt=0, le=1, description="Reliability filter: keep samples whose entropy is "
                             "below e_margin × ln(num_classes) (E0 in the paper; 0.4 for CIFAR and ImageNet).")
     d_margin: float = Field(0.4, ge=0, le=1, description="Redundancy filter: keep samples whose softmax has "
@@ -56,9 +62,9 @@ class EATAParams(CollapseGuardParams):
           "and LayerNorm models (batch size 1 is fine without BatchNorm).",
           updates="norm_affine_but_last")
 class SARParams(CollapseGuardParams):
-    lr: float = Field(1e-3, gt=0, description="Base SGD lr: 1e-3 for CIFAR (reference library) and for ViT "
-                      "(LayerNorm, batch 64); 2.5e-4 for ResNet-50 on ImageNet (batch 64).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the base SGD (plain, no Nesterov).")
+    lr: LearningRate = Field(1e-3, description="Base SGD lr: 1e-3 for CIFAR (reference library) and for ViT "
+                             "(LayerNorm, batch 64); 2.5e-4 for ResNet-50 on ImageNet (batch 64).")
+    momentum: Momentum = Field(0.9, description="Momentum of the base SGD (plain, no Nesterov).")
     rho: float = Field(0.05, gt=0, description="SAM neighbourhood radius.")
     e_margin: float = Field(0.4, gt=0, le=1, description="Reliability filter: entropy < e_margin × ln(num_classes).")
     reset_constant_em: float = Field(0.2, ge=0, description="Reset to the source weights when the EMA(0.9) of "
@@ -90,18 +96,18 @@ COTTA_SEGMENTATION = {"optimizer": "sgd", "lr": 2.5e-4, "nesterov": False, "weig
           updates="all", tasks=("classification", "segmentation"),
           task_defaults={"segmentation": COTTA_SEGMENTATION})
 class CoTTAParams(CollapseGuardParams):
-    optimizer: Literal["adam", "sgd"] = Field(
+    optimizer: Optimizer = Field(
         "adam", description="Adam for CIFAR; SGD for ImageNet and for segmentation (its task default).")
-    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 0.01 with SGD (ImageNet, batch 64); "
-                      "2.5e-4 with SGD for segmentation (task default).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
+    lr: LearningRate = Field(1e-3, description="1e-3 with Adam (CIFAR); 0.01 with SGD (ImageNet, batch 64); "
+                             "2.5e-4 with SGD for segmentation (task default).")
+    momentum: AdamOrSGDMomentum = 0.9
     nesterov: bool = Field(True, description="Nesterov momentum with SGD: the reference library's classification "
                            "setting; its segmentation setting has none (task default false).")
-    weight_decay: float = Field(0.0, ge=0, le=1.0, description="0 for classification; 5e-4 for segmentation "
-                                "(task default).")
+    weight_decay: WeightDecay = Field(0.0, le=1.0, description="0 for classification; 5e-4 for segmentation "
+                                      "(task default).")
     head_lr_scale: float = Field(1.0, gt=0, le=1e3, description="lr multiplier of the segmentation head (the "
                                  "modules producing the class logits): 10 for segmentation (task default).")
-    teacher_momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of the teacher.")
+    teacher_momentum: TeacherMomentum = 0.999
     restore_prob: float = Field(0.01, ge=0, le=1, description="Stochastic restore probability per weight "
                                 "element: 0.01 CIFAR and segmentation, 0.001 ImageNet.")
     ap: float = Field(0.92, ge=0, le=1, description="Augment-average the teacher when the anchor (source) "
@@ -117,8 +123,7 @@ class CoTTAParams(CollapseGuardParams):
     loss: Literal["ce", "symmetric"] = Field(
         "ce", description="ce: cross-entropy student ← teacher (CIFAR, segmentation); symmetric: the mean of "
         "both directions (the reference's ImageNet variant).")
-    hflip: bool = Field(True, description="Random horizontal flips among the augmentations (the reference's, "
-                        "made for natural images); turn off where a mirror image changes the class (digits, text).")
+    hflip: HorizontalFlips = True
 
     @field_validator("scales")
     @classmethod
@@ -136,11 +141,11 @@ class CoTTAParams(CollapseGuardParams):
           "student + teacher logits (as the reference); the exported model is the teacher.",
           updates="all")
 class RMTParams(CollapseGuardParams):
-    optimizer: Literal["adam", "sgd"] = Field(
+    optimizer: Optimizer = Field(
         "adam", description="Adam for CIFAR; SGD (Nesterov momentum 0.9) for ImageNet.")
-    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 0.01 with SGD (ImageNet, batch 64).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
-    teacher_momentum: float = Field(0.999, ge=0, lt=1, description="EMA momentum of the teacher.")
+    lr: LearningRate = Field(1e-3, description="1e-3 with Adam (CIFAR); 0.01 with SGD (ImageNet, batch 64).")
+    momentum: AdamOrSGDMomentum = 0.9
+    teacher_momentum: TeacherMomentum = 0.999
     lambda_ce_trg: float = Field(1.0, ge=0, description="Weight of the symmetric cross-entropy to the teacher.")
     lambda_cont: float = Field(1.0, ge=0, description="Weight of the contrastive prototype loss.")
     temperature: float = Field(0.1, gt=0, description="Contrastive temperature.")
@@ -149,8 +154,7 @@ class RMTParams(CollapseGuardParams):
         10, ge=1, description="Target batches whose teacher features (weighted by the teacher's confidence, "
         "grouped by its predicted class) build the class prototypes; they are frozen afterwards, standing "
         "in for the reference's source prototypes.")
-    hflip: bool = Field(True, description="Random horizontal flips among the augmentations (the reference's, "
-                        "made for natural images); turn off where a mirror image changes the class (digits, text).")
+    hflip: HorizontalFlips = True
 
 
 @describe("roid", "tta", "ROID (Marsden et al., WACV 2024): soft likelihood ratio loss weighted by diversity "
@@ -160,10 +164,10 @@ class RMTParams(CollapseGuardParams):
           "estimate of the batch's label prior.",
           updates="norm_affine")
 class ROIDParams(CollapseGuardParams):
-    optimizer: Literal["adam", "sgd"] = Field(
+    optimizer: Optimizer = Field(
         "adam", description="Adam for CIFAR; SGD (Nesterov momentum 0.9) for ImageNet.")
-    lr: float = Field(1e-3, gt=0, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam).")
+    lr: LearningRate = Field(1e-3, description="1e-3 with Adam (CIFAR); 2.5e-4 with SGD (ImageNet, batch 64).")
+    momentum: AdamOrSGDMomentum = 0.9
     momentum_src: float = Field(0.99, ge=0, le=1, description="Weight ensembling: θ ← m·θ + (1−m)·θ_src "
                                 "after every step (1 disables it).")
     momentum_probs: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the mean prediction used by "
@@ -174,5 +178,4 @@ class ROIDParams(CollapseGuardParams):
     use_consistency: bool = Field(True, description="Symmetric cross-entropy to an augmented view.")
     use_prior_correction: bool = Field(True, description="Correct the returned predictions with the smoothed "
                                        "batch prior.")
-    hflip: bool = Field(True, description="Random horizontal flips among the augmentations (the reference's, "
-                        "made for natural images); turn off where a mirror image changes the class (digits, text).")
+    hflip: HorizontalFlips = True

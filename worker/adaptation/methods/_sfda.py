@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AdaptationError
 from ..models.registry import classifier_of, forward_features
-from .base import Method
+from .base import Method, make_optimizer
 from .norm import use_batch_statistics
 
 BOTTLENECK_NAME = "bottleneck"  # built-in digit models: backbone -> bottleneck -> classifier
@@ -86,8 +86,7 @@ class SFDAMethod(Method):
             g["lr0"] = g["lr"]
         if not param_groups:
             raise AdaptationError("nothing_to_adapt", f"{self.name}: no weight gets a non-zero learning rate")
-        return torch.optim.SGD(param_groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay,
-                               nesterov=p.nesterov and p.momentum > 0)
+        return make_optimizer(param_groups, "sgd", p.lr, p.momentum, p.weight_decay, p.nesterov)
 
     # --- schedule ----------------------------------------------------------------------------------
     @property
@@ -166,13 +165,17 @@ class NeighbourhoodMethod(SFDAMethod):
     training batch."""
 
     state_attrs = ("feature_bank", "score_bank")
-    min_dataset_size = 2
+
+    def neighbours(self) -> int:
+        """The most nearest neighbours a sample looks up (the target set needs one image more)."""
+        raise NotImplementedError
 
     def check_compatible(self) -> None:
         super().check_compatible()
-        if self.ctx.dataset_size < self.min_dataset_size:
+        needed = self.neighbours() + 1
+        if self.ctx.dataset_size < needed:
             raise AdaptationError("dataset_too_small",
-                                  f"{self.name} needs at least {self.min_dataset_size} target images "
+                                  f"{self.name} needs at least {needed} target images "
                                   "(its neighbourhoods exclude the sample itself)",
                                   {"dataset_size": self.ctx.dataset_size})
 
@@ -186,6 +189,16 @@ class NeighbourhoodMethod(SFDAMethod):
             feats, logits = self.target_pass()
             self.feature_bank = F.normalize(feats, dim=1)
             self.score_bank = logits.softmax(1)
+
+    def forward_into_banks(self, x: torch.Tensor, index: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training step's start: the banks filled, the schedule advanced, the batch forwarded and written
+        into the banks. Returns (logits, softmax, the batch's normalised features)."""
+        self.ensure_banks()
+        self.advance_schedule()
+        feats, logits = self.forward(x)
+        probs = logits.softmax(1)
+        return logits, probs, self.refresh_banks(feats, probs, index)
 
     @torch.no_grad()
     def refresh_banks(self, feats: torch.Tensor, probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

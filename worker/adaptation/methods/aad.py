@@ -22,9 +22,8 @@ from .registry import implements
 
 @implements(AaDParams)
 class AaD(NeighbourhoodMethod):
-    def check_compatible(self) -> None:
-        self.min_dataset_size = self.params.K + 1
-        super().check_compatible()
+    def neighbours(self) -> int:
+        return self.params.K
 
     def dispersion_weight(self) -> float:
         p = self.params
@@ -35,13 +34,8 @@ class AaD(NeighbourhoodMethod):
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         p = self.params
-        self.ensure_banks()
-        self.advance_schedule()
-        feats, logits = self.forward(x)
-        probs = logits.softmax(1)
-
+        logits, probs, normed = self.forward_into_banks(x, index)
         with torch.no_grad():
-            normed = self.refresh_banks(feats, probs, index)
             score_near = self.score_bank[self.nearest(normed, p.K)]              # B×K×C
 
         attract = -torch.einsum("bc,bkc->b", probs, score_near).mean()

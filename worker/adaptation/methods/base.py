@@ -61,8 +61,10 @@ class StepOutput:
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: float = 0.9,
+def make_optimizer(params: list[nn.Parameter] | list[dict], kind: str, lr: float, momentum: float = 0.9,
                    weight_decay: float = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
+    """Every optimizer a method or a student trains with: Adam (betas 0.9/0.999) or SGD; `params` may be
+    parameter groups."""
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     if kind == "sgd":

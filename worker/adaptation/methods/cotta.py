@@ -86,23 +86,24 @@ class CoTTA(Method):
         return opt
 
     @torch.no_grad()
-    def _teacher_and_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(the teacher's logits on x, fp32; True when the anchor (source) model's mean confidence is below
-        `ap`, so the teacher's prediction is averaged over augmented views instead)."""
+    def teacher_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the student's target, the prediction returned, 1.0 if the target is averaged over augmented views
+        else 0.0), logits in fp32. The views are averaged when the anchor (source) model's mean confidence is
+        below `ap`; classification returns that average, segmentation the teacher's plain logits (the
+        reference returns `model_ema(x)`)."""
         with self.ctx.autocast():
             anchor_conf = self.anchor(x).float().softmax(1).amax(1).mean()
             standard = self.teacher(x).float()
-        return standard, bool(anchor_conf < self.params.ap)  # the step's one host sync
-
-    @torch.no_grad()
-    def segmentation_teacher(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the student's target: teacher logits N×K×H×W, averaged over the scaled/flipped views when the anchor
-        is unsure; the teacher's plain logits, the prediction returned, as the reference returns
-        `model_ema(x)`; 1.0 if averaged else 0.0), fp32."""
-        p = self.params
-        standard, unsure = self._teacher_and_gate(x)
-        if not unsure:
+        if not bool(anchor_conf < self.params.ap):  # the step's one host sync
             return standard, standard, torch.zeros((), device=x.device)
+        if self.ctx.task == "segmentation":
+            return self._scaled_views_mean(x, standard), standard, torch.ones((), device=x.device)
+        averaged = self._augmented_mean(x, standard)
+        return averaged, averaged, torch.ones((), device=x.device)
+
+    def _scaled_views_mean(self, x: torch.Tensor, standard: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits N×K×H×W averaged over x (`standard`) and one randomly flipped view per scale."""
+        p = self.params
         h, w = x.shape[-2:]
         total = standard.clone()
         for ratio in p.scales:
@@ -115,15 +116,11 @@ class CoTTA(Method):
                 out = self.teacher(view).float()
             out = torch.where(flip, out.flip(3), out)
             total += F.interpolate(out, size=(h, w), mode="bilinear", align_corners=True)
-        return total / (len(p.scales) + 1), standard, torch.ones((), device=x.device)
+        return total / (len(p.scales) + 1)
 
-    @torch.no_grad()
-    def teacher_prediction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(teacher logits, 1.0 if they are augmentation-averaged else 0.0), fp32."""
+    def _augmented_mean(self, x: torch.Tensor, standard: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits averaged over `n_augmentations` augmented views of x (not x itself)."""
         p = self.params
-        standard, unsure = self._teacher_and_gate(x)
-        if not unsure:
-            return standard, torch.zeros((), device=x.device)
         n = x.shape[0]
         per_chunk = 1 if x.device.type == "cpu" else max(1, AUG_FORWARD_IMAGES // n)
         total = torch.zeros_like(standard)
@@ -135,19 +132,14 @@ class CoTTA(Method):
                 out = self.teacher(views).float()
             total += out.view(k, n, -1).sum(0)
             done += k
-        return total / p.n_augmentations, torch.ones((), device=x.device)
+        return total / p.n_augmentations
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         p = self.params
         with self.ctx.autocast():
             student = self.model(x)
         student = student.float()
-        segmentation = self.ctx.task == "segmentation"
-        if segmentation:
-            teacher, returned, augmented = self.segmentation_teacher(x)
-        else:
-            teacher, augmented = self.teacher_prediction(x)
-            returned = teacher
+        teacher, returned, augmented = self.teacher_logits(x)
         target = teacher.softmax(1)
         loss = -(target * student.log_softmax(1)).sum(1)
         if p.loss == "symmetric":

@@ -25,19 +25,13 @@ from .registry import implements
 
 @implements(NRCParams)
 class NRC(NeighbourhoodMethod):
-    def check_compatible(self) -> None:
-        self.min_dataset_size = max(self.params.K, self.params.KK) + 1
-        super().check_compatible()
+    def neighbours(self) -> int:
+        return max(self.params.K, self.params.KK)
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         p = self.params
-        self.ensure_banks()
-        self.advance_schedule()
-        feats, logits = self.forward(x)
-        probs = logits.softmax(1)
-
+        logits, probs, normed = self.forward_into_banks(x, index)
         with torch.no_grad():
-            normed = self.refresh_banks(feats, probs, index)
             near = self.nearest(normed, p.K)                                      # B×K
             score_near = self.score_bank[near]                                    # B×K×C
             affinity = torch.full(near.shape, p.r, device=probs.device)

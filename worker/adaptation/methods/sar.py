@@ -31,7 +31,7 @@ from app.contract.catalog.tta import SARParams
 
 from ..errors import AdaptationError
 from ._tta import NormAffineMethod, collect_norm_params, last_stage_prefixes, masked_mean
-from .base import StepOutput, softmax_entropy
+from .base import StepOutput, make_optimizer, softmax_entropy
 from .norm import norm_affine_params
 from .registry import implements
 
@@ -66,7 +66,7 @@ class SAR(NormAffineMethod):
         self.resets = torch.zeros((), device=dev)
 
     def build_optimizer(self, params):
-        return torch.optim.SGD(params, lr=self.params.lr, momentum=self.params.momentum)
+        return make_optimizer(params, "sgd", self.params.lr, self.params.momentum)  # plain SGD, as SAR's authors
 
     def _entropy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.ctx.autocast():
