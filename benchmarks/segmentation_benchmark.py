@@ -106,8 +106,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated method names (default: all)")
     ap.add_argument("--width", type=int, default=16, help="UNet width (16: 0.12 M parameters; 8: 4x cheaper)")
     ap.add_argument("--shifts", default="", help="comma-separated shift names, in this order (default: all)")
-    ap.add_argument("--source-augment", choices=("photometric", "none"), default="photometric",
-                    help="the source model's training augmentation (default: generic photometric, source_augment.py)")
+    ap.add_argument("--source-augment", choices=("photometric", "none"), default="none",
+                    help="the source model's training augmentation (photometric: generic, source_augment.py; "
+                    "BENCHMARKS.md has that experiment)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, src, shifts = setup(args.data, args.n_source, args.n_target, args.epochs, args.width,

@@ -16,8 +16,8 @@ Per step (the runner calls `step` once per pass over the one-shot target set; `e
    image (entropy of the mean);
 4. SGD step (head at head_lr_scale x lr); prototypes updated.
 The step returns the model's predictions (before the update) on the mixed images and the target, the
-collapse guard's window. BatchNorm is frozen by default (`freeze_batch_norm`): every batch is normalised with
-the source model's running statistics, which are exported unchanged (not re-estimated on the one image)."""
+collapse guard's window. The exported model keeps the BatchNorm statistics of its training batches, or with
+`freeze_batch_norm` the source model's, unchanged (never re-estimated on the one image)."""
 from __future__ import annotations
 
 import math
@@ -76,8 +76,8 @@ class IDM(Method):
     # Its batches come from the source pool (source_batch mixed images + the target), not the target set.
     uses_batch_statistics = False
     # BatchNorm is not re-estimated on the one target image: one image's statistics measured far worse than
-    # any other choice (BENCHMARKS.md, segmentation, "Why the losing cells lose": USPS 43.5 vs 55.6 mIoU). By
-    # default it stays frozen at the source statistics while training (see IDMParams.freeze_batch_norm).
+    # any other choice (BENCHMARKS.md, segmentation, "Why the losing cells lose": USPS 43.5 vs 55.6 mIoU). While
+    # training it follows its batches, or stays frozen at the source's (IDMParams.freeze_batch_norm).
     recalibrate_on_target = False
     state_attrs = ("prototypes", "have_prototype")
 
