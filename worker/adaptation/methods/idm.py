@@ -6,18 +6,23 @@ Per step (the runner calls `step` once per pass over the one-shot target set; `e
 1. every `mine_every` steps, mining: the whole source pool is predicted in the target's style (AdaIN: the
    first convolution's per-channel mean/std replaced by the target image's), scored by mean pixel entropy
    divided by the number of classes its mask holds, and the top `select_ratio` kept as the informative pool;
-   the target's pseudo-labels (confident argmax, else ignore) are refreshed;
+   with `restyled_statistics`, BatchNorm's statistics are first re-estimated on the whole source pool in the
+   target's style (what the target domain looks like to the model, with the pool's variety of content); the
+   target's pseudo-labels (confident argmax, else ignore) are refreshed;
 2. patch-wise mixing: `source_batch` informative source images, each with a random `mix_ratio` of its
    grid x grid patches replaced by the target's; labels: the source mask, the target's pseudo-labels;
 3. one forward of [mixed images (target style), target image]: cross-entropy on the mixed images, plus
    prototype-based information maximisation on the target: its softmax, rectified by the softmax of the
    cosine similarity of its pixel features (the classifier layer's input) to the class prototypes (an EMA
    of the source pixels' features by their mask), should be confident per pixel and diverse over the
-   image (entropy of the mean);
+   image (its mean prediction near `diversity_target`: the source pool's class shares, or uniform as in
+   SHOT's IM);
 4. SGD step (head at head_lr_scale x lr); prototypes updated.
 The step returns the model's predictions (before the update) on the mixed images and the target, the
-collapse guard's window. The exported model keeps the BatchNorm statistics of its training batches, or with
-`freeze_batch_norm` the source model's, unchanged (never re-estimated on the one image)."""
+collapse guard's window. BatchNorm is frozen while training (`freeze_batch_norm`); the exported model's
+statistics are re-estimated once more, for its final weights, on the restyled source pool (never on the one
+target image). Without `restyled_statistics` it keeps the source model's statistics (frozen) or those of its
+training batches."""
 from __future__ import annotations
 
 import math
@@ -31,6 +36,7 @@ from app.contract.catalog.segmentation import IDMParams
 
 from .. import segmentation as S
 from ..errors import AdaptationError
+from ..models.export import recalibrate_batch_norm
 from ._seg import classifier_layer, head_parameters
 from .base import Method, StepOutput, make_optimizer
 from .norm import BATCH_NORMS
@@ -76,8 +82,8 @@ class IDM(Method):
     # Its batches come from the source pool (source_batch mixed images + the target), not the target set.
     uses_batch_statistics = False
     # BatchNorm is not re-estimated on the one target image: one image's statistics measured far worse than
-    # any other choice (BENCHMARKS.md, segmentation, "Why the losing cells lose": USPS 43.5 vs 55.6 mIoU). While
-    # training it follows its batches, or stays frozen at the source's (IDMParams.freeze_batch_norm).
+    # any other choice (BENCHMARKS.md, segmentation, "Why the losing cells lose": USPS 43.5 vs 55.6 mIoU). It is
+    # re-estimated on the restyled source pool instead (IDMParams.restyled_statistics, `export_model`).
     recalibrate_on_target = False
     state_attrs = ("prototypes", "have_prototype")
 
@@ -125,6 +131,11 @@ class IDM(Method):
         self.steps = 0
         self.mined: list[int] = []
         self.generator = torch.Generator(device="cpu").manual_seed(self.ctx.seed)
+        self.restyled = False
+        self.target: torch.Tensor | None = None
+        ys = self.ctx.source_pool[1]  # the source pool's pixel share per class (ignored pixels left out)
+        counts = torch.stack([(ys == c).sum() for c in range(k)]).float()
+        self.class_prior = (counts / counts.sum().clamp_min(1)).to(self.ctx.device)
 
     def trainable_params(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
@@ -154,6 +165,8 @@ class IDM(Method):
         self.model.eval()
         try:
             self.target_style(x)
+            if p.restyled_statistics:
+                self.restyle_statistics()
             with self.ctx.autocast():
                 probs = self.model(x).float().softmax(1)
             conf, label = probs.max(1)
@@ -227,13 +240,19 @@ class IDM(Method):
             probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-8)
         pixel = -(probs * (probs + S.EPS).log()).sum(1).mean()
         mean = probs.mean(dim=(0, 2, 3))
-        diversity = -(mean * (mean + S.EPS).log()).sum()
-        return pixel - self.params.lambda_div * diversity
+        # diversity: KL(mean || target distribution); with the uniform target, SHOT's -H(mean) up to a constant
+        prior = self.class_prior if self.params.diversity_target == "source_classes" else None
+        if prior is None:
+            div = (mean * (mean + S.EPS).log()).sum()
+        else:
+            div = (mean * ((mean + S.EPS).log() - (prior + S.EPS).log())).sum()
+        return pixel + self.params.lambda_div * div
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
         p = self.params
         if self.informative is None or self.steps % p.mine_every == 0:
             self.mine(x)
+        self.target = x
         self.target_style(x)
         mixed, labels = self.mixed_batch(x)
         n = len(mixed)
@@ -258,6 +277,29 @@ class IDM(Method):
         # of a collapse (mostly background); the mixed images show several classes, so the collapse guard
         # watches the model on both.
         return StepOutput(out.detach(), loss.detach(), {"ce": ce.detach(), "im": im.detach()})
+
+    def export_model(self) -> nn.Module:
+        """The adapted model; with `restyled_statistics`, its BatchNorm statistics re-estimated once (the first
+        call, after the last step) for its final weights on the source pool in the target's style. A model
+        rolled back to the source weights (collapse guard) is returned as it is."""
+        if self.params.restyled_statistics and not self.restyled and self.target is not None:
+            self.restyled = True
+            self.target_style(self.target)
+            self.restyle_statistics()
+        return self.model
+
+    @torch.no_grad()
+    def restyle_statistics(self) -> None:
+        """BatchNorm statistics of the whole source pool rendered in the target's style (the style set by
+        `target_style`): what the target domain looks like to the model, with the pool's variety of content
+        rather than one image's (whose own statistics measured far worse, BENCHMARKS.md)."""
+        xs, _ = self.ctx.source_pool
+        self.swap.n_styled = len(xs)
+        try:
+            recalibrate_batch_norm(self.model, (xs[i:i + MINE_CHUNK] for i in range(0, len(xs), MINE_CHUNK)),
+                                   self.ctx.autocast)
+        finally:
+            self.swap.n_styled = 0
 
     def report(self) -> dict[str, Any]:
         xs, _ = self.ctx.source_pool
