@@ -202,6 +202,27 @@ def test_idm_needs_its_source_pool_and_one_shot(seg_files):
     assert err.value.code == "source_data_unlabelled"
 
 
+
+def test_idm_exports_the_restyled_source_pools_statistics(seg_files):
+    """By default the exported BatchNorm statistics are the source pool's in the target image's style: after
+    the first convolution every pool image carries the target's channel means, so the first BatchNorm's
+    running mean is the target image's (under the exported weights). Without restyling, frozen BatchNorm
+    exports the source statistics unchanged."""
+    root, _ = seg_files
+    restyled = _run(root, "idm", {}, 3)
+    model, _ = load_model("unet_small", NUM_CLASSES, {"width": 8}, restyled.model_path)
+    model.eval()
+    x = Preprocess(**PRE)(np.load(root / "one.npz")["x"], torch.device("cpu"))
+    with torch.no_grad():
+        target_mean = model.enc1[0](x).mean(dim=(0, 2, 3))
+    assert torch.allclose(model.enc1[1].running_mean, target_mean, atol=1e-4)
+    source = load_file(root / "model.safetensors")
+    assert not torch.allclose(source["enc1.1.running_mean"], target_mean, atol=1e-2)  # the shift is visible there
+
+    frozen = load_file(_run(root, "idm", {"restyled_statistics": False}, 3).model_path)
+    stats = [k for k in source if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(frozen[k], source[k]) for k in stats)
+
 def test_examples_show_masks_before_after_and_the_truth(seg_files):
     """examples.json for masks: the images whose mask changed most first, palette PNG masks at the
     thumbnail's size (255 transparent), per-image pixel accuracy; a few tens of KB at most."""
