@@ -233,7 +233,7 @@ def test_idm_exports_the_restyled_source_pools_statistics(seg_files):
     restyled = _run(root, "idm", {}, 3)
     model, _ = load_model("unet_small", NUM_CLASSES, {"width": 8}, restyled.model_path)
     model.eval()
-    x = Preprocess(**PRE)(np.load(root / "one.npz")["x"], torch.device("cpu"))
+    x = Preprocess(**PRE)(torch.from_numpy(np.load(root / "one.npz")["x"]), torch.device("cpu"))
     with torch.no_grad():
         target_mean = model.enc1[0](x).mean(dim=(0, 2, 3))
     assert torch.allclose(model.enc1[1].running_mean, target_mean, atol=1e-4)
