@@ -5,8 +5,9 @@ through the same runner a job uses. Prints mIoU before -> after per method and s
     python benchmarks/segmentation_benchmark.py --data ../shared/data [--epochs 6] [--n-source 2000]
 
 Shifts: USPS digits (another scanner and writing population, 16 px upscaled), MNIST test digits blended on
-real photographs bundled with scikit-image (MNIST-M's |photo - digit| recipe), and a sensor shift (low
-contrast, bright background, Gaussian noise). `sfda_prior` gets one prior for every image: each class's mean
+real photographs bundled with scikit-image (MNIST-M's |photo - digit| recipe), the same digits drawn over
+those photographs dimmed to half their brightness, and a sensor shift (low contrast, bright background,
+Gaussian noise). `sfda_prior` gets one prior for every image: each class's mean
 pixel proportion on the source canvases, every digit equally likely ("one prior"), or, as the authors do, each
 class's typical size times the image's tags (which digits it holds: image-level labels a user gives)."""
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from worker.adaptation.source_augment import photometric  # noqa: E402
-from worker.adaptation.canvases import (NUM_CLASSES, make_canvases, noise_contrast, photo_blend,  # noqa: E402
+from worker.adaptation.canvases import (NUM_CLASSES, make_canvases, noise_contrast, photo_blend, photo_overlay,  # noqa: E402
                                         skimage_photos, to_rgb)
 from worker.adaptation.data import Preprocess  # noqa: E402
 from worker.adaptation.device import seed_everything  # noqa: E402
@@ -71,6 +72,7 @@ def setup(data: Path, n_source: int, n_target: int, epochs: int, width: int = 16
     shifts = {"MNIST test (no shift)": (to_rgb(same.x), same.masks),
               "USPS": (to_rgb(usps_c.x), usps_c.masks),
               "photo backgrounds": (photo_blend(same.x, skimage_photos(), seed=3), same.masks),
+              "digits over dimmed photos": (photo_overlay(same.x, skimage_photos(), dim=0.5, seed=3), same.masks),
               "sensor noise": (noise_contrast(to_rgb(same.x), seed=4), same.masks)}
     tag = ("" if width == 16 else f"_w{width}") + ("_aug" if augment else "")
     cache = Path(__file__).resolve().parent / ".cache" / f"unet_mnist_{n_source}_{epochs}{tag}.safetensors"

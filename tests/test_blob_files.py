@@ -26,7 +26,7 @@ from app.db.models import Blob, Upload, utcnow
 from app.db.session import get_engine, session_scope
 from app.storage import BlobWriter, blob_file, copy_blob_to_file, delete_blob_if_unreferenced, iter_blob
 from app.storage.blobs import BlobSwept
-from app.storage.files import path_of, temp_of
+from app.storage.files import ALIGN, ContentFile, path_of, temp_of
 from app.storage.sweep import sweep
 from tests.private_services import wait_for
 from tests.services import Service, base_env, create_pg_database, drop_pg_database
@@ -102,6 +102,26 @@ def test_file_round_trip_and_ranges(db_url, blob_dir, tmp_path):
     with open_blob(db_url, w.blob_id, n) as f:
         f.seek(-10, os.SEEK_END)
         assert f.read() == data[-10:]
+
+
+@pytest.mark.parametrize("piece", [MiB, 65_537])
+def test_aligned_chunks_skip_the_page_cache_and_the_rest_goes_through_it(blob_dir, piece):
+    """Whole 4 KiB-aligned chunks go through the O_DIRECT descriptor (where the folder's filesystem takes
+    one), the others (an odd chunk size, the last piece) through the page cache; the bytes are the same."""
+    blob_id = str(uuid.uuid4())
+    f = ContentFile(blob_id)
+    data = os.urandom(3 * MiB + 4097)
+    pieces = [(i, data[i:i + piece]) for i in range(0, len(data), piece)]
+    threads = [threading.Thread(target=f.store, args=p) for p in reversed(pieces)]  # out of order, at once
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    f.seal()
+    assert path_of(blob_id).read_bytes() == data
+    aligned = sum(len(b) for i, b in pieces if i % ALIGN == 0 and len(b) % ALIGN == 0)
+    assert f.direct_bytes in ((aligned,) if f.direct_supported else (0,))
+    assert aligned == (3 * MiB if piece == MiB else 0)
 
 
 def test_identical_content_is_one_file(db_url, blob_dir):

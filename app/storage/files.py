@@ -3,13 +3,23 @@ every worker share (app/storage/blobs.py decides which blobs; their rows stay in
 is written under `tmp/`, flushed to disk and renamed to its final name before the seal commits, so a
 committed blob never points at a missing file; it is removed only after the transaction that deletes
 its row has committed, so a crash leaves at most an orphan file, never a row without its bytes. File
-names are the blob's server-made uuid in hex (`<2 hex>/<32 hex>`), never anything a client sent."""
+names are the blob's server-made uuid in hex (`<2 hex>/<32 hex>`), never anything a client sent.
+
+Whole aligned chunks are written with O_DIRECT where the filesystem takes it: the bytes go from a reused,
+page-aligned buffer to the disk without passing through the page cache, which a blob written once and read
+later by one worker would only fill (on the dev VM, buffered writes into fresh page-cache pages cost 2.6–2.9
+CPU s/GiB: BENCHMARKS.md, Uploads). A chunk that is not aligned (the last one, an odd ADAPTD_CHUNK_BYTES)
+goes through the page cache; the seal's fsync covers both."""
 from __future__ import annotations
 
+import errno
 import logging
+import mmap
 import os
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -49,47 +59,113 @@ def temp_of(final: Path) -> Path:
     return final.parent.parent / TMP / final.name
 
 
+ALIGN = 4096  # O_DIRECT's alignment of buffer, file offset and length (a page: 512- and 4096-byte sectors)
+
+
+class _AlignedBuffers:
+    """Page-aligned buffers (anonymous mmap) for O_DIRECT writes, reused from write to write: memory stays
+    at one buffer per write in flight, and its pages stay mapped (never fresh ones)."""
+
+    KEEP = 8
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def take(self, size: int):
+        with self._lock:
+            buf = next((b for b in self._free if len(b) >= size), None)
+            if buf is not None:
+                self._free.remove(buf)
+        if buf is None:
+            buf = mmap.mmap(-1, -(-size // ALIGN) * ALIGN)
+        try:
+            yield buf
+        finally:
+            with self._lock:
+                if len(self._free) < self.KEEP:
+                    self._free.append(buf)
+                else:
+                    buf.close()
+
+
+_BUFFERS = _AlignedBuffers()
+
+
 class ContentFile:
     """One blob's file while it is written: each chunk lands at its offset (pwrite), so several writes
-    may be in flight at once."""
+    may be in flight at once; aligned chunks through a second, O_DIRECT descriptor where the filesystem
+    accepts one."""
 
     def __init__(self, blob_id: str):
         self.final = path_of(blob_id)
         self.tmp = temp_of(self.final)
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        self._direct: int | None = None
+        self._direct_refused = False  # the filesystem took the descriptor but refused a write
+        if hasattr(os, "O_DIRECT"):
+            try:
+                self._direct = os.open(self.tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as exc:  # tmpfs and some others refuse it: the page cache for every chunk
+                if exc.errno != errno.EINVAL:
+                    os.close(self._fd)
+                    self.tmp.unlink(missing_ok=True)
+                    raise
+        self.direct_supported = self._direct is not None
+        self.direct_bytes = 0  # written past the page cache (tests, benchmarks)
         self._synced = False
 
     def store(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, offset)
-            view, offset = view[n:], offset + n
+        n = len(data)
+        if self._direct is not None and not self._direct_refused and offset % ALIGN == 0 and n % ALIGN == 0 and n:
+            with _BUFFERS.take(n) as buf:
+                buf[:n] = data
+                try:
+                    done = os.pwrite(self._direct, memoryview(buf)[:n], offset)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._direct_refused, done = True, 0  # the page cache from now on
+            self.direct_bytes += done
+            offset, data = offset + done, memoryview(data)[done:]
+        _pwrite_all(self._fd, data, offset)
 
     def sync(self) -> None:
-        """Flush the bytes to disk (once)."""
+        """Flush the bytes to disk (once): the page cache's and the file's metadata (O_DIRECT's too)."""
         if self._fd is not None and not self._synced:
             os.fsync(self._fd)
             self._synced = True
+
+    def _close(self) -> None:
+        for fd in (self._fd, self._direct):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._direct = None
 
     def seal(self) -> None:
         """Flush the bytes to disk and give the file its final name (again: a no-op)."""
         if self._fd is None:
             return
         self.sync()
-        os.close(self._fd)
-        self._fd = None
+        self._close()
         self.final.parent.mkdir(exist_ok=True)
         os.replace(self.tmp, self.final)
         _fsync_folder(self.final.parent)
 
     def discard(self) -> None:
         """Remove the file, written or sealed (after its row's deletion has committed)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close()
         self.tmp.unlink(missing_ok=True)
         self.final.unlink(missing_ok=True)
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.demo_data import load_sklearn_digits
-from worker.adaptation.canvases import IGNORE, NUM_CLASSES, make_canvases, photo_blend, to_rgb
+from worker.adaptation.canvases import IGNORE, NUM_CLASSES, make_canvases, photo_blend, photo_overlay, to_rgb
 from worker.adaptation.models.unet import unet_small
 from worker.adaptation.segmentation import (confusion, kl_to_prior, scores_from_confusion, soft_proportions,
                                             weighted_entropy)
@@ -35,6 +35,10 @@ def test_photo_blend_keeps_the_mask_readable():
     out = photo_blend(canvases, [photo], seed=0)
     assert out.shape == (4, 32, 32, 3) and out.dtype == np.uint8
     assert not np.array_equal(out, to_rgb(canvases))
+    over = photo_overlay(canvases, [photo], dim=0.5, seed=0)
+    assert over.shape == (4, 32, 32, 3) and over.dtype == np.uint8
+    ink, empty = canvases == 255, canvases == 0
+    assert (over[ink] == 255).all() and (over[empty] <= 128).all() and over[empty].std() > 10
 
 
 def test_unet_returns_pixel_logits():

@@ -91,21 +91,34 @@ def to_rgb(x: np.ndarray) -> np.ndarray:
     return np.repeat(x[..., None], 3, axis=-1)
 
 
-def photo_blend(x: np.ndarray, photos: list[np.ndarray], seed: int = 0) -> np.ndarray:
-    """MNIST-M's recipe on canvases: |photo patch − digit| per channel, the patch a random crop of a real
-    colour photograph (grey photos are repeated over channels). N×H×W grey → N×H×W×3."""
+def _photo_patches(photos: list[np.ndarray], n: int, h: int, w: int, seed: int):
+    """n random h×w RGB crops (int16) of the photographs (grey photos repeated over channels)."""
     rng = np.random.default_rng(seed)
-    n, h, w = x.shape
-    out = np.empty((n, h, w, 3), np.uint8)
-    for i in range(n):
+    for _ in range(n):
         photo = photos[int(rng.integers(len(photos)))]
         if photo.ndim == 2:
             photo = np.repeat(photo[..., None], 3, axis=-1)
         photo = photo[..., :3]
         top = int(rng.integers(0, photo.shape[0] - h + 1))
         left = int(rng.integers(0, photo.shape[1] - w + 1))
-        patch = photo[top:top + h, left:left + w].astype(np.int16)
+        yield photo[top:top + h, left:left + w].astype(np.int16)
+
+
+def photo_blend(x: np.ndarray, photos: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """MNIST-M's recipe on canvases: |photo patch − digit| per channel, the patch a random crop of a real
+    colour photograph. N×H×W grey → N×H×W×3."""
+    out = np.empty((*x.shape, 3), np.uint8)
+    for i, patch in enumerate(_photo_patches(photos, *x.shape, seed)):
         out[i] = np.abs(patch - x[i][..., None].astype(np.int16)).astype(np.uint8)
+    return out
+
+
+def photo_overlay(x: np.ndarray, photos: list[np.ndarray], dim: float = 0.5, seed: int = 0) -> np.ndarray:
+    """White digits over a real photograph dimmed to `dim` of its brightness (the brighter of the two per
+    pixel): the background is a real scene, the ink stays ink. N×H×W grey → N×H×W×3."""
+    out = np.empty((*x.shape, 3), np.uint8)
+    for i, patch in enumerate(_photo_patches(photos, *x.shape, seed)):
+        out[i] = np.maximum(dim * patch, x[i][..., None]).clip(0, 255).astype(np.uint8)
     return out
 
 

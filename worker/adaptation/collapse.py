@@ -1,6 +1,7 @@
-"""Collapse guard: watches the predicted-class histogram over a sliding window of recent batches and
-the loss; on collapse, restores the last healthy state: collapse under long continual runs and high learning rates (all
-classes predicted as one) is the failure users of TTA hit most."""
+"""Collapse guard: watches a histogram of the predictions over a sliding window of recent batches (the task
+makes it: predicted classes; for masks, per class the images that hold it) and the loss; on collapse,
+restores the last healthy state: collapse under long continual runs and high learning rates (all classes
+predicted as one) is the failure users of TTA hit most."""
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ class CollapseGuard:
     def threshold(self) -> float:
         return min(self.ratio * math.log(self.num_classes), 0.5 * self.source_entropy)
 
-    def observe(self, predictions: torch.Tensor) -> None:
-        self._window.append(torch.bincount(predictions, minlength=self.num_classes)[: self.num_classes])
+    def observe(self, counts: torch.Tensor) -> None:
+        """One step's histogram (TaskEngine.collapse_counts: num_classes bins)."""
+        self._window.append(counts)
         while len(self._window) > self.window_batches:
             self._window.popleft()
 

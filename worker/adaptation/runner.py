@@ -331,7 +331,7 @@ def _adapt(method, data: ImageSet, prep: _Prep, batch_size: int, seed: int, rese
             out = compiling.adapt(method, x, idx.to(ctx.device))
             preds = task.collapse_signal(out.logits, ctx.num_classes)
             if guard.enabled:
-                guard.observe(preds)
+                guard.observe(task.collapse_counts(preds, len(out.logits), guard.num_classes))
             if epoch == ctx.epochs - 1 and not multi_epoch:
                 online.append(preds)
             pending.append((done, epoch, out))

@@ -43,7 +43,7 @@ class CollapseGuard(MethodParams):
     collapse_entropy_ratio: float = Field(
         0.25, gt=0, lt=1,
         description="Collapse when the entropy of the predicted-class histogram over a sliding window "
-        "falls below this fraction of ln(num_classes).",
+        "(segmentation: per class, the images whose mask holds it) falls below this fraction of ln(num_classes).",
     )
 
 

@@ -37,6 +37,10 @@ class TaskEngine(Protocol):
         """A step's output -> what the collapse guard watches and online accuracy scores (hard labels in
         0..signal_classes-1)."""
 
+    def collapse_counts(self, signal: torch.Tensor, n_images: int, bins: int) -> torch.Tensor:
+        """A step's `collapse_signal` (of `n_images` images) -> the histogram (`bins` = signal_classes) it
+        adds to the collapse guard's window; `collapse_score` is the entropy of the same kind of histogram."""
+
     def step_entropy(self, out: torch.Tensor) -> torch.Tensor:
         """A step's output -> the mean prediction entropy logged per step."""
 

@@ -38,6 +38,9 @@ class Classification:
     def collapse_signal(self, out: torch.Tensor, num_classes: int) -> torch.Tensor:
         return out.argmax(1)
 
+    def collapse_counts(self, signal: torch.Tensor, n_images: int, bins: int) -> torch.Tensor:
+        return torch.bincount(signal, minlength=bins)[:bins]
+
     def step_entropy(self, out: torch.Tensor) -> torch.Tensor:
         return M.entropy(out.softmax(1)).mean()
 

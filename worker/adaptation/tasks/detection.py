@@ -98,6 +98,9 @@ class Detection:
                                                                   device=o["labels"].device))
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
+    def collapse_counts(self, signal: torch.Tensor, n_images: int, bins: int) -> torch.Tensor:
+        return torch.bincount(signal, minlength=bins)[:bins]
+
     def step_entropy(self, out) -> torch.Tensor:
         scores = [o["scores"].float() for o in out]
         s = torch.cat(scores) if scores else torch.zeros(0)

@@ -52,6 +52,9 @@ class Segmentation:
     def collapse_signal(self, out: torch.Tensor, num_classes: int) -> torch.Tensor:
         return out.argmax(1).flatten()
 
+    def collapse_counts(self, signal: torch.Tensor, n_images: int, bins: int) -> torch.Tensor:
+        return S.class_presence(signal.view(n_images, -1), bins)
+
     def step_entropy(self, out: torch.Tensor) -> torch.Tensor:
         return S.pixel_entropy(out.float().softmax(1)).mean()
 
@@ -67,10 +70,14 @@ class Segmentation:
             "predicted_class_entropy_max": math.log(num_classes),
             # images whose mask holds one class only (all background, typically): a collapse shows here first
             "single_class_images": int(sum(len(torch.unique(m)) == 1 for m in predictions["mask"])),
+            # what the collapse guard watches: per class, the images whose mask holds it (S.class_presence)
+            "class_presence_entropy": M.histogram_entropy(sum(
+                (S.class_presence(predictions["mask"][i:i + 256], num_classes)
+                 for i in range(0, len(predictions["mask"]), 256)), torch.zeros(num_classes, dtype=torch.long))),
         }
 
     def collapse_score(self, summary: dict) -> float:
-        return summary["predicted_class_entropy"]
+        return summary["class_presence_entropy"]
 
     def headline(self, source: dict, after: dict, before_summary: dict, after_summary: dict) -> dict:
         return {"entropy_before": before_summary["mean_entropy"],
