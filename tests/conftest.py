@@ -11,28 +11,6 @@ from tests import services
 from tests.services import Service, base_env
 
 
-def _one_worker_group(item) -> str | None:
-    """The xdist group (`--dist loadgroup`, .ci/test) of tests that share an expensive session fixture, so
-    one worker builds it instead of each: the detector trained for `detection_assets`, and
-    tests/security/conftest.py's four services (tests/security/test_time_limit_under_load.py starts its
-    own and keeps the CPU busy: it stays free to run beside them)."""
-    if "detection_assets" in item.fixturenames:
-        return "detection_assets"
-    if item.path.parent.name == "security" and item.path.name != "test_time_limit_under_load.py":
-        return "security_services"
-    return None
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        group = _one_worker_group(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict:
     """A digit CNN trained on sklearn's digits and the demo's shifted target set, as files a user
