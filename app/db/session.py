@@ -1,6 +1,8 @@
 """Engine and session factory, one per database URL."""
 from __future__ import annotations
 
+import os
+import weakref
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Callable, Iterator, TypeVar
@@ -16,6 +18,28 @@ T = TypeVar("T")
 # page is a write (and a checkpoint copy) of its own; 64 KiB pages took a 1 MiB chunk's system time
 # from 7.4 to 2.2 CPU s/GiB (BENCHMARKS.md, Uploads).
 SQLITE_PAGE_SIZE = 65536
+
+
+# Every engine made here, so that a forked child can drop the pools it inherited.
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _made(engine: Engine) -> Engine:
+    _ENGINES.add(engine)
+    return engine
+
+
+def _forget_inherited_pools() -> None:
+    """In a forked child (a Celery pool process that replaces one that died, forked after the worker's
+    main process has used the database for its reaper and presence rows): the pooled connections are
+    the parent's sockets, and two processes on one socket corrupt each other's transactions ("can't
+    change 'autocommit' now", "server closed the connection"). The child starts fresh pools; the
+    parent's connections stay open for the parent (dispose(close=False), as SQLAlchemy prescribes)."""
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_pools)
 
 
 def set_sqlite_page_size(dbapi_conn) -> None:
@@ -42,7 +66,7 @@ def _sqlite_engine(url: str, synchronous: str, **options) -> Engine:
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.close()
 
-    return engine
+    return _made(engine)
 
 
 @lru_cache
@@ -50,7 +74,7 @@ def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url, "FULL")
     # More connections than the API's threadpool (anyio: 40 threads), so a request never waits for one.
-    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_timeout=10)
+    return _made(create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30, pool_timeout=10))
 
 
 @lru_cache
@@ -94,8 +118,10 @@ def get_async_read_engine(url: str):
     request per process pays for a restart instead of every request paying a round trip."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_timeout=10,
-                               isolation_level="AUTOCOMMIT")
+    engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_timeout=10,
+                                 isolation_level="AUTOCOMMIT")
+    _made(engine.sync_engine)
+    return engine
 
 
 async def read(url: str, fn: Callable[..., T], *args: Any) -> T:
@@ -121,5 +147,5 @@ def get_deferred_durability_engine(url: str) -> Engine:
     share the pool instead of holding one each."""
     if url.startswith("sqlite"):
         return _sqlite_engine(url, "NORMAL", isolation_level="AUTOCOMMIT")
-    return create_engine(url, pool_size=10, max_overflow=30, pool_timeout=30, isolation_level="AUTOCOMMIT",
-                         connect_args={"options": "-c synchronous_commit=off"})
+    return _made(create_engine(url, pool_size=10, max_overflow=30, pool_timeout=30, isolation_level="AUTOCOMMIT",
+                               connect_args={"options": "-c synchronous_commit=off"}))
