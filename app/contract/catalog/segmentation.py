@@ -135,5 +135,6 @@ class IDMParams(CollapseGuard):
     head_lr_scale: float = Field(10.0, gt=0, le=1e3, description="lr multiplier of the segmentation head.")
     collapse_entropy_ratio: float = Field(
         0.1, gt=0, lt=1, description="The collapse guard's threshold (see the other methods; 0.25 there): lower "
-        "here because it watches a few canvases per step, mostly background even when healthy; an "
-        "all-background mask (entropy ~0) is still caught.")
+        "here because it watches few canvases per step (source_batch mixed images and the target); set when "
+        "the guard watched the pixel histogram and not re-measured with the per-image class presence it "
+        "watches now. An all-background mask (entropy 0) is caught either way.")
