@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--source-augment", choices=("photometric", "none"), default="none",
                     help="the source model's training augmentation (photometric: generic, source_augment.py; "
                     "BENCHMARKS.md has that experiment)")
+    ap.add_argument("--idm-shot", type=int, default=0, help="which target canvas idm gets as its one shot "
+                    "(it is scored on all of them)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, src, shifts = setup(args.data, args.n_source, args.n_target, args.epochs, args.width,
@@ -128,7 +130,7 @@ def main() -> None:
             x, y = shifts[shift]
             path = root / "target.npz"
             np.savez(path, x=x, y=y)
-            np.savez(root / "one.npz", x=x[:1])  # idm's one-shot target image
+            np.savez(root / "one.npz", x=x[args.idm_shot:args.idm_shot + 1])  # idm's one-shot target image
             for label, method, params, epochs in methods(sizes, y):
                 if args.only and method not in args.only.split(","):
                     continue
