@@ -223,7 +223,6 @@ def test_idm_needs_its_source_pool_and_one_shot(seg_files):
     assert err.value.code == "source_data_unlabelled"
 
 
-
 def test_idm_exports_the_restyled_source_pools_statistics(seg_files):
     """By default the exported BatchNorm statistics are the source pool's in the target image's style: after
     the first convolution every pool image carries the target's channel means, so the first BatchNorm's
@@ -243,6 +242,7 @@ def test_idm_exports_the_restyled_source_pools_statistics(seg_files):
     frozen = load_file(_run(root, "idm", {"restyled_statistics": False}, 3).model_path)
     stats = [k for k in source if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(frozen[k], source[k]) for k in stats)
+
 
 def test_examples_show_masks_before_after_and_the_truth(seg_files):
     """examples.json for masks: the images whose mask changed most first, palette PNG masks at the

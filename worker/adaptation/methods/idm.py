@@ -134,7 +134,7 @@ class IDM(Method):
         self.restyled = False
         self.target: torch.Tensor | None = None
         ys = self.ctx.source_pool[1]  # the source pool's pixel share per class (ignored pixels left out)
-        counts = torch.stack([(ys == c).sum() for c in range(k)]).float()
+        counts = torch.bincount(ys[ys != S.IGNORE_INDEX].flatten().long(), minlength=k)[:k].float()
         self.class_prior = (counts / counts.sum().clamp_min(1)).to(self.ctx.device)
 
     def trainable_params(self) -> list[nn.Parameter]:
@@ -241,11 +241,9 @@ class IDM(Method):
         pixel = -(probs * (probs + S.EPS).log()).sum(1).mean()
         mean = probs.mean(dim=(0, 2, 3))
         # diversity: KL(mean || target distribution); with the uniform target, SHOT's -H(mean) up to a constant
-        prior = self.class_prior if self.params.diversity_target == "source_classes" else None
-        if prior is None:
-            div = (mean * (mean + S.EPS).log()).sum()
-        else:
-            div = (mean * ((mean + S.EPS).log() - (prior + S.EPS).log())).sum()
+        prior = (self.class_prior if self.params.diversity_target == "source_classes"
+                 else torch.full_like(mean, 1.0 / len(mean)))
+        div = (mean * ((mean + S.EPS).log() - (prior + S.EPS).log())).sum()
         return pixel + self.params.lambda_div * div
 
     def step(self, x: torch.Tensor, index: torch.Tensor) -> StepOutput:
