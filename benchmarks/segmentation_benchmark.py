@@ -19,6 +19,7 @@ class's typical size times the image's tags (which digits it holds: image-level 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -53,14 +54,15 @@ def tag_priors(masks: np.ndarray, sizes: np.ndarray) -> list[list[float]]:
     return prior.tolist()
 
 
-def methods(sizes: np.ndarray, masks: np.ndarray, idm_steps: int) -> list[tuple[str, str, dict, int | None]]:
+def methods(sizes: np.ndarray, masks: np.ndarray, idm_steps: int,
+            idm_params: dict) -> list[tuple[str, str, dict, int | None]]:
     mean = [float(sizes[0])] + [float(v) / 10 for v in sizes[1:]]  # every digit equally likely, no tags
     return [("source", "source", {}, 1), ("bn_adapt", "bn_adapt", {}, 1), ("tent", "tent", {}, 1),
             ("sfda_prior (one prior)", "sfda_prior", {"class_ratio_prior": mean, "lr": 1e-4}, 3),
             ("sfda_prior (tags)", "sfda_prior", {"class_ratio_prior": tag_priors(masks, sizes), "lr": 1e-4}, 3),
             ("cotta", "cotta", {}, 1),
             # one-shot: one target canvas + the labelled source canvases
-            ("idm (1 target image + source pool)", "idm", {}, idm_steps)]
+            ("idm (1 target image + source pool)", "idm", idm_params, idm_steps)]
 
 
 def setup(data: Path, n_source: int, n_target: int, epochs: int, width: int = 16, augment: bool = False,
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--idm-shots", default="0", help="comma-separated target canvases, each idm's one shot in a "
                     "job of its own (every job is scored on all canvases)")
     ap.add_argument("--idm-steps", type=int, default=100, help="idm's steps (its `epochs`)")
+    ap.add_argument("--idm-params", default="{}", help="idm's params, JSON (default: the catalogue's)")
     ap.add_argument("--source-seeds", default="0", help="comma-separated training seeds of the source model: "
                     "each is trained (and cached) and every method runs on each")
     args = ap.parse_args()
@@ -166,7 +169,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[tuple]:
             x, y = shifts[shift]
             path = root / "target.npz"
             np.savez(path, x=x, y=y)
-            for label, method, params, epochs in methods(sizes, y, args.idm_steps):
+            for label, method, params, epochs in methods(sizes, y, args.idm_steps, json.loads(args.idm_params)):
                 if args.only and method not in args.only.split(","):
                     continue
                 for shot in (args.idm_shots.split(",") if method == "idm" else [None]):
