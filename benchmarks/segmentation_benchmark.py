@@ -103,8 +103,8 @@ def setup(data: Path, n_source: int, n_target: int, epochs: int, width: int = 16
     batches = (torch.from_numpy(to_rgb(src.x[i:i + 100])) for i in range(0, len(src.x), 100))
     recalibrate_batch_norm(model, (Preprocess(**PRE)(photometric(b, rng) if augment else b, torch.device("cpu"))
                                    for b in batches))
-    print(f"source UNet (width {width}{', photometric augmentation' if augment else ''}, seed {seed}): {n_source} canvases, "
-          f"{epochs} epochs, {time.perf_counter() - t0:.0f} s")
+    print(f"source UNet (width {width}{', photometric augmentation' if augment else ''}, seed {seed}): "
+          f"{n_source} canvases, {epochs} epochs, {time.perf_counter() - t0:.0f} s")
     return model, src, shifts
 
 
