@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +44,18 @@ from worker.adaptation.training import train_segmenter  # noqa: E402
 
 PRE = {"size": 48, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
 MODEL = {"architecture": "unet_small", "num_classes": NUM_CLASSES}
+
+
+class Job(NamedTuple):
+    seed: int  # the source model's training seed
+    shift: str
+    method: str
+    shot: str | None  # idm's one target canvas
+    before: float  # mIoU
+    after: float
+    dice: float  # after
+    collapsed: bool
+    seconds: float
 
 
 def tag_priors(masks: np.ndarray, sizes: np.ndarray) -> list[list[float]]:
@@ -132,28 +145,26 @@ def main() -> None:
     rows = [row for seed in args.source_seeds.split(",") for row in run_seed(args, int(seed))]
     print("\n| seed | shift | method | shot | mIoU before | mIoU after | Dice after | collapse | seconds |")
     print("|---:|---|---|---:|---:|---:|---:|---|---:|")
-    for seed, shift, method, shot, before, after, dice, collapsed, secs in rows:
-        print(f"| {seed} | {shift} | {method} | {'' if shot is None else shot} | {100 * before:.1f} | "
-              f"{100 * after:.1f} | {100 * dice:.1f} | "
-              f"{'yes' if collapsed else 'no'} | {secs:.1f} |")
-    groups: dict[tuple[str, str], list[tuple]] = {}
-    for row in rows:
-        groups.setdefault((row[1], row[2]), []).append(row)
+    for j in rows:
+        print(f"| {j.seed} | {j.shift} | {j.method} | {'' if j.shot is None else j.shot} | {100 * j.before:.1f} | "
+              f"{100 * j.after:.1f} | {100 * j.dice:.1f} | {'yes' if j.collapsed else 'no'} | {j.seconds:.1f} |")
+    groups: dict[tuple[str, str], list[Job]] = {}
+    for j in rows:
+        groups.setdefault((j.shift, j.method), []).append(j)
     if max(map(len, groups.values())) > 1:
         print("\nmeans over the jobs of each row (source seeds, and idm's shots); gain = after - before per job")
         print("\n| shift | method | jobs | mIoU before | mIoU after | worst gain | best gain | jobs that gain | "
               "collapses |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for (shift, method), mine in groups.items():
-            gains = [100 * (r[5] - r[4]) for r in mine]
-            print(f"| {shift} | {method} | {len(mine)} | {100 * np.mean([r[4] for r in mine]):.1f} | "
-                  f"{100 * np.mean([r[5] for r in mine]):.1f} | {min(gains):+.1f} | {max(gains):+.1f} | "
-                  f"{sum(g > 0 for g in gains)} | {sum(r[7] for r in mine)} |")
+            gains = [100 * (j.after - j.before) for j in mine]
+            print(f"| {shift} | {method} | {len(mine)} | {100 * np.mean([j.before for j in mine]):.1f} | "
+                  f"{100 * np.mean([j.after for j in mine]):.1f} | {min(gains):+.1f} | {max(gains):+.1f} | "
+                  f"{sum(g > 0 for g in gains)} | {sum(j.collapsed for j in mine)} |")
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> list[tuple]:
-    """Every method on every shift for the source model trained with `seed`: one row per job, (seed, shift,
-    method, idm's shot or None, mIoU before, mIoU after, Dice after, collapse detected, seconds)."""
+def run_seed(args: argparse.Namespace, seed: int) -> list[Job]:
+    """Every method on every shift for the source model trained with `seed`: one row per job."""
     model, src, shifts = setup(args.data, args.n_source, args.n_target, args.epochs, args.width,
                                args.source_augment == "photometric", seed)
     spec_model = {**MODEL, "arch_kwargs": {"width": args.width}}
@@ -183,8 +194,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[tuple]:
                                                  task="segmentation", method=method, params=params,
                                                  model=spec_model, preprocess=PRE,
                                                  options={"batch_size": 32, "epochs": epochs})).metrics
-                    rows.append((seed, shift, label, shot, m["miou_before"], m["miou_after"], m["dice_after"],
-                                 m["collapse_detected"], time.perf_counter() - t))
+                    rows.append(Job(seed, shift, label, shot, m["miou_before"], m["miou_after"], m["dice_after"],
+                                    m["collapse_detected"], time.perf_counter() - t))
                     print(f"  seed {seed} {shift:22s} {label:24s}{'' if shot is None else f' shot {shot}'} mIoU "
                           f"{m['miou_before']:.3f} -> {m['miou_after']:.3f}", flush=True)
     return rows
